@@ -1,0 +1,142 @@
+"""SmolVLA policies and their processors: build, configure for a stage, load, save.
+
+One code path for the real `lerobot/smolvla_base` and the embedded tiny base:
+the pretrained folder's own config.json is read with LeRobot, our settings are
+applied on top, and `SmolVLAPolicy.from_pretrained` loads the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kuavo_train.policy import vlm_cache
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_DIR = "pretrained_model"
+
+
+class PolicyLoadError(RuntimeError):
+    """A pretrained model or checkpoint that cannot be loaded; `str()` is one line."""
+
+
+def policy_features(features: dict, camera_keys: list[str], state_key: str, action_key: str):
+    """LeRobot PolicyFeatures for the keys SmolVLA consumes (state, cameras -> action)."""
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    all_feats = dataset_to_policy_features({k: features[k] for k in [state_key, *camera_keys, action_key]})
+    inputs = {k: all_feats[k] for k in [state_key, *camera_keys]}
+    outputs = {action_key: all_feats[action_key]}
+    return inputs, outputs
+
+
+def read_pretrained_config(path: str | Path):
+    """LeRobot's own config reader; a missing local folder gets a clear message."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith(".") or len(p.parts) != 2
+    if looks_local and not p.is_dir():
+        raise PolicyLoadError(
+            f"pretrained model {str(path)!r} does not exist (expected a folder with config.json and "
+            "model.safetensors, or a hub id like lerobot/smolvla_base)"
+        )
+    try:
+        cfg = PreTrainedConfig.from_pretrained(str(path))
+    except (OSError, FileNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {first}") from None
+    if cfg.type != "smolvla":
+        raise PolicyLoadError(f"{str(path)!r} holds a {cfg.type!r} policy, not smolvla")
+    vlm_cache.ensure_available(cfg.vlm_model_name, path if p.is_dir() else None)
+    return cfg
+
+
+def stage_policy_config(base_cfg, settings, input_features, output_features, *, lr: float, optimizer, scheduler, stage, device: str):
+    """The pretrained config with this project's settings (spec section 2) applied."""
+    vlm = settings.vlm_model_name or base_cfg.vlm_model_name
+    updates = dict(
+        input_features=input_features,
+        output_features=output_features,
+        vlm_model_name=vlm,
+        freeze_vision_encoder=settings.freeze_vision_encoder,
+        train_expert_only=settings.train_expert_only,
+        train_state_proj=settings.train_state_proj,
+        max_state_dim=settings.max_state_dim,
+        max_action_dim=settings.max_action_dim,
+        chunk_size=settings.chunk_size,
+        n_action_steps=settings.n_action_steps,
+        num_steps=settings.num_steps,
+        tokenizer_max_length=settings.tokenizer_max_length,
+        optimizer_lr=lr,
+        optimizer_betas=tuple(optimizer.betas),
+        optimizer_eps=optimizer.eps,
+        optimizer_weight_decay=optimizer.weight_decay,
+        optimizer_grad_clip_norm=optimizer.grad_clip_norm,
+        scheduler_warmup_steps=stage.scheduler_warmup_steps,
+        scheduler_decay_steps=stage.scheduler_decay_steps,
+        scheduler_decay_lr=scheduler.decay_lr,
+        device=device,
+        push_to_hub=False,
+    )
+    if settings.resize_imgs_with_padding is not None:
+        updates["resize_imgs_with_padding"] = tuple(settings.resize_imgs_with_padding)
+    return dataclasses.replace(base_cfg, **updates)
+
+
+def load_policy(pretrained_path: str | Path, cfg):
+    """`SmolVLAPolicy.from_pretrained` with our config; weights must match the architecture."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    vlm_cache.ensure_available(cfg.vlm_model_name, pretrained_path if Path(pretrained_path).is_dir() else None)
+    try:
+        return SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first}") from None
+
+
+def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = None):
+    """New processors carrying `stats`, or the ones saved with a checkpoint."""
+    from lerobot.policies.factory import make_pre_post_processors
+
+    if pretrained_path is not None:
+        return make_pre_post_processors(cfg, pretrained_path=str(pretrained_path))
+    return make_pre_post_processors(cfg, dataset_stats=stats)
+
+
+def save_pretrained(out_dir: str | Path, policy, preprocessor=None, postprocessor=None) -> Path:
+    """LeRobot's `pretrained_model/` layout, written to a temp folder and renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    policy.save_pretrained(tmp)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(tmp)
+    if postprocessor is not None:
+        postprocessor.save_pretrained(tmp)
+    vlm_cache.bundle(policy.config.vlm_model_name, tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move `src` to `dest`, replacing an old `dest` so that a crash leaves one of the two whole."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def count_parameters(policy) -> tuple[int, int]:
+    total = sum(p.numel() for p in policy.parameters())
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    return trainable, total
