@@ -31,6 +31,11 @@ class TaskData:
     train_episodes: tuple[int, ...]
     val_episodes: tuple[int, ...]
     dataset_tasks: tuple[str, ...]
+    episode_lengths: tuple[int, ...] = ()
+
+    @property
+    def num_train_frames(self) -> int:
+        return sum(self.episode_lengths[e] for e in self.train_episodes)
 
     @property
     def state_dim(self) -> int:
@@ -116,7 +121,15 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
         train_episodes=train,
         val_episodes=val,
         dataset_tasks=tasks,
+        episode_lengths=_episode_lengths(meta, n),
     )
+
+
+def _episode_lengths(meta, n: int) -> tuple[int, ...]:
+    """Frames per episode, by episode index (from meta/episodes)."""
+    eps = meta.episodes
+    lengths = dict(zip((int(i) for i in eps["episode_index"]), (int(x) for x in eps["length"])))
+    return tuple(lengths.get(i, 0) for i in range(n))
 
 
 def check_compatible(tasks: list[TaskData], *, max_state_dim: int, max_action_dim: int) -> None:

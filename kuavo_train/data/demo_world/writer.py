@@ -1,0 +1,191 @@
+"""Write the demo world as real LeRobot v3.0 datasets, and run policies in it closed loop.
+
+One dataset per task (`<out>/<task_name>/`), written by LeRobot's own
+`LeRobotDataset.create / add_frame / save_episode / finalize`. Images are
+stored as images (not video: torchcodec cannot load on machines without FFmpeg
+libraries). Episodes 0..N-1 are the training split and N..N+M-1 the held-out
+split, recorded in `meta/info.json` `splits`; `meta/demo_world.json` keeps the
+scene seed of every episode so evaluation can replay held-out scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, TASKS_BY_NAME, DemoWorldError
+from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
+
+FPS = 10
+GENERATOR_VERSION = 1
+META_FILE = "demo_world.json"
+
+
+def features(image_size: int) -> dict:
+    vec = {"dtype": "float32", "shape": (16,), "names": list(JOINT_NAMES)}
+    feats = {"observation.state": dict(vec), "action": dict(vec)}
+    for cam in CAMERAS:
+        feats[f"observation.images.{cam}"] = {"dtype": "image", "shape": (image_size, image_size, 3),
+                                              "names": ["height", "width", "channels"]}
+    return feats
+
+
+def scene_seeds(task: str, seed: int, count: int, split: str) -> list[int]:
+    """Scene seeds of a split. Tasks of one scene family get the SAME seeds (tasks 1 and 2
+    see identical scenes and differ only by instruction); train and val never overlap."""
+    family = TASKS_BY_NAME[task].scene_family
+    offset = {"train": 0, "val": 1_000_000}[split]
+    rng = np.random.default_rng([seed, {"conveyor": 1, "bottles": 3, "rack": 4}[family]])
+    base = int(rng.integers(0, 10_000_000))
+    return [offset + base + i for i in range(count)]
+
+
+def expert_episode(task: str, scene_seed: int, image_size: int) -> list[tuple[dict, np.ndarray]] | None:
+    """(observation, action) pairs of one expert demonstration; None if the expert failed."""
+    w = KuavoDemoWorld(task, image_size)
+    obs = w.reset(scene_seed)
+    frames = []
+    while not w.done:
+        action = w.expert_action()
+        frames.append((obs, action.astype(np.float32)))
+        obs = w.step(action)
+    return frames if w.success else None
+
+
+def _params(task, num_train, num_val, seed, image_size) -> dict:
+    t = TASKS_BY_NAME[task]
+    return {"task": task, "task_id": t.task_id, "instruction": t.instruction, "seed": seed, "image_size": image_size,
+            "num_train_episodes": num_train, "num_val_episodes": num_val, "generator_version": GENERATOR_VERSION}
+
+
+def _check_inputs(out_dir, tasks, num_train, num_val, image_size) -> None:
+    unknown = [t for t in tasks if t not in TASKS_BY_NAME]
+    if unknown:
+        raise DemoWorldError(f"demo world error: unknown task {unknown[0]!r} (known: {', '.join(TASKS_BY_NAME)})")
+    if not tasks:
+        raise DemoWorldError("demo world error: no tasks given")
+    for name, v in (("num_train_episodes", num_train), ("num_val_episodes", num_val)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise DemoWorldError(f"demo world error: {name} must be an integer >= 1 (got {v!r})")
+    if not 16 <= int(image_size) <= 256:
+        raise DemoWorldError(f"demo world error: image_size must be within [16, 256] (got {image_size!r})")
+    out = Path(out_dir)
+    probe_dir = next((p for p in [out, *out.parents] if p.exists()), None)
+    if probe_dir is None or not probe_dir.is_dir():
+        raise DemoWorldError(f"demo world error: cannot write to {out}: {probe_dir} is not a directory")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise DemoWorldError(f"demo world error: cannot write to {out}: {probe_dir} is not writable")
+
+
+def _is_same(existing: Path, params: dict) -> bool:
+    meta = existing / "meta" / META_FILE
+    if not meta.is_file():
+        return False
+    old = json.loads(meta.read_text())
+    return all(old.get(k) == v for k, v in params.items())
+
+
+def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_episodes: int, seed: int,
+                       image_size: int, overwrite: bool = False) -> Path:
+    """`out_dir/<task>/` as a LeRobot dataset (temp folder + rename: never half-written)."""
+    import datasets
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    datasets.disable_progress_bars()  # one "Map" bar per episode is noise, not progress
+    _check_inputs(out_dir, [task], num_train_episodes, num_val_episodes, image_size)
+    out_dir = Path(out_dir)
+    dest = out_dir / task
+    params = _params(task, num_train_episodes, num_val_episodes, seed, image_size)
+    if dest.exists() and not overwrite:
+        if _is_same(dest, params):
+            return dest
+        raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{task}-"))
+    try:
+        root = tmp / task
+        ds = LeRobotDataset.create(repo_id=f"kuavo_demo/{task}", fps=FPS, features=features(image_size), root=root,
+                                   robot_type="kuavo", use_videos=False)
+        instruction = TASKS_BY_NAME[task].instruction
+        used: dict[str, list[int]] = {}
+        for split, count in (("train", num_train_episodes), ("val", num_val_episodes)):
+            candidates = iter(scene_seeds(task, seed, 10 * count + 10, split))
+            used[split] = []
+            while len(used[split]) < count:
+                s = next(candidates)
+                frames = expert_episode(task, s, image_size)
+                if frames is None:  # keep only successful demonstrations
+                    continue
+                for obs, action in frames:
+                    ds.add_frame({**obs, "action": action, "task": instruction})
+                ds.save_episode()
+                used[split].append(s)
+        ds.finalize()
+        info_path = root / "meta" / "info.json"
+        info = json.loads(info_path.read_text())
+        info["splits"] = {"train": f"0:{num_train_episodes}",
+                          "val": f"{num_train_episodes}:{num_train_episodes + num_val_episodes}"}
+        info_path.write_text(json.dumps(info, indent=4))
+        meta = {**params, "scene_seeds": used, "success_events": SUCCESS_EVENTS[task],
+                "success_criterion": "the task's key events happen in order (see kuavo_train/data/demo_world/world.py)"}
+        (root / "meta" / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(root, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_val_episodes: int = 8, seed: int = 0,
+                     image_size: int = 64, overwrite: bool = False) -> list[Path]:
+    """One dataset per task; every input is checked before anything is written."""
+    tasks = list(tasks) if tasks is not None else [t.name for t in DEMO_TASKS]
+    _check_inputs(out_dir, tasks, num_train_episodes, num_val_episodes, image_size)
+    for task in tasks:
+        dest = Path(out_dir) / task
+        if dest.exists() and not overwrite and not _is_same(dest, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
+            raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
+    return [write_task_dataset(out_dir, t, num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes,
+                               seed=seed, image_size=image_size, overwrite=overwrite) for t in tasks]
+
+
+def load_scene_seeds(root, split: str = "val") -> list[int]:
+    return list(json.loads((Path(root) / "meta" / META_FILE).read_text())["scene_seeds"][split])
+
+
+class ExpertPolicy:
+    """The scripted expert as a closed-loop policy (it reads the world it is attached to)."""
+
+    def __init__(self):
+        self.world: KuavoDemoWorld | None = None
+
+    def reset(self):
+        pass
+
+    def __call__(self, obs: dict, instruction: str) -> np.ndarray:
+        return self.world.expert_action()
+
+
+def run_closed_loop(task: str, scene_seeds: list[int], policy_fn, *, image_size: int = 64, max_steps: int | None = None) -> dict:
+    """Reset to each scene, act with `policy_fn(obs, instruction)` until success or the step limit."""
+    world = KuavoDemoWorld(task, image_size)
+    if max_steps is not None:
+        world.max_steps = int(max_steps)
+    if isinstance(policy_fn, ExpertPolicy):
+        policy_fn.world = world
+    instruction = TASKS_BY_NAME[task].instruction
+    successes, steps = [], []
+    for s in scene_seeds:
+        obs = world.reset(int(s))
+        policy_fn.reset()
+        while not world.done:
+            obs = world.step(policy_fn(obs, instruction))
+        successes.append(bool(world.success))
+        steps.append(world.steps)
+    return {"success_rate": float(np.mean(successes)) if successes else float("nan"), "successes": successes, "steps": steps}

@@ -1,0 +1,47 @@
+"""The three strategies: naive drops replay and lr decay; joint trains all tasks at once
+with exactly the optimizer steps of the sequential_spec run."""
+
+import math
+
+import pytest
+from conftest import TASK_NAMES
+
+from kuavo_train.config.loading import load_run_config
+from kuavo_train.data.replay import ProportionalReplaySampler
+from kuavo_train.training.joint import JOINT_STAGE, joint_plan, sequential_total_steps
+
+
+def _spec_steps_by_hand(cfg, sizes):
+    total = 0
+    for s in cfg.ordered_stages():
+        w = cfg.replay_weights_for(s)
+        sampler = ProportionalReplaySampler(sorted(w), [sizes[t] for t in sorted(w)], w, current_task=s.task_id, seed=0, stage=s.task_id)
+        total += (len(sampler) // cfg.dataloader.batch_size) * s.max_epoch
+    return total
+
+
+@pytest.mark.parametrize("sizes", [{1: 400, 2: 333, 3: 250, 4: 517}, {1: 40, 2: 40, 3: 40, 4: 40}])
+def test_joint_gets_the_sequential_step_count(sizes):
+    cfg = load_run_config(["profile=demo"])
+    expected = _spec_steps_by_hand(cfg, sizes)
+    assert sequential_total_steps(cfg, sizes) == expected
+    plan = joint_plan(load_run_config(["profile=demo", "strategy=joint"]), sizes)
+    assert plan.stage.name == JOINT_STAGE and plan.stage.resume_from == "pretrained"
+    epochs = plan.stage.max_epoch
+    assert epochs == sum(s.max_epoch for s in cfg.ordered_stages())
+    steps = plan.samples_per_epoch // cfg.dataloader.batch_size * epochs
+    # rounded up to whole epochs: never fewer steps, at most one step per epoch more
+    assert expected <= steps < expected + epochs
+    # every task sampled in proportion to its training frames
+    w = plan.stage.replay_weights
+    assert {t: w[t] / sum(w.values()) for t in w} == pytest.approx({t: n / sum(sizes.values()) for t, n in sizes.items()})
+
+
+def test_naive_has_no_replay_and_no_lr_decay():
+    spec = load_run_config(["profile=demo"])
+    naive = load_run_config(["profile=demo", "strategy=sequential_naive"])
+    for s_spec, s_naive in zip(spec.ordered_stages(), naive.ordered_stages()):
+        assert naive.replay_weights_for(s_naive) == {s_naive.task_id: 1.0}
+        assert naive.lr_for(s_naive) == spec.lr_for(spec.ordered_stages()[0])
+    assert len(spec.replay_weights_for(spec.stages[TASK_NAMES[3]])) == 4
+    assert math.isclose(sum(spec.replay_weights_for(spec.stages[TASK_NAMES[3]]).values()), 1.0)
