@@ -38,6 +38,7 @@ def policy_features(features: dict, camera_keys: list[str], state_key: str, acti
 def read_pretrained_config(path: str | Path):
     """LeRobot's own config reader; a missing local folder gets a clear message."""
     from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig  # noqa: F401  (registers the "smolvla" type)
 
     p = Path(path)
     looks_local = p.is_absolute() or str(path).startswith(".") or len(p.parts) != 2

@@ -1,0 +1,41 @@
+"""User-facing errors: one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+EXIT_USER_ERROR = 2
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from kuavo_train.config.schema import ConfigError
+    from kuavo_train.data.task_data import DataError
+    from kuavo_train.policy.factory import PolicyLoadError
+    from kuavo_train.training.pipeline import InstructionError
+    from kuavo_train.training.run_state import RunNotFoundError
+
+    types = [ConfigError, DataError, PolicyLoadError, InstructionError, RunNotFoundError]
+    try:
+        from kuavo_train.data.demo_world import DemoWorldError
+
+        types.append(DemoWorldError)
+    except ImportError:
+        pass
+    try:
+        from kuavo_train.wrapper.policy.smolvla import WrapperInputError
+
+        types.append(WrapperInputError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+@contextmanager
+def one_line_errors():
+    try:
+        yield
+    except user_error_types() as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

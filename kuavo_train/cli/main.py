@@ -1,0 +1,210 @@
+"""`kuavo-train`: one command for every job of the project.
+
+    kuavo-train demo                 build the embedded default if missing, train all stages, report, infer
+    kuavo-train train [overrides]    the sequential pipeline (same as train_smolvla_sequential.py)
+    kuavo-train build-base           the tiny offline SmolVLA base
+    kuavo-train make-data            the Kuavo demo world datasets
+    kuavo-train evaluate --run DIR   forgetting matrices + report for a finished run
+    kuavo-train infer --run DIR      closed-loop success of a run's final model in the demo world
+    kuavo-train compare [overrides]  sequential_spec vs sequential_naive vs joint, side by side
+
+Config overrides are Hydra's `key=value` syntax, e.g. `profile=demo seed=3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kuavo_train")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_config(overrides: list[str], config_dir: str | None):
+    from kuavo_train.config.loading import load_run_config
+
+    return load_run_config(overrides, config_dir)
+
+
+def cmd_build_base(args) -> None:
+    from kuavo_train.policy.base_model import build_base_model
+
+    cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
+    out = Path(args.out or cfg.demo.base_dir)
+    path = build_base_model(
+        out,
+        instructions=[s.instruction for s in cfg.ordered_stages()],
+        image_size=cfg.demo.image_size,
+        chunk_size=cfg.policy.chunk_size,
+        n_action_steps=cfg.policy.n_action_steps,
+        seed=cfg.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"base model: {path}")
+
+
+def cmd_make_data(args) -> None:
+    from kuavo_train.data.demo_world import write_demo_world
+
+    cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
+    d = cfg.demo
+    out = Path(args.out or cfg.data_root)
+    tasks = args.tasks or [s.name for s in cfg.ordered_stages()]
+    paths = write_demo_world(
+        out,
+        tasks=tasks,
+        num_train_episodes=args.train_episodes if args.train_episodes is not None else d.num_train_episodes,
+        num_val_episodes=args.val_episodes if args.val_episodes is not None else d.num_val_episodes,
+        seed=args.seed if args.seed is not None else d.seed,
+        image_size=d.image_size,
+        overwrite=args.overwrite,
+    )
+    for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+        print(f"dataset: {p}")
+
+
+def ensure_demo_inputs(cfg) -> None:
+    """Build the embedded base and the demo datasets if they are not there yet."""
+    from kuavo_train.data.demo_world import write_demo_world
+    from kuavo_train.policy.base_model import build_base_model
+
+    d = cfg.demo
+    if d is None:
+        return
+    base_pretrained = Path(cfg.policy.pretrained_path)
+    if not (base_pretrained / "model.safetensors").is_file():
+        log.info("building the embedded base model in %s", d.base_dir)
+        build_base_model(
+            d.base_dir,
+            instructions=[s.instruction for s in cfg.ordered_stages()],
+            image_size=d.image_size,
+            chunk_size=cfg.policy.chunk_size,
+            n_action_steps=cfg.policy.n_action_steps,
+            seed=cfg.seed,
+            overwrite=True,
+        )
+    missing = [s.name for s in cfg.ordered_stages() if not (Path(s.dataset.root) / "meta" / "info.json").is_file()]
+    if missing:
+        log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(missing), cfg.data_root)
+        write_demo_world(
+            Path(cfg.data_root),
+            tasks=missing,
+            num_train_episodes=d.num_train_episodes,
+            num_val_episodes=d.num_val_episodes,
+            seed=d.seed,
+            image_size=d.image_size,
+        )
+
+
+def cmd_train(args) -> None:
+    from kuavo_train.training.pipeline import Pipeline
+
+    cfg = _run_config(args.overrides, args.config_dir)
+    ensure_demo_inputs(cfg)
+    Pipeline(cfg).run()
+
+
+def cmd_demo(args) -> None:
+    from kuavo_train.training.pipeline import Pipeline
+
+    cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
+    ensure_demo_inputs(cfg)
+    Pipeline(cfg).run()
+    _after_training(cfg)
+
+
+def _after_training(cfg) -> None:
+    """The report of the run, then the final model closed loop through the deployment wrapper."""
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+
+    evaluate_run(cfg)
+    _print_infer(Path(cfg.run_dir), cfg.evaluation.closed_loop_episodes or 10)
+    print(f"report: {Path(cfg.run_dir) / 'report.md'} (matrices and metrics in report.json, figures *.png)")
+
+
+def _print_infer(run_dir: Path, episodes: int) -> None:
+    from kuavo_train.evaluation.closed_loop import infer_run
+
+    results = infer_run(run_dir, episodes=episodes)
+    print(f"final model of {run_dir}, closed loop in the demo world ({episodes} held-out scenes per task):")
+    for name, rate in results.items():
+        print(f"  {name:<22} " + ("no simulator for this dataset" if rate is None else f"success {rate:.0%}"))
+
+
+def cmd_infer(args) -> None:
+    _print_infer(Path(args.run), args.episodes)
+
+
+def cmd_compare(args) -> None:
+    from kuavo_train.evaluation.compare import run_comparison
+
+    overrides = ["profile=demo", *args.overrides] if args.demo else list(args.overrides)
+    if args.demo:
+        ensure_demo_inputs(_run_config(overrides, args.config_dir))
+    result = run_comparison(overrides, out_dir=Path(args.out), strategies=args.strategies, seeds=args.seeds,
+                            config_dir=args.config_dir)
+    print(result["table"])
+    print(f"comparison: {Path(args.out) / 'comparison.md'}")
+
+
+def cmd_evaluate(args) -> None:
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+
+    cfg = _run_config(args.overrides, args.config_dir)
+    evaluate_run(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kuavo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-dir", default=None, help="folder with smolvla_sequential_base.yaml (default: this checkout's configs/policy)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+        return sp
+
+    add("demo", cmd_demo, "the full pipeline on the embedded offline default")
+    add("train", cmd_train, "the sequential pipeline (task=all or task=tasks/<name>)")
+    add("evaluate", cmd_evaluate, "forgetting matrices and report of a run")
+    b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base")
+    b.add_argument("--out", default=None)
+    b.add_argument("--overwrite", action="store_true")
+    m = add("make-data", cmd_make_data, "generate the Kuavo demo world datasets")
+    m.add_argument("--out", default=None)
+    m.add_argument("--tasks", nargs="+", default=None)
+    m.add_argument("--train-episodes", type=int, default=None)
+    m.add_argument("--val-episodes", type=int, default=None)
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--overwrite", action="store_true")
+    i = sub.add_parser("infer", help="closed-loop success of a run's final model in the demo world")
+    i.set_defaults(fn=cmd_infer)
+    i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")
+    i.add_argument("--episodes", type=int, default=10, help="held-out scenes per task")
+    c = add("compare", cmd_compare, "run sequential_spec, sequential_naive and joint and tabulate them")
+    c.add_argument("--strategies", nargs="+", default=["sequential_spec", "sequential_naive", "joint"])
+    c.add_argument("--seeds", nargs="+", type=int, default=[0])
+    c.add_argument("--out", default="outputs/demo/compare")
+    c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kuavo_train.cli.errors import one_line_errors
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    with one_line_errors():
+        args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Run several strategies (and seeds) through the same pipeline and tabulate them side by side.
+
+Each (seed, strategy) is an ordinary run directory `<out>/seed<k>/<strategy>/`
+with its own report, so a comparison can be interrupted and resumed like any
+run. The table gives, per strategy, the mean (and standard deviation across
+seeds) of each matrix's ACC / BWT / FWT / mean forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from kuavo_train.config.loading import load_run_config
+from kuavo_train.config.schema import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("acc", "bwt", "fwt", "mean_forgetting")
+MATRIX_ORDER = ("success", "action_error", "val_loss")
+
+
+def run_comparison(overrides: list[str], *, out_dir: Path, strategies=STRATEGIES, seeds=(0,), config_dir: str | None = None) -> dict:
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+    from kuavo_train.training.pipeline import Pipeline
+
+    out_dir = Path(out_dir)
+    reports: dict[str, list[dict]] = {s: [] for s in strategies}
+    for seed in seeds:
+        for strategy in strategies:
+            run_dir = out_dir / f"seed{seed}" / strategy
+            cfg = load_run_config([*overrides, f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"], config_dir)
+            log.info("=== %s, seed %d -> %s", strategy, seed, run_dir)
+            Pipeline(cfg).run()
+            reports[strategy].append(evaluate_run(cfg))
+    summary = summarize(reports)
+    table = format_summary(summary, seeds=list(seeds))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps({"seeds": list(seeds), "summary": summary}, indent=2) + "\n")
+    (out_dir / "comparison.md").write_text(table + "\n")
+    return {"summary": summary, "table": table}
+
+
+def _mean_forgetting(m: dict) -> float | None:
+    vals = [v for v in (m.get("forgetting") or []) if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(reports: dict[str, list[dict]]) -> dict:
+    """{strategy: {matrix: {key: {"mean", "std", "n"}}}} over the seeds' reports."""
+    out = {}
+    for strategy, reps in reports.items():
+        per = {}
+        for matrix in MATRIX_ORDER:
+            vals = {k: [] for k in SUMMARY_KEYS}
+            for r in reps:
+                m = r.get("metrics", {}).get(matrix)
+                if m is None:
+                    continue
+                for k in SUMMARY_KEYS:
+                    v = _mean_forgetting(m) if k == "mean_forgetting" else m.get(k)
+                    if v is not None:
+                        vals[k].append(float(v))
+            if any(vals.values()):
+                per[matrix] = {k: {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v)) if v else None, "n": len(v)}
+                               for k, v in vals.items()}
+        out[strategy] = per
+    return out
+
+
+def _cell(stat: dict | None) -> str:
+    if not stat or stat["mean"] is None:
+        return "–"
+    if stat["n"] > 1:
+        return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}"
+
+
+def format_summary(summary: dict, *, seeds: list[int]) -> str:
+    """One markdown table per matrix, strategies as rows."""
+    parts = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds when more than one)."]
+    for matrix in MATRIX_ORDER:
+        if not any(matrix in s for s in summary.values()):
+            continue
+        better = "higher is better" if matrix == "success" else "lower is better"
+        parts.append(f"\n**{matrix}** ({better} for ACC; positive BWT/FWT = better, positive forgetting = worse)\n")
+        parts.append("| strategy | ACC | BWT | FWT | mean forgetting |")
+        parts.append("|---|---|---|---|---|")
+        for strategy, per in summary.items():
+            st = per.get(matrix, {})
+            parts.append(f"| {strategy} | " + " | ".join(_cell(st.get(k)) for k in SUMMARY_KEYS) + " |")
+    return "\n".join(parts)

@@ -1,0 +1,290 @@
+"""Train ONE stage: the current task plus replay, validated on all tasks so far.
+
+The loop itself is the usual LeRobot one (preprocessor -> policy.forward ->
+backward -> clip -> AdamW -> cosine scheduler) run through `accelerate`; what
+is ours is the stage logic around it: replay sampling, per-step seeding (so a
+resumed run repeats the uninterrupted one exactly), multi-task validation with
+the forgetting analysis, and best/last/periodic checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kuavo_train.config.schema import RunConfig, StageConfig
+from kuavo_train.data.frames import ChunkedFrameDataset
+from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
+from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
+from kuavo_train.evaluation.forgetting import format_validation_table
+from kuavo_train.evaluation.validation import validation_frames, validation_loss
+from kuavo_train.policy import factory
+from kuavo_train.training import checkpoint as ckpt
+from kuavo_train.training.joint import JOINT_STAGE, steps_per_epoch as count_steps_per_epoch
+from kuavo_train.training.run_state import RunState
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRAMES_PER_EPISODE = 10
+
+
+def stage_dir_name(stage: StageConfig) -> str:
+    if stage.name == JOINT_STAGE:
+        return "joint_all_tasks"
+    return f"stage{stage.task_id}_{stage.name}"
+
+
+def step_seed(seed: int, stage: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, stage, step]).generate_state(1)[0])
+
+
+@dataclass
+class StageResult:
+    final_checkpoint: Path
+    total_steps: int
+    val_losses: dict[int, float]
+
+
+def make_task_dataset(task: TaskData, episodes, chunk_size: int) -> ChunkedFrameDataset:
+    return ChunkedFrameDataset(
+        task.repo_id,
+        task.root,
+        episodes=list(episodes),
+        chunk_size=chunk_size,
+        camera_keys=list(task.camera_keys),
+        state_key=STATE_KEY,
+        action_key=ACTION_KEY,
+        task=task.instruction,
+        task_id=task.task_id,
+    )
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.policy.device)
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision)
+
+
+class StageTrainer:
+    def __init__(self, cfg: RunConfig, stage: StageConfig, tasks: dict[int, TaskData], stats, run_state: RunState, accelerator,
+                 writer=None, *, samples_per_epoch: int | None = None):
+        self.cfg, self.stage, self.tasks, self.stats = cfg, stage, tasks, stats
+        # Only the joint baseline sets this (to match the sequential run's step count).
+        self.samples_per_epoch = samples_per_epoch
+        self.run_state, self.acc, self.writer = run_state, accelerator, writer
+        self.run_dir = Path(cfg.run_dir)
+        self.stage_dir = self.run_dir / stage_dir_name(stage)
+        self.ckpt_dir = self.stage_dir / "checkpoints"
+        self.main = accelerator.is_main_process
+
+    # ---- setup -----------------------------------------------------------
+    def source_checkpoint(self) -> Path | str:
+        s = self.stage
+        if s.resume_from == "pretrained":
+            return self.cfg.policy.pretrained_path
+        prev = self.cfg.stage_by_id(s.resume_task_id)
+        final = self.run_state.final_checkpoint(prev.name)
+        if final is None:
+            raise RuntimeError(
+                f"stage {s.name} starts from task {s.resume_task_id} ({prev.name}), which is not complete in "
+                f"{self.run_dir}: train it first (task=tasks/{prev.name} or task=all)"
+            )
+        return final / factory.PRETRAINED_DIR
+
+    def policy_config(self, source):
+        task = self.tasks[self.stage.task_id]
+        base_cfg = factory.read_pretrained_config(source)
+        inputs, outputs = factory.policy_features(task.features, list(task.camera_keys), STATE_KEY, ACTION_KEY)
+        return factory.stage_policy_config(
+            base_cfg,
+            self.cfg.policy,
+            inputs,
+            outputs,
+            lr=self.cfg.lr_for(self.stage),
+            optimizer=self.cfg.optimizer,
+            scheduler=self.cfg.scheduler,
+            stage=self.stage,
+            device=str(self.acc.device.type),
+        )
+
+    def val_sets(self, chunk_size: int) -> dict[int, tuple[ChunkedFrameDataset, list[int]]]:
+        """Held-out episodes of tasks 1..k (or just k), a few evenly spaced frames each."""
+        ids = range(1, self.stage.task_id + 1) if self.cfg.validation.validate_all_previous_tasks else [self.stage.task_id]
+        out = {}
+        for tid in ids:
+            task = self.tasks[tid]
+            eps = list(task.val_episodes)[: self.cfg.validation.validation_episodes]
+            ds = make_task_dataset(task, eps, chunk_size)
+            out[tid] = (ds, validation_frames(ds, eps, VALIDATION_FRAMES_PER_EPISODE))
+        return out
+
+    # ---- the loop ----------------------------------------------------------
+    def run(self) -> StageResult:
+        from tqdm.auto import tqdm
+
+        cfg, stage = self.cfg, self.stage
+        ckpt.clean_temporaries(self.ckpt_dir)
+        last = self.ckpt_dir / "last"
+        resuming = ckpt.is_complete(last)
+        source = self.source_checkpoint()
+        pcfg = self.policy_config(source)
+        policy = factory.load_policy(last / factory.PRETRAINED_DIR if resuming else source, pcfg)
+        preprocessor, postprocessor = factory.make_processors(pcfg, stats=self.stats)
+        trainable, total = factory.count_parameters(policy)
+        log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g, from %s%s",
+                 stage.task_id, stage.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 cfg.lr_for(stage), source, " (resuming from last)" if resuming else "")
+
+        if stage.name == JOINT_STAGE:
+            total_w = sum(stage.replay_weights.values())
+            weights = {t: w / total_w for t, w in sorted(stage.replay_weights.items())}
+        else:
+            weights = cfg.replay_weights_for(stage)
+        train_sets = [make_task_dataset(self.tasks[t], self.tasks[t].train_episodes, pcfg.chunk_size) for t in sorted(weights)]
+        sampler = ProportionalReplaySampler(
+            sorted(weights), [len(d) for d in train_sets], weights,
+            current_task=stage.task_id, seed=cfg.seed, stage=stage.task_id,
+            samples_per_epoch=self.samples_per_epoch,
+        )
+        dl = cfg.dataloader
+        loader = torch.utils.data.DataLoader(
+            mixed_dataset(train_sets),
+            batch_size=dl.batch_size,
+            sampler=sampler,
+            num_workers=dl.num_workers,
+            drop_last=dl.drop_last,
+            prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None,
+            persistent_workers=dl.persistent_workers and dl.num_workers > 0,
+        )
+        mix = {self.tasks[t].name: q for t, q in sampler.quotas.items()}
+        log.info("stage %d replay mix per epoch (samples): %s", stage.task_id, mix)
+        steps_per_epoch = count_steps_per_epoch(len(sampler), dl.batch_size, dl.drop_last, self.acc.num_processes)
+        total_steps = steps_per_epoch * stage.max_epoch
+
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = pcfg.get_optimizer_preset().build(params)
+        scheduler = pcfg.get_scheduler_preset().build(optimizer, total_steps)
+        step = 0
+        if resuming:
+            from lerobot.common.train_utils import load_training_state
+
+            step, optimizer, scheduler = load_training_state(last, optimizer, scheduler)
+        meta_best = ckpt.read_meta(self.ckpt_dir / "best") if ckpt.is_complete(self.ckpt_dir / "best") else {}
+        best_loss = meta_best.get("current_task_val_loss", float("inf"))
+
+        policy, optimizer, loader = self.acc.prepare(policy, optimizer, loader)
+        raw_policy = self.acc.unwrap_model(policy)
+        offset = self.run_state.global_step_offset(stage.task_id)
+        if self.main:
+            self.run_state.update_stage(stage.name, task_id=stage.task_id, status="running", total_steps=total_steps,
+                                        replay_mix=mix, lr=cfg.lr_for(stage), trainable_parameters=trainable,
+                                        total_parameters=total, source=str(source))
+        val_sets = self.val_sets(pcfg.chunk_size)
+        ref_losses = self._reference_losses()
+        start_epoch = step // steps_per_epoch
+        val_losses: dict[int, float] = {}
+        policy.train()
+        for epoch in range(start_epoch, stage.max_epoch):
+            # Through the prepared loader: accelerate re-sets the sampler's epoch from its own
+            # iteration counter at every __iter__, which restarts at 0 in a resumed process.
+            loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
+            bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
+                       disable=not (self.main and cfg.logging.progress_bars), leave=False, dynamic_ncols=True)
+            for batch in bar:
+                torch.manual_seed(step_seed(cfg.seed, stage.task_id, step))
+                batch = preprocessor(batch)
+                with self.acc.autocast():
+                    loss, _ = policy(batch)
+                self.acc.backward(loss)
+                grad_norm = self.acc.clip_grad_norm_(params, cfg.optimizer.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if self.main and (step % cfg.logging.log_freq_steps == 0 or step == total_steps):
+                    lr = scheduler.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    if self.writer is not None:
+                        gs = offset + step
+                        self.writer.add_scalar("train/loss", loss.item(), gs)
+                        self.writer.add_scalar("train/lr", lr, gs)
+                        self.writer.add_scalar("train/grad_norm", float(grad_norm), gs)
+                        self.writer.add_scalar("train/stage", stage.task_id, gs)
+            bar.close()
+            done = epoch + 1
+            meta = {"stage": stage.task_id, "task": stage.name, "epoch": done, "max_epoch": stage.max_epoch}
+            if done % cfg.validation.validation_freq_epoch == 0 or done == stage.max_epoch:
+                val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset, ref_losses=ref_losses)
+                meta["val_losses"] = {str(k): v for k, v in val_losses.items()}
+                meta["current_task_val_loss"] = val_losses[stage.task_id]
+            if self.main:
+                ckpt.write_checkpoint(last, policy=raw_policy, preprocessor=preprocessor, postprocessor=postprocessor,
+                                      optimizer=optimizer, scheduler=scheduler, step=step, meta=meta,
+                                      trained_tasks=self.trained_tasks())
+                if "current_task_val_loss" in meta and meta["current_task_val_loss"] < best_loss:
+                    best_loss = meta["current_task_val_loss"]
+                    ckpt.copy_checkpoint(last, self.ckpt_dir / "best")
+                freq = cfg.checkpoint.save_freq_epoch
+                if freq > 0 and done % freq == 0:
+                    ckpt.copy_checkpoint(last, self.ckpt_dir / f"{step:06d}")
+            self.acc.wait_for_everyone()
+        final = self.ckpt_dir / "last"
+        if self.main:
+            self.run_state.update_stage(stage.name, status="complete",
+                                        final_checkpoint=str(final.relative_to(self.run_dir)),
+                                        final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
+        return StageResult(final, total_steps, val_losses)
+
+    def trained_tasks(self) -> list[dict]:
+        """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper."""
+        return [{"task_id": t, "name": self.tasks[t].name, "instruction": self.tasks[t].instruction}
+                for t in range(1, self.stage.task_id + 1)]
+
+    def _reference_losses(self) -> dict[int, float]:
+        """Each earlier task's loss at the end of its own stage (for relative forgetting)."""
+        out = {}
+        for tid in range(1, self.stage.task_id):
+            s = self.run_state.stage(self.cfg.stage_by_id(tid).name)
+            v = s.get("final_val_losses", {}).get(str(tid))
+            if v is not None:
+                out[tid] = v
+        return out
+
+    def validate(self, policy, preprocessor, val_sets, *, epoch: int, step: int, offset: int, ref_losses) -> dict[int, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        losses = {}
+        for tid, (ds, idx) in tqdm(list(val_sets.items()), desc="validation", leave=False,
+                                   disable=not (self.main and cfg.logging.progress_bars)):
+            losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
+                                          batch_size=cfg.validation.batch_size, device=self.acc.device)
+        if self.main:
+            names = {t: self.tasks[t].name for t in losses}
+            table = format_validation_table(
+                self.stage.task_id, epoch, losses, names, self.stage.task_id,
+                tuple(cfg.validation.forgetting_thresholds),
+                mode=cfg.validation.forgetting_mode, reference_losses=ref_losses,
+            )
+            log.info("\n%s", table)
+            with open(self.run_dir / "validation.jsonl", "a") as f:
+                for tid, loss in losses.items():
+                    f.write(json.dumps({"stage": self.stage.task_id, "epoch": epoch, "step": step,
+                                        "global_step": offset + step, "task_id": tid, "task": names[tid],
+                                        "loss": loss}) + "\n")
+            if self.writer is not None:
+                for tid, loss in losses.items():
+                    self.writer.add_scalar(f"val/{names[tid]}", loss, offset + step)
+        return losses

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real tiny SmolVLA base and real demo-world datasets, built once per session."""
+
+import os
+import sys
+import tempfile
+
+# Before anything imports huggingface_hub: never touch the network, and keep
+# the embedded VLM registration in a private cache for this session.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="kuavo-test-hf-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_NAMES = ["task1_moving_grasp", "task2_weighing", "task3_placement", "task4_sorting"]
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory) -> Path:
+    """The embedded base (tiny random SmolVLA), chunk 10 / 5 action steps like the demo profile."""
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.policy.base_model import build_base_model
+
+    cfg = load_run_config(["profile=demo"])
+    out = tmp_path_factory.mktemp("base") / "base"
+    return build_base_model(
+        out,
+        instructions=[s.instruction for s in cfg.ordered_stages()],
+        chunk_size=cfg.policy.chunk_size,
+        n_action_steps=cfg.policy.n_action_steps,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """Small demo-world datasets for the four tasks: 3 training + 2 held-out episodes each."""
+    from kuavo_train.data.demo_world import write_demo_world
+
+    root = tmp_path_factory.mktemp("datasets") / "datasets"
+    write_demo_world(root, tasks=TASK_NAMES, num_train_episodes=3, num_val_episodes=2, seed=0, image_size=64)
+    return root
+
+
+def tiny_overrides(run_dir: Path, demo_base: Path, demo_data: Path, *extra: str) -> list[str]:
+    """The demo profile, shrunk so that a four-stage run takes seconds."""
+    return [
+        "profile=demo",
+        f"run_dir={run_dir}",
+        f"data_root={demo_data}",
+        f"policy.pretrained_path={demo_base}",
+        "dataloader.batch_size=16",
+        "validation.validation_episodes=2",
+        "logging.progress_bars=false",
+        "logging.log_freq_steps=1",
+        "evaluation.closed_loop_episodes=0",
+        *[f"stages.{t}.max_epoch=1" for t in TASK_NAMES],
+        *extra,
+    ]
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable
+
+
+# The shared four-stage run: task 1 gets two epochs so that best and last can differ.
+FULL_RUN_EXTRA = ("stages.task1_moving_grasp.max_epoch=2",)
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, demo_base, demo_data):
+    """One real four-stage sequential run on the tiny data, shared by every test module."""
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.training.pipeline import Pipeline
+
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data, *FULL_RUN_EXTRA))
+    Pipeline(cfg).run()
+    return cfg, run_dir
+
+
+def final_pretrained(run_dir: Path, name: str) -> Path:
+    import json
+
+    state = json.loads((run_dir / "run.json").read_text())
+    return run_dir / state["stages"][name]["final_checkpoint"] / "pretrained_model"

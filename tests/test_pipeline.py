@@ -1,0 +1,181 @@
+"""The sequential pipeline end to end on real tiny data: four stages, checkpoints that stock
+LeRobot loads, one set of stats, frozen weights untouched, deterministic validation,
+the lr schedule, and kill-and-resume matching an uninterrupted run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FULL_RUN_EXTRA, REPO, TASK_NAMES, final_pretrained, tiny_overrides
+from safetensors.torch import load_file
+
+
+SPEC_SCRIPT = ["kuavo_train/train_smolvla_sequential.py", "--config-path=../configs/policy", "--config-name=smolvla_sequential_base"]
+
+
+
+
+def test_run_layout(full_run):
+    cfg, run_dir = full_run
+    state = json.loads((run_dir / "run.json").read_text())
+    assert [state["stages"][n]["status"] for n in TASK_NAMES] == ["complete"] * 4
+    for k, name in enumerate(TASK_NAMES, start=1):
+        ck = run_dir / f"stage{k}_{name}" / "checkpoints"
+        assert (ck / "last" / "pretrained_model" / "model.safetensors").is_file()
+        assert (ck / "last" / "training_state" / "training_step.json").is_file()
+        assert (ck / "best" / "pretrained_model" / "config.json").is_file()
+        tasks = json.loads((ck / "last" / "pretrained_model" / "kuavo_tasks.json").read_text())["tasks"]
+        assert [t["name"] for t in tasks] == TASK_NAMES[:k]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run_dir.rglob(".tmp-*"))
+
+
+def test_validation_log_covers_tasks_so_far_on_held_out_data(full_run):
+    cfg, run_dir = full_run
+    records = [json.loads(l) for l in (run_dir / "validation.jsonl").read_text().splitlines()]
+    for k in range(1, 5):
+        seen = {r["task_id"] for r in records if r["stage"] == k}
+        assert seen == set(range(1, k + 1))
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_stock_lerobot_loads_every_stage(full_run):
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    _, run_dir = full_run
+    for name in TASK_NAMES:
+        path = final_pretrained(run_dir, name)
+        policy = SmolVLAPolicy.from_pretrained(str(path))
+        pre, post = make_pre_post_processors(policy.config, pretrained_path=str(path))
+        assert policy.config.chunk_size == 10 and pre is not None and post is not None
+
+
+def _processor_stats(path: Path) -> dict:
+    files = sorted(path.glob("policy_preprocessor*normalizer*.safetensors"))
+    assert files, list(path.iterdir())
+    return load_file(str(files[0]))
+
+
+def test_stats_identical_in_every_checkpoint(full_run):
+    _, run_dir = full_run
+    ref = _processor_stats(final_pretrained(run_dir, TASK_NAMES[0]))
+    assert any("observation.state" in k for k in ref) and any("action" in k for k in ref)
+    for name in TASK_NAMES[1:]:
+        other = _processor_stats(final_pretrained(run_dir, name))
+        assert ref.keys() == other.keys()
+        assert all(torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_frozen_parameters_bit_identical_from_base_to_stage4(full_run, demo_base):
+    _, run_dir = full_run
+    base = load_file(str(demo_base / "model.safetensors"))
+    final = load_file(str(final_pretrained(run_dir, TASK_NAMES[-1]) / "model.safetensors"))
+    vlm_keys = [k for k in base if ".vlm." in k]
+    expert_keys = [k for k in base if "lm_expert" in k or "action_out_proj" in k]
+    assert vlm_keys and expert_keys
+    assert all(torch.equal(base[k], final[k]) for k in vlm_keys)
+    # ...while the action expert did train.
+    assert any(not torch.equal(base[k], final[k]) for k in expert_keys)
+
+
+def test_lr_schedule_of_each_stage(full_run):
+    """Logged lr per step = linear warmup then cosine decay to decay_lr (LeRobot's schedule, scaled to the stage)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, run_dir = full_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    lrs = {e.step: e.value for e in acc.Scalars("train/lr")}
+    state = json.loads((run_dir / "run.json").read_text())
+    offset = 0
+    for name in TASK_NAMES:
+        st = cfg.stages[name]
+        total = state["stages"][name]["total_steps"]
+        peak, low = cfg.lr_for(st), cfg.scheduler.decay_lr
+        warm, decay = st.scheduler_warmup_steps, st.scheduler_decay_steps
+        if total < decay:
+            warm, decay = int(warm * total / decay), total
+        for step in range(1, total + 1):
+            # the lr logged after optimizer step `step` is the one for the next step
+            s = step
+            if s < warm:
+                expect = peak * ((1 / (warm + 1) - 1) * (1 - s / warm) + 1)
+            else:
+                c = 0.5 * (1 + math.cos(math.pi * min(s, decay) / decay))
+                expect = peak * ((1 - low / peak) * c + low / peak)
+            assert lrs[offset + step] == pytest.approx(expect, rel=1e-5), (name, step)
+        assert state["stages"][name]["lr"] == pytest.approx(peak)
+        offset += total
+
+
+def test_validation_is_deterministic(full_run):
+    from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.evaluation.validation import validation_frames, validation_loss
+    from kuavo_train.policy import factory
+    from kuavo_train.training.stage_trainer import make_task_dataset
+
+    cfg, run_dir = full_run
+    path = final_pretrained(run_dir, TASK_NAMES[1])
+    pcfg = factory.read_pretrained_config(path)
+    policy = factory.load_policy(path, pcfg)
+    pre, _ = factory.make_processors(pcfg, pretrained_path=path)
+    task = open_task_data(cfg.stages[TASK_NAMES[0]])
+    ds = make_task_dataset(task, task.val_episodes, pcfg.chunk_size)
+    idx = validation_frames(ds, list(task.val_episodes), 10)
+    a = validation_loss(policy, pre, ds, idx, task_id=1, seed=5, batch_size=4, device="cpu")
+    b = validation_loss(policy, pre, ds, idx, task_id=1, seed=5, batch_size=7, device="cpu")
+    c = validation_loss(policy, pre, ds, idx, task_id=1, seed=6, batch_size=4, device="cpu")
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    assert a != c
+
+
+def test_rerun_skips_complete_stages(full_run, python_exe):
+    cfg, run_dir = full_run
+    before = (run_dir / "run.json").read_text()
+    r = subprocess.run([python_exe, *SPEC_SCRIPT, *_overrides_of(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("is complete already: skipped") == 4
+    assert json.loads((run_dir / "run.json").read_text())["stages"] == json.loads(before)["stages"]
+
+
+def _overrides_of(cfg):
+    return tiny_overrides(Path(cfg.run_dir), Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
+    """SIGKILL stage 1 after its first epoch's checkpoint; the rerun must end with the same weights."""
+    extra = ("task=tasks/task1_moving_grasp", "stages.task1_moving_grasp.max_epoch=3", "evaluation.after_each_stage=false")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(ref_dir, demo_base, demo_data, *extra)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    proc = subprocess.Popen([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    meta = cut_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "kuavo_checkpoint.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not meta.is_file() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(meta.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    state = json.loads((cut_dir / "run.json").read_text())
+    assert state["stages"]["task1_moving_grasp"]["status"] == "running"
+
+    resumed = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from last" in resumed.stdout
+    a = load_file(str(final_pretrained(ref_dir, "task1_moving_grasp") / "model.safetensors"))
+    b = load_file(str(final_pretrained(cut_dir, "task1_moving_grasp") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    va = [json.loads(l) for l in (ref_dir / "validation.jsonl").read_text().splitlines()]
+    vb = [json.loads(l) for l in (cut_dir / "validation.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["task_id"], r["loss"]) for r in va] == [(r["epoch"], r["task_id"], r["loss"]) for r in vb]
