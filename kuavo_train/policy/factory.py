@@ -102,12 +102,13 @@ def load_policy(pretrained_path: str | Path, cfg):
         raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first}") from None
 
 
-def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = None):
-    """New processors carrying `stats`, or the ones saved with a checkpoint."""
+def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = None, device: str | None = None):
+    """New processors carrying `stats`, or the ones saved with a checkpoint (optionally moved to `device`)."""
     from lerobot.policies.factory import make_pre_post_processors
 
     if pretrained_path is not None:
-        return make_pre_post_processors(cfg, pretrained_path=str(pretrained_path))
+        overrides = {"device_processor": {"device": device}} if device else None
+        return make_pre_post_processors(cfg, pretrained_path=str(pretrained_path), preprocessor_overrides=overrides)
     return make_pre_post_processors(cfg, dataset_stats=stats)
 
 

@@ -1,0 +1,68 @@
+"""ChunkedFrameDataset returns exactly what stock LeRobotDataset(+delta_timestamps) returns."""
+
+import pytest
+import torch
+
+from kuavo_train.data.frames import ChunkedFrameDataset
+
+CAMS = [f"observation.images.{c}" for c in ("head_cam_h", "wrist_cam_l", "wrist_cam_r")]
+REPO_ID = "kuavo_demo/task3_placement"
+
+
+def _root(demo_data):
+    return demo_data / "task3_placement"
+
+
+@pytest.mark.parametrize("chunk", [4, 60])  # shorter and longer than an episode
+def test_equal_to_stock_sample_by_sample(demo_data, chunk):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    eps = [4, 1]
+    stock = LeRobotDataset(REPO_ID, root=_root(demo_data), episodes=eps, delta_timestamps={"action": [i / 10 for i in range(chunk)]})
+    ours = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=eps, chunk_size=chunk, camera_keys=CAMS)
+    assert len(ours) == len(stock)
+    where = {(int(ours[i]["episode_index"]), int(ours[i]["frame_index"])): i for i in range(len(ours))}
+    assert set(where) == {(int(stock[j]["episode_index"]), int(stock[j]["frame_index"])) for j in range(len(stock))}
+    padded = 0
+    for j in range(len(stock)):
+        s = stock[j]
+        o = ours[where[(int(s["episode_index"]), int(s["frame_index"]))]]
+        for key in [*CAMS, "observation.state", "action", "action_is_pad", "timestamp", "frame_index", "episode_index", "index", "task_index"]:
+            assert o[key].dtype == s[key].dtype and torch.equal(o[key], s[key]), key
+        assert o["task"] == s["task"]
+        padded += int(o["action_is_pad"].any())
+    assert padded > 0  # the end-of-episode padding was exercised
+
+
+def test_episode_order_task_override_and_index_array(demo_data):
+    ds = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[2, 0], chunk_size=5, camera_keys=CAMS,
+                             task="do it", task_id=3)
+    eps = ds.episode_index_array()
+    assert len(eps) == len(ds) and eps[0] == 2 and eps[-1] == 0 and (eps[:-1] <= eps[1:]).sum() == len(ds) - 2
+    item = ds[0]
+    assert item["task"] == "do it" and int(item["task_id"]) == 3
+
+
+def test_workers_and_cache_give_the_same_batches(demo_data):
+    from torch.utils.data import DataLoader
+
+    plain = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[0, 1], chunk_size=5, camera_keys=CAMS)
+    cached = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[0, 1], chunk_size=5, camera_keys=CAMS, image_cache=16)
+    a = list(DataLoader(plain, batch_size=7, num_workers=0))
+    b = list(DataLoader(plain, batch_size=7, num_workers=2))
+    c = list(DataLoader(cached, batch_size=7)) + list(DataLoader(cached, batch_size=7))
+    for x, y, z in zip(a, b, c):
+        for k in x:
+            assert (x[k] == y[k]) if isinstance(x[k], list) else torch.equal(x[k], y[k])
+            assert (x[k] == z[k]) if isinstance(x[k], list) else torch.equal(x[k], z[k])
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"episodes": [99]}, "episode 99 does not exist"),
+    ({"camera_keys": ["observation.images.chest"]}, "no feature 'observation.images.chest'"),
+])
+def test_bad_inputs(demo_data, kwargs, fragment):
+    args = {"episodes": [0], "chunk_size": 5, "camera_keys": CAMS, **kwargs}
+    with pytest.raises(ValueError) as e:
+        ChunkedFrameDataset(REPO_ID, _root(demo_data), **args)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
