@@ -22,7 +22,7 @@ from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, 
 from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
 
 FPS = 10
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_FILE = "demo_world.json"
 
 
