@@ -45,3 +45,26 @@ def test_naive_has_no_replay_and_no_lr_decay():
         assert naive.lr_for(s_naive) == spec.lr_for(spec.ordered_stages()[0])
     assert len(spec.replay_weights_for(spec.stages[TASK_NAMES[3]])) == 4
     assert math.isclose(sum(spec.replay_weights_for(spec.stages[TASK_NAMES[3]]).values()), 1.0)
+
+
+def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
+    import json
+
+    from conftest import tiny_overrides
+
+    from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.training.pipeline import Pipeline
+
+    cfg = load_run_config(tiny_overrides(tmp_path / "joint", demo_base, demo_data, "strategy=joint"))
+    Pipeline(cfg).run()
+    state = json.loads((tmp_path / "joint" / "run.json").read_text())
+    assert list(state["stages"]) == [JOINT_STAGE] and state["stages"][JOINT_STAGE]["status"] == "complete"
+    sizes = {s.task_id: open_task_data(s).num_train_frames for s in cfg.ordered_stages()}
+    seq = sequential_total_steps(cfg, sizes)
+    epochs = sum(s.max_epoch for s in cfg.ordered_stages())
+    assert seq <= state["stages"][JOINT_STAGE]["total_steps"] < seq + epochs
+    assert set(state["stages"][JOINT_STAGE]["replay_mix"]) == set(TASK_NAMES)
+    report = json.loads((tmp_path / "joint" / "report.json").read_text())
+    rows = report["matrices"]["val_loss"]
+    assert all(v is not None for v in rows[0] + rows[4]) and all(v is None for r in rows[1:4] for v in r)
+    assert report["metrics"]["val_loss"]["bwt"] is None and report["metrics"]["val_loss"]["acc"] is not None

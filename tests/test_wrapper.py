@@ -167,3 +167,26 @@ def test_not_a_checkpoint(tmp_path):
 
     with pytest.raises(PolicyLoadError, match="is not a checkpoint"):
         SmolVLAPolicyWrapper.from_pretrained(tmp_path)
+
+
+def test_infer_command_runs_the_final_model_closed_loop(full_run, python_exe):
+    import subprocess
+
+    from conftest import REPO
+
+    _, run_dir = full_run
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(run_dir), "--episodes", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in TASK_NAMES:
+        assert any(line.strip().startswith(name) and "success" in line for line in r.stdout.splitlines()), r.stdout
+
+
+def test_infer_on_a_folder_that_is_not_a_run(tmp_path, python_exe):
+    import subprocess
+
+    from conftest import REPO
+
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a kuavo_train run directory" in r.stderr
