@@ -54,6 +54,7 @@ def plot_validation_curves(validation_jsonl, path, *, task_names: list[str], sta
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlim(left=0)
     top = ax.get_ylim()[1]
     for k, b in enumerate(stage_boundaries, start=1):
         if k > 1 or b > 0:

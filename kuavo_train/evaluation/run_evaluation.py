@@ -128,7 +128,6 @@ def format_row(row: int, values: dict, tasks) -> str:
         s = values["success"][i]
         parts.append(f"{tasks[tid].name}: loss {values['val_loss'][i]:.3f}, |err| {values['action_error'][i]:.3f}"
                      + (f", success {s:.0%}" if s is not None else ""))
-        
     return f"forgetting matrix row ({label}): " + "; ".join(parts)
 
 
