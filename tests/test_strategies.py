@@ -68,3 +68,24 @@ def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
     rows = report["matrices"]["val_loss"]
     assert all(v is not None for v in rows[0] + rows[4]) and all(v is None for r in rows[1:4] for v in r)
     assert report["metrics"]["val_loss"]["bwt"] is None and report["metrics"]["val_loss"]["acc"] is not None
+
+
+def test_compare_command_tabulates_all_strategies(tmp_path, demo_base, demo_data, python_exe):
+    import json
+    import subprocess
+
+    from conftest import REPO, tiny_overrides
+
+    out = tmp_path / "cmp"
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", demo_base, demo_data) if not o.startswith("run_dir=")]
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "compare", "--no-demo", "--out", str(out), "--seeds", "0", *overrides],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "comparison.json").read_text())["summary"]
+    assert set(summary) == {"sequential_spec", "sequential_naive", "joint"}
+    for strategy in summary:
+        assert (out / "seed0" / strategy / "report.json").is_file()
+        acc = summary[strategy]["action_error"]["acc"]
+        assert acc["n"] == 1 and acc["mean"] > 0
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {s} |" in table for s in summary) and table in r.stdout

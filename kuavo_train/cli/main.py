@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")
     i.add_argument("--episodes", type=int, default=10, help="held-out scenes per task")
     c = add("compare", cmd_compare, "run sequential_spec, sequential_naive and joint and tabulate them")
-    c.add_argument("--strategies", nargs="+", default=["sequential_spec", "sequential_naive", "joint"])
-    c.add_argument("--seeds", nargs="+", type=int, default=[0])
+    # comma-separated, so that Hydra overrides may follow the options
+    c.add_argument("--strategies", type=lambda v: v.split(","), default=["sequential_spec", "sequential_naive", "joint"],
+                   help="comma-separated (default: sequential_spec,sequential_naive,joint)")
+    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0], help="comma-separated, e.g. 0,1")
     c.add_argument("--out", default="outputs/demo/compare")
     c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
     return p
