@@ -6,8 +6,14 @@
 `task=all` (the default) trains every stage in order and skips finished ones.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+
+from kuavo_train.cli.main import offline_if_embedded
+
+offline_if_embedded(sys.argv[1:])  # before hydra/huggingface_hub are imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")

@@ -43,3 +43,13 @@ def test_a_fresh_machine_loads_it_through_our_factory(demo_base, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(moved)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-1500:]
     assert "ok kuavo-train/tiny-smolvlm-" in r.stdout
+
+
+def test_embedded_default_goes_offline_by_itself(tmp_path):
+    """Without HF_HUB_OFFLINE in the environment the demo commands must not wait on a hub."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "build-base", "--out", str(tmp_path / "base")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "Retrying" not in r.stderr + r.stdout and (tmp_path / "base" / "pretrained_model" / "model.safetensors").is_file()

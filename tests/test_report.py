@@ -1,51 +1,151 @@
-"""The report of a real run: report.json keys, figures, markdown; plus the forgetting table."""
+"""The report (report.json / report.md / figures), the comparison table and the spec's forgetting printout."""
 
+import datetime
 import json
 
+import matplotlib.image
 import pytest
-from conftest import TASK_NAMES
 
 from kuavo_train.evaluation.forgetting import classify_retention, format_validation_table
-from kuavo_train.evaluation.report import write_report
+from kuavo_train.evaluation.plots import plot_validation_curves
+from kuavo_train.evaluation.report import format_comparison_table, load_report, write_report
+
+NAMES = ["grasp", "weigh", "place"]
+SUCCESS = [[0.1, 0.0, 0.2], [0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
+LOSS = [[2.0, 2.0, 2.0], [0.5, 1.5, 1.8], [0.7, 0.4, 1.2], [0.9, 0.6, 0.3]]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_report_has_every_matrix_row_and_metric(full_run):
-    _, run_dir = full_run
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["task_names"] == TASK_NAMES
-    for m in ("val_loss", "action_error"):
-        rows = report["matrices"][m]
-        assert len(rows) == 5 and all(len(r) == 4 for r in rows)  # row 0 = before training
-        assert all(v is not None for r in rows for v in r)
-        assert set(report["metrics"][m]) >= {"acc", "bwt", "fwt", "forgetting"}
-    # the tiny run has no closed-loop episodes configured, so no success matrix
-    assert "success" not in report["matrices"]
-    assert report["versions"]["lerobot"] == "0.6.1" and report["seed"] == 42
-    for png in ("heatmap_val_loss.png", "heatmap_action_error.png", "validation_curves.png"):
-        data = (run_dir / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-    md = (run_dir / "report.md").read_text()
-    assert f"{report['metrics']['val_loss']['acc']:.3f}" in md and "after stage 4" in md
+def _write_validation_log(run_dir, *, torn_tail=False):
+    # stage s (10 steps each, offsets 0/10/20) validates tasks 1..s at its steps 5 and 10
+    lines = [json.dumps({"stage": s, "epoch": e, "step": 5 * e, "global_step": 10 * (s - 1) + 5 * e, "task_id": t,
+                         "task": NAMES[t - 1], "loss": 1.0 / s + 0.1 * t})
+             for s in (1, 2, 3) for e in (1, 2) for t in range(1, s + 1)]
+    text = "\n".join(lines) + "\n" + ('{"stage": 3, "epo' if torn_tail else "")
+    (run_dir / "validation.jsonl").write_text(text)
 
 
-def test_report_numbers_follow_the_matrices(tmp_path):
-    (tmp_path / "validation.jsonl").write_text("".join(
-        json.dumps({"stage": s, "epoch": 1, "step": 5, "global_step": 5 * s, "task_id": t, "task": f"t{t}", "loss": 1.0 / s}) + "\n"
-        for s in (1, 2) for t in range(1, s + 1)))
-    success = [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]]
-    rep = write_report(tmp_path, matrices={"success": success}, directions={"success": True}, task_names=["a", "b"],
-                       config={"seed": 3}, extra={"strategy": "x", "stage_boundaries": [0, 5]})
-    assert rep["metrics"]["success"]["acc"] == pytest.approx(0.75)
-    assert rep["metrics"]["success"]["bwt"] == pytest.approx(-0.5)
-    assert json.loads((tmp_path / "report.json").read_text())["matrices"]["success"] == success
-    assert "| after stage 2 | 0.500 | 1.000 |" in (tmp_path / "report.md").read_text()
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
 
 
-def test_spec_retention_labels_and_relative_mode():
-    assert classify_retention(0.5) == "Well Retained"
-    assert classify_retention(0.8) == "Slight Degradation"
-    assert classify_retention(1.2) == "Significant Forgetting"
-    assert classify_retention(0.3, (1.25, 2.0), mode="relative", reference=0.1) == "Significant Forgetting"
-    table = format_validation_table(2, 4, {1: 0.3, 2: 0.2}, {1: "task1", 2: "task2"}, 2, (1.25, 2.0),
-                                    mode="relative", reference_losses={1: 0.2})
-    assert "current task" in table and "Slight Degradation (1.50x" in table
+def test_write_report_files_and_numbers(tmp_path):
+    _write_validation_log(tmp_path)
+    rep = write_report(tmp_path, matrices={"success": SUCCESS, "val_loss": LOSS},
+                       directions={"success": True, "val_loss": False}, task_names=NAMES,
+                       config={"seed": 7, "strategy": "sequential"},
+                       extra={"strategy": "sequential", "stage_boundaries": [0, 10, 20]})
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == load_report(tmp_path) == json.loads(json.dumps(rep))
+    assert set(on_disk) >= {"matrices", "metrics", "task_names", "directions", "config", "versions", "seed",
+                            "created", "extra"}
+    assert on_disk["matrices"] == {"success": SUCCESS, "val_loss": LOSS}  # keys and rows kept, row 0 first
+    assert on_disk["directions"] == {"success": True, "val_loss": False}
+    assert on_disk["task_names"] == NAMES and on_disk["seed"] == 7 and on_disk["extra"]["stage_boundaries"] == [0, 10, 20]
+    assert set(on_disk["versions"]) == {"python", "torch", "lerobot", "transformers", "kuavo_train"}
+    assert datetime.datetime.fromisoformat(on_disk["created"]).tzinfo is not None
+    # hand-computed (see test_metrics): success BWT -0.25, FWT 0.1; loss ACC 0.6, BWT -0.3, FWT 0.65
+    s, l = on_disk["metrics"]["success"], on_disk["metrics"]["val_loss"]
+    assert s["acc"] == pytest.approx(2.2 / 3) and s["bwt"] == pytest.approx(-0.25) and s["fwt"] == pytest.approx(0.1)
+    assert s["forgetting"][:2] == [pytest.approx(0.4), pytest.approx(0.1)] and s["forgetting"][2] is None
+    assert l["acc"] == pytest.approx(0.6) and l["bwt"] == pytest.approx(-0.3) and l["fwt"] == pytest.approx(0.65)
+    assert l["mean_forgetting"] == pytest.approx(0.3)
+    for png in ("heatmap_success.png", "heatmap_val_loss.png", "validation_curves.png"):
+        _assert_png(tmp_path / png)
+    md = (tmp_path / "report.md").read_text()
+    assert "| after stage 2 | 0.600 | 0.800 | 0.300 |" in md and "| before training | 2.000 | 2.000 | 2.000 |" in md
+    assert "| 0.733 | -0.250 | 0.100 | 0.250 | 0.400 | 0.100 | – |" in md  # success metrics row
+    assert "| 0.600 | -0.300 | 0.650 | 0.300 | 0.400 | 0.200 | – |" in md  # val_loss metrics row
+    assert "positive BWT/FWT = better and positive forgetting = worse" in md
+    for png in ("heatmap_success.png", "heatmap_val_loss.png", "validation_curves.png"):
+        assert f"]({png})" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp files
+
+
+def test_report_without_log_with_missing_cells(tmp_path):
+    # a joint run: only rows 0 and T; a NaN cell must become null, not invalid JSON
+    loss = [[1.0, float("nan")], [None, None], [0.25, 0.5]]
+    rep = write_report(tmp_path, matrices={"action_error": loss}, directions={"action_error": False},
+                       task_names=["a", "b"], config={})
+    assert rep["matrices"]["action_error"] == [[1.0, None], [None, None], [0.25, 0.5]]
+    assert rep["seed"] is None and "extra" not in rep
+    m = load_report(tmp_path)["metrics"]["action_error"]
+    assert m["acc"] == pytest.approx(0.375) and m["bwt"] is None and m["fwt"] is None and m["forgetting"] == [None, None]
+    _assert_png(tmp_path / "heatmap_action_error.png")
+    assert not (tmp_path / "validation_curves.png").exists()
+    assert "No validation log" in (tmp_path / "report.md").read_text()
+
+
+def test_validation_curves_skip_torn_line_and_missing_file(tmp_path):
+    assert plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
+                                  stage_boundaries=[0]) is None
+    (tmp_path / "validation.jsonl").write_text("")
+    assert plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
+                                  stage_boundaries=[0]) is None
+    _write_validation_log(tmp_path, torn_tail=True)
+    out = plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
+                                 stage_boundaries=[0, 10, 20])
+    assert out == tmp_path / "v.png"
+    _assert_png(out)
+
+
+def test_comparison_table():
+    reports = {
+        "sequential_spec": {"metrics": {"success": {"acc": 0.5, "bwt": -0.25, "fwt": 0.1, "forgetting": [0.4, 0.1, None],
+                                                    "mean_forgetting": 0.25},
+                                        "val_loss": {"acc": 0.6, "bwt": -0.3, "fwt": 0.65, "forgetting": [0.4, 0.2, None],
+                                                     "mean_forgetting": 0.3}}},
+        # an older report without mean_forgetting: derived from the per-task list (0.5 + 0.3) / 2
+        "sequential_naive": {"metrics": {"val_loss": {"acc": 0.9, "bwt": -0.7, "fwt": None, "forgetting": [0.5, 0.3, None]}}},
+        "joint": {"metrics": {"val_loss": {"acc": 0.4, "bwt": None, "fwt": None, "forgetting": [None, None, None],
+                                           "mean_forgetting": None}}},
+    }
+    table = format_comparison_table(reports)
+    lines = table.splitlines()
+    assert lines[0] == ("| strategy | success ACC | success BWT | success FWT | success mean forgetting | val_loss ACC"
+                        " | val_loss BWT | val_loss FWT | val_loss mean forgetting |")
+    assert "| sequential_spec | 0.500 | -0.250 | 0.100 | 0.250 | 0.600 | -0.300 | 0.650 | 0.300 |" in lines
+    assert "| sequential_naive | – | – | – | – | 0.900 | -0.700 | – | 0.400 |" in lines
+    assert "| joint | – | – | – | – | 0.400 | – | – | – |" in lines
+    assert "action_error" not in lines[0]  # no report has it
+
+
+def test_spec_retention_thresholds():
+    # spec section 4: loss < 0.7 well retained, < 1.0 slight degradation, else significant forgetting
+    assert classify_retention(0.5) == "good"
+    assert classify_retention(0.7) == "moderate" and classify_retention(0.99) == "moderate"
+    assert classify_retention(1.0) == "forgetting"
+    assert classify_retention(0.15, (0.1, 0.2)) == "moderate"
+    assert classify_retention(float("nan")) == "n/a" and classify_retention(None) == "n/a"
+    # relative: loss / reference, inclusive bounds
+    assert classify_retention(0.125, (1.25, 2.0), mode="relative", reference=0.1) == "good"
+    assert classify_retention(0.2, (1.25, 2.0), mode="relative", reference=0.1) == "moderate"
+    assert classify_retention(0.3, (1.25, 2.0), mode="relative", reference=0.1) == "forgetting"
+    assert classify_retention(0.3, (1.25, 2.0), mode="relative", reference=None) == "n/a"
+    with pytest.raises(ValueError):
+        classify_retention(0.3, mode="bogus")
+
+
+def test_validation_table_absolute_and_relative():
+    names = {1: "task1_moving_grasp", 2: "task2_weighing", 3: "task3_placement"}
+    table = format_validation_table(3, 2, {1: 0.5, 2: 0.8, 3: 0.3}, names, 3, (0.7, 1.0))
+    lines = table.splitlines()
+    assert lines[0].startswith("stage 3, epoch 2: multi-task validation")
+    row = {l.split()[1]: l for l in lines if l.strip()[:2] in ("1.", "2.", "3.")}
+    assert "0.5000" in row["task1_moving_grasp"] and "good (Well Retained)" in row["task1_moving_grasp"]
+    assert "moderate (Slight Degradation)" in row["task2_weighing"]
+    assert "current task" in row["task3_placement"]
+    assert lines[-1] == "  mean loss over 3 task(s): 0.5333; worst earlier task: 2. task2_weighing (loss 0.8000)"
+    # columns line up: every loss ends at the same offset
+    assert len({l.index("0.", len("  2. task3_placement")) for l in row.values()}) == 1
+
+    table = format_validation_table(3, 4, {1: 0.3, 2: 0.2, 3: 0.1}, names, 3, (1.25, 2.0),
+                                    mode="relative", reference_losses={1: 0.1, 2: 0.16})
+    assert "forgetting (Significant Forgetting), 3.00x its end-of-stage loss 0.1000" in table
+    assert "good (Well Retained), 1.25x its end-of-stage loss 0.1600" in table
+    assert table.splitlines()[-1].endswith("worst earlier task: 1. task1_moving_grasp (3.00x)")
+    table = format_validation_table(2, 1, {1: 0.3, 2: 0.2}, names, 2, (1.25, 2.0), mode="relative")
+    assert "n/a (no reference loss)" in table

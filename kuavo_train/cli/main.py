@@ -207,10 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def offline_if_embedded(argv: list[str], *, demo_command: bool = False) -> None:
+    """The embedded default never needs a model hub: go offline before huggingface_hub is
+    imported (it reads the setting once), or every file lookup retries a host that is not
+    there. An explicit HF_HUB_OFFLINE from the user always wins."""
+    import json
+    import os
+
+    embedded = demo_command or "profile=demo" in argv
+    if "--run" in argv and argv.index("--run") + 1 < len(argv):
+        run_json = Path(argv[argv.index("--run") + 1]) / "run.json"
+        try:
+            embedded |= json.loads(run_json.read_text()).get("config", {}).get("demo") is not None
+        except (OSError, ValueError):
+            pass
+    if embedded:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     from kuavo_train.cli.errors import one_line_errors
 
     args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    offline_if_embedded(raw, demo_command=args.command in ("demo", "build-base", "make-data")
+                        or (args.command == "compare" and args.demo))
     _setup_logging()
     with one_line_errors():
         args.fn(args)

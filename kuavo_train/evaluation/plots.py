@@ -1,14 +1,17 @@
-"""Figures of the report (matplotlib, headless)."""
+"""Figures of the report (matplotlib, headless Agg backend; files written atomically)."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 
 def _plt():
+    # imported lazily and forced to Agg: reports are written on headless training machines
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,54 +20,96 @@ def _plt():
     return plt
 
 
-def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bool) -> Path:
+def _save(fig, path) -> Path:
+    """savefig to a temp file then os.replace, so a crash never leaves a truncated PNG."""
     plt = _plt()
-    data = np.array([[np.nan if v is None else float(v) for v in row] for row in R], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(task_names), 1.2 + 0.55 * len(R)))
-    cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r").with_extremes(bad="#dddddd")
-    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, aspect="auto")
-    ax.set_xticks(range(len(task_names)), [n.replace("_", "\n", 1) for n in task_names], fontsize=8)
-    ax.set_yticks(range(len(R)), ["before"] + [f"after {k}" for k in range(1, len(R))], fontsize=8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def row_labels(n_rows: int) -> list[str]:
+    return ["before training"] + [f"after stage {k}" for k in range(1, n_rows)]
+
+
+def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bool) -> Path:
+    """Rows = before training / after stage k (stage k trains task k), columns = tasks; missing cells grey."""
+    plt = _plt()
+    data = np.array([[np.nan if v is None else float(v) for v in (row or [None] * len(task_names))] for row in R],
+                    dtype=float)
+    data[~np.isfinite(data)] = np.nan
+    fig, ax = plt.subplots(figsize=(2.0 + 1.5 * len(task_names), 1.3 + 0.5 * len(R)))
+    # reversed map for lower-is-better so that "good" is the same (bright) colour in every heatmap
+    cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r").with_extremes(bad="#d9d9d9")
     finite = data[np.isfinite(data)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:  # a constant matrix would give a degenerate colour scale
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(task_names)), [n.replace("_", "\n", 1) for n in task_names], fontsize=8)
+    ax.set_yticks(range(len(R)), row_labels(len(R)), fontsize=8)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if np.isfinite(data[i, j]):
-                good = (data[i, j] > mid) == higher_is_better
-                ax.text(j, i, f"{data[i, j]:.3g}", ha="center", va="center", fontsize=8, color="black" if good else "white")
+                r, g, b, _ = cmap(im.norm(data[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour from the cell's luminance
+                ax.text(j, i, f"{data[i, j]:.3g}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+            else:
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="#777777")
     ax.set_title(f"{title} ({'higher' if higher_is_better else 'lower'} is better)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def read_validation_log(validation_jsonl) -> list[dict]:
+    """The records of validation.jsonl; a torn last line (crash mid-write) is skipped."""
+    p = Path(validation_jsonl)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "task_id" in r and "global_step" in r and r.get("loss") is not None:
+            out.append(r)
+    return out
 
 
 def plot_validation_curves(validation_jsonl, path, *, task_names: list[str], stage_boundaries: list[int]) -> Path | None:
-    p = Path(validation_jsonl)
-    if not p.is_file():
-        return None
-    records = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    """Held-out loss of every task vs the run's global step, dashed lines where each stage starts; None if no data."""
+    records = read_validation_log(validation_jsonl)
     if not records:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
-    for tid, name in enumerate(task_names, start=1):
-        pts = sorted((r["global_step"], r["loss"]) for r in records if r["task_id"] == tid)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", markersize=3, label=name)
-    ax.set_xlim(left=0)
-    top = ax.get_ylim()[1]
+    for tid in sorted({int(r["task_id"]) for r in records}):
+        pts = sorted((r["global_step"], r["loss"]) for r in records
+                     if int(r["task_id"]) == tid and math.isfinite(float(r["loss"])))
+        if not pts:
+            continue
+        name = task_names[tid - 1] if 0 < tid <= len(task_names) else next(
+            (r.get("task") for r in records if int(r["task_id"]) == tid), f"task {tid}")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{tid}. {name}")
+    # x in data units, y in axes units: labels sit at the top whatever the loss scale
+    trans = ax.get_xaxis_transform()
     for k, b in enumerate(stage_boundaries, start=1):
-        if k > 1 or b > 0:
-            ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(b, top, f" stage {k}", fontsize=7, va="top", color="grey")
+        ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(b, 0.98, f" stage {k}", transform=trans, fontsize=7, va="top", color="grey")
     ax.set_xlabel("optimizer step (whole run)")
     ax.set_ylabel("validation loss (held-out)")
+    ax.set_title("multi-task validation loss", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

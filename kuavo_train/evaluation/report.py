@@ -1,23 +1,34 @@
-"""The run's report: report.json (everything), report.md (for people) and the figures."""
+"""The run's report: report.json (everything), report.md (for people) and the figures.
+
+Every file is written to a temp name and os.replace'd, so an interrupted
+evaluation leaves either the previous report or the new one, never half.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
 
 from kuavo_train.evaluation.metrics import all_metrics
-from kuavo_train.evaluation.plots import plot_matrix_heatmap, plot_validation_curves
+from kuavo_train.evaluation.plots import plot_matrix_heatmap, plot_validation_curves, row_labels
 
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_JSON, REPORT_MD, CURVES_PNG = "report.json", "report.md", "validation_curves.png"
 DESCRIPTIONS = {
     "val_loss": "deterministic flow-matching validation loss on held-out episodes",
     "action_error": "mean absolute joint error of the sampled action chunk vs the demonstration (robot units)",
     "action_error_normalized": "the same error divided by each action dimension's std",
     "success": "closed-loop success rate in the demo world on held-out scenes",
 }
+SIGN_CONVENTION = ("Sign convention: for every matrix positive BWT/FWT = better and positive forgetting = worse "
+                   "(differences are negated for lower-is-better matrices); ACC is in the matrix's own units.")
+
+
+def heatmap_name(matrix: str) -> str:
+    return f"heatmap_{matrix}.png"
 
 
 def versions() -> dict:
@@ -38,58 +49,107 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(v, digits=3) -> str:
+def _clean(R) -> list[list[float | None]]:
+    # NaN/inf cannot go into strict JSON; they mean "no usable measurement" like None
+    return [[None if v is None or not math.isfinite(float(v)) else float(v) for v in row] for row in R]
+
+
+def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
 def _matrix_md(R, task_names) -> list[str]:
     lines = ["| model | " + " | ".join(task_names) + " |", "|---" * (len(task_names) + 1) + "|"]
-    for i, row in enumerate(R):
-        label = "before training" if i == 0 else f"after stage {i}"
+    for label, row in zip(row_labels(len(R)), R):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     return lines
 
 
+def _metrics_md(met: dict, names) -> list[str]:
+    head = ["ACC", "BWT", "FWT", "mean forgetting", *(f"forgetting {n}" for n in names)]
+    vals = [met["acc"], met["bwt"], met["fwt"], met.get("mean_forgetting"), *met["forgetting"]]
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", "| " + " | ".join(_fmt(v) for v in vals) + " |"]
+
+
 def render_markdown(report: dict) -> str:
     names = report["task_names"]
+    extra = report.get("extra") or {}
+    v = report["versions"]
     out = ["# Forgetting report", "",
-           f"Strategy: {report.get('extra', {}).get('strategy', '?')}; seed {report.get('seed')}; "
-           f"LeRobot {report['versions'].get('lerobot')}, torch {report['versions'].get('torch')}.", "",
-           "Row k = the model after stage k (stage k trains task k); row 0 = before any training.",
-           "Positive BWT/FWT = better, positive forgetting = worse, for every matrix.", ""]
+           f"Strategy: {extra.get('strategy', '?')}; seed {report.get('seed')}; created {report['created']}; "
+           f"LeRobot {v.get('lerobot')}, torch {v.get('torch')}, transformers {v.get('transformers')}.", "",
+           "Each matrix evaluates every task (columns) with the model before any training (row 0) and after "
+           "each stage k (stage k trains task k), on held-out episodes. A blank/– cell was not evaluated.", "",
+           "Metrics: ACC = mean of the last row; BWT = mean over tasks 1..T-1 of (last row - own-stage row); "
+           "FWT = mean over tasks 2..T of (row before the task's stage - row 0); forgetting of task i = "
+           "(best value after task i was learned, before the last stage) - last row.", "",
+           SIGN_CONVENTION, ""]
     for m, R in report["matrices"].items():
         met = report["metrics"][m]
-        out += [f"## {m}", "", DESCRIPTIONS.get(m, m) + f" ({'higher' if report['directions'][m] else 'lower'} is better)", ""]
-        out += _matrix_md(R, names) + [""]
-        out += ["| ACC | BWT | FWT | forgetting per task |", "|---|---|---|---|",
-                f"| {_fmt(met['acc'])} | {_fmt(met['bwt'])} | {_fmt(met['fwt'])} | "
-                + ", ".join(f"{n}: {_fmt(f)}" for n, f in zip(names, met["forgetting"])) + " |", "",
-                f"![{m}](heatmap_{m}.png)", ""]
-    out += ["## Validation loss over the run", "", "![validation curves](validation_curves.png)", ""]
+        out += [f"## {m}", "", f"{DESCRIPTIONS.get(m, m)} ({'higher' if report['directions'][m] else 'lower'} is better).",
+                ""]
+        out += _matrix_md(R, names) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
+    out += ["## Validation loss over the run", ""]
+    if report.get("figures", {}).get("validation_curves"):
+        out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark stage starts.",
+                "", f"![validation curves]({CURVES_PNG})", ""]
+    else:
+        out += ["No validation log (validation.jsonl) was found.", ""]
     return "\n".join(out)
 
 
-def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[str], config: dict, extra: dict | None = None) -> dict:
+def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[str], config: dict,
+                 extra: dict | None = None) -> dict:
+    """Write report.json, report.md, heatmap_<matrix>.png and validation_curves.png into run_dir; return the report."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mats = {m: _clean(R) for m, R in matrices.items()}
+    dirs = {m: bool(directions[m]) for m in mats}
+    figures = {}
+    for m, R in mats.items():
+        figures[m] = plot_matrix_heatmap(R, task_names, m, run_dir / heatmap_name(m), higher_is_better=dirs[m]).name
+    curves = plot_validation_curves(run_dir / "validation.jsonl", run_dir / CURVES_PNG, task_names=list(task_names),
+                                    stage_boundaries=list((extra or {}).get("stage_boundaries") or []))
+    figures["validation_curves"] = curves.name if curves else None
     report = {
-        "matrices": matrices,
-        "metrics": all_metrics(matrices, directions),
+        "matrices": mats,
+        "metrics": all_metrics(mats, dirs),
         "task_names": list(task_names),
-        "directions": dict(directions),
+        "directions": dirs,
         "config": config,
         "versions": versions(),
         "seed": config.get("seed"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "extra": extra or {},
+        "figures": figures,
+        **({"extra": extra} if extra is not None else {}),
     }
-    for m, R in matrices.items():
-        plot_matrix_heatmap(R, task_names, m, run_dir / f"heatmap_{m}.png", higher_is_better=directions[m])
-    plot_validation_curves(run_dir / "validation.jsonl", run_dir / "validation_curves.png", task_names=list(task_names),
-                           stage_boundaries=list((extra or {}).get("stage_boundaries", [])))
-    _write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    # default=str: configs may hold Paths/tuples; allow_nan=False: fail loudly rather than write invalid JSON
+    _write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
     _write_atomic(run_dir / REPORT_MD, render_markdown(report))
     return report
 
 
 def load_report(run_dir) -> dict:
     return json.loads((Path(run_dir) / REPORT_JSON).read_text())
+
+
+def format_comparison_table(reports: dict[str, dict], *, matrices=("success", "action_error", "val_loss")) -> str:
+    """Markdown: one row per strategy, ACC/BWT/FWT/mean forgetting for each matrix present in any report ('–' = missing)."""
+    keys = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("mean_forgetting", "mean forgetting"))
+    shown = [m for m in matrices if any(m in (r.get("metrics") or {}) for r in reports.values())]
+    head = ["strategy", *(f"{m} {label}" for m in shown for _, label in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for strategy, rep in reports.items():
+        cells = [strategy]
+        for m in shown:
+            met = (rep.get("metrics") or {}).get(m) or {}
+            for k, _ in keys:
+                v = met.get(k)
+                if k == "mean_forgetting" and v is None and met.get("forgetting"):
+                    # reports written before mean_forgetting was stored: derive it the same way
+                    vals = [f for f in met["forgetting"] if f is not None]
+                    v = sum(vals) / len(vals) if vals else None
+                cells.append(_fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", SIGN_CONVENTION]
+    return "\n".join(lines)
