@@ -179,3 +179,19 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
     va = [json.loads(l) for l in (ref_dir / "validation.jsonl").read_text().splitlines()]
     vb = [json.loads(l) for l in (cut_dir / "validation.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["task_id"], r["loss"]) for r in va] == [(r["epoch"], r["task_id"], r["loss"]) for r in vb]
+
+
+def test_run_report_has_every_matrix_row_and_metric(full_run):
+    """The shared run's report: rows 0..4 of every measured matrix, metrics, figures."""
+    _, run_dir = full_run
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task_names"] == TASK_NAMES
+    for m in ("val_loss", "action_error"):
+        rows = report["matrices"][m]
+        assert len(rows) == 5 and all(len(r) == 4 and all(v is not None for v in r) for r in rows)
+        assert set(report["metrics"][m]) >= {"acc", "bwt", "fwt", "forgetting"}
+    assert "success" not in report["matrices"]  # no closed-loop episodes in the tiny run
+    assert report["versions"]["lerobot"] == "0.6.1" and report["seed"] == 42
+    for png in ("heatmap_val_loss.png", "heatmap_action_error.png", "validation_curves.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "after stage 4" in (run_dir / "report.md").read_text()

@@ -8,7 +8,7 @@ import pytest
 
 from kuavo_train.evaluation.forgetting import classify_retention, format_validation_table
 from kuavo_train.evaluation.plots import plot_validation_curves
-from kuavo_train.evaluation.report import format_comparison_table, load_report, write_report
+from kuavo_train.evaluation.report import load_report, write_report
 
 NAMES = ["grasp", "weigh", "place"]
 SUCCESS = [[0.1, 0.0, 0.2], [0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
@@ -90,27 +90,6 @@ def test_validation_curves_skip_torn_line_and_missing_file(tmp_path):
                                  stage_boundaries=[0, 10, 20])
     assert out == tmp_path / "v.png"
     _assert_png(out)
-
-
-def test_comparison_table():
-    reports = {
-        "sequential_spec": {"metrics": {"success": {"acc": 0.5, "bwt": -0.25, "fwt": 0.1, "forgetting": [0.4, 0.1, None],
-                                                    "mean_forgetting": 0.25},
-                                        "val_loss": {"acc": 0.6, "bwt": -0.3, "fwt": 0.65, "forgetting": [0.4, 0.2, None],
-                                                     "mean_forgetting": 0.3}}},
-        # an older report without mean_forgetting: derived from the per-task list (0.5 + 0.3) / 2
-        "sequential_naive": {"metrics": {"val_loss": {"acc": 0.9, "bwt": -0.7, "fwt": None, "forgetting": [0.5, 0.3, None]}}},
-        "joint": {"metrics": {"val_loss": {"acc": 0.4, "bwt": None, "fwt": None, "forgetting": [None, None, None],
-                                           "mean_forgetting": None}}},
-    }
-    table = format_comparison_table(reports)
-    lines = table.splitlines()
-    assert lines[0] == ("| strategy | success ACC | success BWT | success FWT | success mean forgetting | val_loss ACC"
-                        " | val_loss BWT | val_loss FWT | val_loss mean forgetting |")
-    assert "| sequential_spec | 0.500 | -0.250 | 0.100 | 0.250 | 0.600 | -0.300 | 0.650 | 0.300 |" in lines
-    assert "| sequential_naive | – | – | – | – | 0.900 | -0.700 | – | 0.400 |" in lines
-    assert "| joint | – | – | – | – | 0.400 | – | – | – |" in lines
-    assert "action_error" not in lines[0]  # no report has it
 
 
 def test_spec_retention_thresholds():

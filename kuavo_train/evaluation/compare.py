@@ -44,11 +44,6 @@ def run_comparison(overrides: list[str], *, out_dir: Path, strategies=STRATEGIES
     return {"summary": summary, "table": table}
 
 
-def _mean_forgetting(m: dict) -> float | None:
-    vals = [v for v in (m.get("forgetting") or []) if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
 def summarize(reports: dict[str, list[dict]]) -> dict:
     """{strategy: {matrix: {key: {"mean", "std", "n"}}}} over the seeds' reports."""
     out = {}
@@ -61,7 +56,7 @@ def summarize(reports: dict[str, list[dict]]) -> dict:
                 if m is None:
                     continue
                 for k in SUMMARY_KEYS:
-                    v = _mean_forgetting(m) if k == "mean_forgetting" else m.get(k)
+                    v = m.get(k)
                     if v is not None:
                         vals[k].append(float(v))
             if any(vals.values()):

@@ -77,7 +77,10 @@ def format_validation_table(stage: int, epoch: int, losses: dict[int, float], na
         else:
             ref = refs.get(t)
             code = classify_retention(loss, thresholds, mode=mode, reference=ref)
-            verdict = f"{code} ({SPEC_LABELS[code]})" if code != UNKNOWN else "n/a (no reference loss)" if mode == "relative" else code
+            if code != UNKNOWN:
+                verdict = f"{code} ({SPEC_LABELS[code]})"
+            else:
+                verdict = "n/a (no reference loss)" if mode == "relative" and _finite(loss) else code
             r = retention_ratio(loss, ref)
             if mode == "relative" and r is not None:
                 verdict += f", {r:.2f}x its end-of-stage loss {ref:.4f}"

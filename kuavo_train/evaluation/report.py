@@ -131,25 +131,3 @@ def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[
 
 def load_report(run_dir) -> dict:
     return json.loads((Path(run_dir) / REPORT_JSON).read_text())
-
-
-def format_comparison_table(reports: dict[str, dict], *, matrices=("success", "action_error", "val_loss")) -> str:
-    """Markdown: one row per strategy, ACC/BWT/FWT/mean forgetting for each matrix present in any report ('–' = missing)."""
-    keys = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("mean_forgetting", "mean forgetting"))
-    shown = [m for m in matrices if any(m in (r.get("metrics") or {}) for r in reports.values())]
-    head = ["strategy", *(f"{m} {label}" for m in shown for _, label in keys)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for strategy, rep in reports.items():
-        cells = [strategy]
-        for m in shown:
-            met = (rep.get("metrics") or {}).get(m) or {}
-            for k, _ in keys:
-                v = met.get(k)
-                if k == "mean_forgetting" and v is None and met.get("forgetting"):
-                    # reports written before mean_forgetting was stored: derive it the same way
-                    vals = [f for f in met["forgetting"] if f is not None]
-                    v = sum(vals) / len(vals) if vals else None
-                cells.append(_fmt(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", SIGN_CONVENTION]
-    return "\n".join(lines)
