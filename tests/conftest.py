@@ -9,6 +9,8 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="kuavo-test-hf-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs share one frozen-feature cache folder per test session, never the user's.
+os.environ["KUAVO_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="kuavo-test-features-")
 
 from pathlib import Path  # noqa: E402
 

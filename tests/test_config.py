@@ -68,6 +68,8 @@ BAD_CONFIGS = [
      "val_episodes: [5, 12] overlaps train_episodes", "task1_moving_grasp.yaml"),
     (["task=tasks/task9_dancing"], "task: unknown task 'tasks/task9_dancing'", "smolvla_sequential_base.yaml"),
     (["strategy=magic"], "strategy: unknown strategy 'magic'", "smolvla_sequential_base.yaml"),
+    (["feature_cache.max_gb=-1"], "feature_cache.max_gb: must be >= 0, got -1.0", "smolvla_sequential_base.yaml"),
+    (["feature_cache.enabled=maybe"], "feature_cache.enabled: expected true/false", "smolvla_sequential_base.yaml"),
 ]
 
 

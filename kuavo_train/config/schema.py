@@ -138,6 +138,13 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class FeatureCacheSettings:
+    enabled: bool = True
+    dir: str = "outputs/feature_cache"
+    max_gb: float = 20.0
+
+
+@dataclass(frozen=True)
 class DemoSettings:
     base_dir: str = "outputs/demo/base"
     num_train_episodes: int = 40
@@ -165,6 +172,7 @@ class RunConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    feature_cache: FeatureCacheSettings = field(default_factory=FeatureCacheSettings)
     demo: DemoSettings | None = None
 
     # ---- derived views -------------------------------------------------
@@ -243,6 +251,7 @@ _NESTED = {
     "CheckpointSettings": CheckpointSettings,
     "LoggingSettings": LoggingSettings,
     "EvaluationSettings": EvaluationSettings,
+    "FeatureCacheSettings": FeatureCacheSettings,
     "DemoSettings": DemoSettings,
 }
 
@@ -330,6 +339,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("learning_rate.base_lr", "must be > 0")
     if cfg.dataloader.batch_size <= 0:
         _fail("dataloader.batch_size", "must be > 0")
+    if not cfg.feature_cache.max_gb >= 0:
+        _fail("feature_cache.max_gb", f"must be >= 0, got {cfg.feature_cache.max_gb}")
     if cfg.dataloader.num_workers < 0:
         _fail("dataloader.num_workers", "must be >= 0")
     if cfg.optimizer.grad_clip_norm <= 0:

@@ -41,9 +41,12 @@ def seeded_noise_and_time(seed: int, task_id: int, sample_ids: list[int], chunk:
 
 
 @torch.no_grad()
-def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_id: int, seed: int, batch_size: int, device) -> float:
+def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_id: int, seed: int, batch_size: int, device,
+                    feature_cache=None) -> float:
     """Mean per-sample flow-matching loss over `indices` with fixed noise and time."""
     from torch.utils.data import DataLoader, Subset
+
+    from kuavo_train.policy.feature_cache import serving
 
     was_training = policy.training
     policy.eval()
@@ -56,8 +59,9 @@ def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_i
         ids = indices[pos : pos + n]
         pos += n
         noise, time = seeded_noise_and_time(seed, task_id, ids, cfg.chunk_size, cfg.max_action_dim)
-        batch = preprocessor(batch)
-        per_sample, _ = policy.forward(batch, noise=noise.to(device), time=time.to(device), reduction="none")
+        model_batch = preprocessor(dict(batch))
+        with serving(feature_cache, batch, model_batch):
+            per_sample, _ = policy.forward(model_batch, noise=noise.to(device), time=time.to(device), reduction="none")
         losses.append(per_sample.detach().float().cpu())
     if was_training:
         policy.train()

@@ -24,6 +24,7 @@ from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
 from kuavo_train.policy import factory
+from kuavo_train.policy.feature_cache import FrozenFeatureCache, serving
 from kuavo_train.training import checkpoint as ckpt
 from kuavo_train.training.joint import JOINT_STAGE, steps_per_epoch as count_steps_per_epoch
 from kuavo_train.training.run_state import RunState
@@ -142,6 +143,7 @@ class StageTrainer:
         pcfg = self.policy_config(source)
         policy = factory.load_policy(last / factory.PRETRAINED_DIR if resuming else source, pcfg)
         preprocessor, postprocessor = factory.make_processors(pcfg, stats=self.stats)
+        cache = FrozenFeatureCache.create(policy, cfg.feature_cache, log_prefix=f"stage {stage.task_id}: ")
         trainable, total = factory.count_parameters(policy)
         log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g, from %s%s",
                  stage.task_id, stage.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
@@ -168,6 +170,10 @@ class StageTrainer:
             prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None,
             persistent_workers=dl.persistent_workers and dl.num_workers > 0,
         )
+        if cache is not None:
+            for t in {*weights, *range(1, stage.task_id + 1)}:
+                cache.register_dataset(t, self.tasks[t].root)
+            cache.attach()
         mix = {self.tasks[t].name: q for t, q in sampler.quotas.items()}
         log.info("stage %d replay mix per epoch (samples): %s", stage.task_id, mix)
         steps_per_epoch = count_steps_per_epoch(len(sampler), dl.batch_size, dl.drop_last, self.acc.num_processes)
@@ -202,10 +208,10 @@ class StageTrainer:
             loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
                        disable=not (self.main and cfg.logging.progress_bars), leave=False, dynamic_ncols=True)
-            for batch in bar:
+            for raw in bar:
                 torch.manual_seed(step_seed(cfg.seed, stage.task_id, step))
-                batch = preprocessor(batch)
-                with self.acc.autocast():
+                batch = preprocessor(dict(raw))
+                with self.acc.autocast(), serving(cache, raw, batch):
                     loss, _ = policy(batch)
                 self.acc.backward(loss)
                 grad_norm = self.acc.clip_grad_norm_(params, cfg.optimizer.grad_clip_norm)
@@ -226,7 +232,8 @@ class StageTrainer:
             done = epoch + 1
             meta = {"stage": stage.task_id, "task": stage.name, "epoch": done, "max_epoch": stage.max_epoch}
             if done % cfg.validation.validation_freq_epoch == 0 or done == stage.max_epoch:
-                val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset, ref_losses=ref_losses)
+                val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset,
+                                           ref_losses=ref_losses, cache=cache)
                 meta["val_losses"] = {str(k): v for k, v in val_losses.items()}
                 meta["current_task_val_loss"] = val_losses[stage.task_id]
             if self.main:
@@ -241,6 +248,9 @@ class StageTrainer:
                     ckpt.copy_checkpoint(last, self.ckpt_dir / f"{step:06d}")
             self.acc.wait_for_everyone()
         final = self.ckpt_dir / "last"
+        if cache is not None:
+            log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.stats.summary())
+            cache.detach()
         if self.main:
             self.run_state.update_stage(stage.name, status="complete",
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
@@ -262,7 +272,8 @@ class StageTrainer:
                 out[tid] = v
         return out
 
-    def validate(self, policy, preprocessor, val_sets, *, epoch: int, step: int, offset: int, ref_losses) -> dict[int, float]:
+    def validate(self, policy, preprocessor, val_sets, *, epoch: int, step: int, offset: int, ref_losses,
+                 cache=None) -> dict[int, float]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -270,7 +281,8 @@ class StageTrainer:
         for tid, (ds, idx) in tqdm(list(val_sets.items()), desc="validation", leave=False,
                                    disable=not (self.main and cfg.logging.progress_bars)):
             losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                                          batch_size=cfg.validation.batch_size, device=self.acc.device)
+                                          batch_size=cfg.validation.batch_size, device=self.acc.device,
+                                          feature_cache=cache)
         if self.main:
             names = {t: self.tasks[t].name for t in losses}
             table = format_validation_table(

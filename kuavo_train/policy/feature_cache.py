@@ -1,0 +1,344 @@
+"""An exact on-disk cache of SmolVLA's frozen image features.
+
+With `freeze_vision_encoder` the SigLIP encoder never changes, and with
+`train_expert_only` neither does the connector after it, yet stock training
+recomputes them for every camera of every sample in every epoch, every later
+stage's replay and every validation pass (85-87% of a full-size forward,
+FINDINGS). In LeRobot's attention masks image tokens never see state or
+action tokens, so these features depend only on the frozen weights and the
+image: computing each (frame, camera) once is exact.
+
+How it stays exact:
+- the namespace is a hash of the frozen weights (vision encoder, + connector
+  when it is frozen too), the image resize setting and the cache level, so a
+  different model or preprocessing never reads another's features;
+- entries live per dataset fingerprint (its metadata plus the size and mtime
+  of every data and video file) and global frame index, one file per camera,
+  with a sub-folder per autocast precision;
+- every entry also stores a digest of the exact image tensor it was computed
+  from (after LeRobot's resize and [-1, 1] scaling); an entry is served only
+  when the incoming image has the same digest, otherwise it is recomputed;
+- it is only used while the cached modules are in eval mode (no dropout).
+
+LeRobot has no hook to supply precomputed image features, so the cache sits
+at the one seam it has: `VLAFlowMatching.embed_prefix` calls
+`vlm_with_expert.embed_image(img)` once per camera, in the order of
+`SmolVLAPolicy.prepare_images`. `attach()` shadows that method on the
+instance; everything else is LeRobot's own forward. Nothing like this exists
+in LeRobot or accelerate, hence written here.
+
+Storage: numpy memory maps (sparse files: disk use grows with what is
+stored) under `<dir>/<namespace>/<precision>/<dataset>/`, with a byte budget
+after which new entries are computed but no longer stored. Several processes
+(accelerate ranks) may share the files: file creation is locked, an entry's
+features are written before its digest, and a half-visible entry only costs a
+recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Digest of an image: its dot products with two fixed pseudo-random vectors in
+# float64. Any change of any pixel changes them (barring an exact cancellation
+# in both), and it costs one pass over the tensor on whatever device it is on.
+_DIGEST_SEED = 0x6B756176
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored as raw bits
+_TORCH_DTYPES = {v: k for k, v in _NP_DTYPES.items()}
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    bytes_stored: int = 0
+
+    def summary(self) -> str:
+        total = self.hits + self.misses
+        rate = 100.0 * self.hits / total if total else 0.0
+        return (f"{self.hits:,} hits, {self.misses:,} misses ({rate:.1f}% served from cache), "
+                f"{self.stored:,} entries stored ({self.bytes_stored / 2**20:.1f} MiB)")
+
+
+def cache_level(policy) -> tuple[str | None, str]:
+    """What of the image path is frozen, hence cacheable, and why (for the log)."""
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    if any(p.requires_grad for p in vlm.vision_model.parameters()):
+        return None, "off: the vision encoder is trained (freeze_vision_encoder=false)"
+    if any(p.requires_grad for p in vlm.connector.parameters()):
+        return "vision", "on for the vision encoder output; the connector is trained (train_expert_only=false), so it runs live"
+    return "connector", "on: vision encoder and connector are frozen, their output is computed once per frame and camera"
+
+
+def _hash_modules(modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for name, t in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            # bf16 has no numpy dtype: hash the raw bytes through a same-size integer view.
+            raw = t.detach().contiguous().cpu()
+            raw = raw.view(torch.int16) if raw.dtype == torch.bfloat16 else raw
+            h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """Changes whenever the dataset's metadata or any data/video file changes."""
+    root = Path(root)
+    h = hashlib.sha256()
+    meta = root / "meta"
+    for f in sorted(meta.rglob("*")) if meta.is_dir() else []:
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    for sub in ("data", "videos"):
+        for f in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+class _Store:
+    """One camera of one dataset at one precision: features [N, T, D] + digests [N, 2]."""
+
+    def __init__(self, folder: Path, camera: str, num_frames: int):
+        self.folder, self.camera, self.num_frames = folder, camera, num_frames
+        self.features = None
+        self.digests = None
+        slug = camera.replace("/", "_")
+        self.feat_path = folder / f"{slug}.features.npy"
+        self.digest_path = folder / f"{slug}.digests.npy"
+        if self.digest_path.is_file():
+            self._open()
+
+    def _open(self) -> None:
+        self.digests = np.load(self.digest_path, mmap_mode="r+")
+        if self.feat_path.is_file():
+            self.features = np.load(self.feat_path, mmap_mode="r+")
+
+    def filled(self) -> int:
+        return 0 if self.digests is None else int((~np.isnan(self.digests[:, 0])).sum())
+
+    def entry_bytes(self) -> int:
+        return 0 if self.features is None else int(np.prod(self.features.shape[1:])) * self.features.itemsize
+
+    def create(self, shape_td: tuple[int, int], np_dtype) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.digest_path.is_file():
+                # Features first, digests (NaN = empty) last: a digests file means a complete pair.
+                tmp = self.feat_path.with_suffix(f".tmp{os.getpid()}.npy")
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(self.num_frames, *shape_td)).flush()
+                os.replace(tmp, self.feat_path)
+                tmp = self.digest_path.with_suffix(f".tmp{os.getpid()}.npy")
+                d = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(self.num_frames, 2))
+                d[:] = np.nan
+                d.flush()
+                os.replace(tmp, self.digest_path)
+        self._open()
+
+
+class FrozenFeatureCache:
+    """Serve frozen image features by (dataset, frame, camera); see the module docstring."""
+
+    def __init__(self, policy, root: str | Path, *, max_bytes: int, level: str, resize=None):
+        self.policy = policy
+        self.level = level
+        self.max_bytes = int(max_bytes)
+        self.stats = CacheStats()
+        self._vlm_expert = policy.model.vlm_with_expert
+        vlm = self._vlm_expert.get_vlm_model()
+        frozen = [vlm.vision_model] + ([vlm.connector] if level == "connector" else [])
+        self._frozen_modules = frozen
+        key = {"format": FORMAT_VERSION, "level": level, "weights": _hash_modules(frozen),
+               "resize": list(resize) if resize is not None else None}
+        self.namespace = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        self.root = Path(root) / self.namespace
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+        self._datasets: dict[int, tuple[str, int]] = {}  # task id -> (fingerprint, total frames)
+        self._stores: dict[tuple, _Store] = {}
+        self._bytes_used: int | None = None
+        self._rows: list[tuple[int, int]] | None = None
+        self._cameras: list[str] = []
+        self._call = 0
+        self._original = None
+        self._w: dict[tuple, torch.Tensor] = {}
+
+    # ---- set-up ------------------------------------------------------------------
+    @classmethod
+    def create(cls, policy, settings, *, log_prefix: str = "") -> FrozenFeatureCache | None:
+        """The cache if `settings.enabled` and the model allows it exactly, else None; logs which and why."""
+        if not settings.enabled:
+            log.info("%sfrozen-feature cache: off (feature_cache.enabled=false)", log_prefix)
+            return None
+        level, why = cache_level(policy)
+        log.info("%sfrozen-feature cache: %s", log_prefix, why)
+        if level is None:
+            return None
+        cache = cls(policy, settings.dir, max_bytes=int(settings.max_gb * 2**30), level=level,
+                    resize=policy.config.resize_imgs_with_padding)
+        log.info("%sfrozen-feature cache at %s (budget %.1f GiB)", log_prefix, cache.root, settings.max_gb)
+        return cache
+
+    def register_dataset(self, task_id: int, root: str | Path) -> None:
+        info = json.loads((Path(root) / "meta" / "info.json").read_text())
+        self.register(task_id, dataset_fingerprint(root), int(info["total_frames"]))
+
+    def register(self, task_id: int, fingerprint: str, num_frames: int) -> None:
+        """Rows with this task id are frames 0..num_frames-1 of the dataset with this fingerprint."""
+        self._datasets[int(task_id)] = (str(fingerprint), int(num_frames))
+
+    def attach(self) -> None:
+        if self._original is None:
+            self._original = self._vlm_expert.embed_image
+            self._vlm_expert.embed_image = self._embed_image
+
+    def detach(self) -> None:
+        if self._original is not None:
+            del self._vlm_expert.embed_image  # drop the instance attribute: the class method shows again
+            self._original = None
+
+    # ---- one forward ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def serving(self, task_ids, indices, model_batch: dict):
+        """Around one `policy.forward(model_batch)` whose rows are frames `indices` of tasks `task_ids`."""
+        tids = [int(t) for t in task_ids]
+        idx = [int(i) for i in indices]
+        unknown = sorted({t for t in tids if t not in self._datasets})
+        if unknown:
+            raise KeyError(f"feature cache: no dataset registered for task id(s) {unknown}")
+        cfg = self.policy.config
+        present = [k for k in cfg.image_features if k in model_batch]
+        missing = [k for k in cfg.image_features if k not in model_batch][: cfg.empty_cameras]
+        self._rows, self._cameras, self._call = list(zip(tids, idx)), present + missing, 0
+        try:
+            yield self
+        finally:
+            self._rows = None
+
+    def _precision(self, device: torch.device) -> str:
+        if torch.is_autocast_enabled(device.type):
+            return f"autocast-{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"
+        return "none"
+
+    def _digest(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.detach().flatten(1)
+        k = (flat.shape[1], flat.device)
+        w = self._w.get(k)
+        if w is None:
+            g = torch.Generator().manual_seed(_DIGEST_SEED)
+            w = torch.randn(flat.shape[1], 2, generator=g, dtype=torch.float64).to(flat.device)
+            self._w[k] = w
+        return (flat.to(torch.float64) @ w).cpu()
+
+    def _store(self, precision: str, task_id: int, camera: str) -> _Store:
+        fp, n = self._datasets[task_id]
+        key = (precision, fp, camera)
+        st = self._stores.get(key)
+        if st is None:
+            st = self._stores[key] = _Store(self.root / precision / fp, camera, n)
+        return st
+
+    def _used_bytes(self) -> int:
+        if self._bytes_used is None:
+            total = 0
+            for f in self.root.rglob("*.digests.npy"):
+                d = np.load(f, mmap_mode="r")
+                feats = np.load(str(f).replace(".digests.npy", ".features.npy"), mmap_mode="r")
+                total += int((~np.isnan(d[:, 0])).sum()) * int(np.prod(feats.shape[1:])) * feats.itemsize
+            self._bytes_used = total
+        return self._bytes_used
+
+    def _compute(self, images: torch.Tensor) -> torch.Tensor:
+        if self.level == "connector":
+            return self._original(images)
+        vision = self._vlm_expert.get_vlm_model().vision_model
+        return vision(pixel_values=images.to(dtype=vision.dtype)).last_hidden_state
+
+    def _finish(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.level == "connector":
+            return feats
+        # Same two steps as LeRobot's embed_image after the encoder: the live connector.
+        return self._vlm_expert.get_vlm_model().connector(feats)
+
+    def _embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        rows = self._rows
+        if rows is None or self._call >= len(self._cameras) or any(m.training for m in self._frozen_modules):
+            return self._original(image)
+        camera = self._cameras[self._call]
+        self._call += 1
+        precision = self._precision(image.device)
+        digests = self._digest(image)
+        stores = [self._store(precision, t, camera) for t, _ in rows]
+        hit = [st.digests is not None and np.array_equal(st.digests[i], digests[r].numpy())
+               for r, (st, (_, i)) in enumerate(zip(stores, rows))]
+        miss = [r for r, h in enumerate(hit) if not h]
+        computed = None
+        if miss:
+            with torch.no_grad():
+                computed = self._compute(image[miss])
+        hits = [r for r, h in enumerate(hit) if h]
+        if computed is not None:
+            out = torch.empty((len(rows), *computed.shape[1:]), dtype=computed.dtype, device=image.device)
+            out[miss] = computed
+        else:
+            st = stores[0]
+            out = torch.empty((len(rows), *st.features.shape[1:]), dtype=_TORCH_DTYPES[st.features.dtype.type],
+                              device=image.device)
+        if hits:
+            t = torch.from_numpy(np.stack([stores[r].features[rows[r][1]] for r in hits]))
+            out[hits] = (t.view(torch.bfloat16) if out.dtype == torch.bfloat16 else t).to(out.device)
+        if miss:
+            self._save(stores, rows, miss, computed, digests)
+        self.stats.hits += len(hits)
+        self.stats.misses += len(miss)
+        return self._finish(out)
+
+    def _save(self, stores, rows, miss, computed: torch.Tensor, digests: torch.Tensor) -> None:
+        cpu = computed.detach().cpu()
+        np_dtype = _NP_DTYPES.get(cpu.dtype)
+        if np_dtype is None:
+            return
+        arr = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy().view(np_dtype)
+        entry = int(np.prod(arr.shape[1:])) * arr.itemsize
+        for j, r in enumerate(miss):
+            if self._used_bytes() + entry > self.max_bytes:
+                return
+            st, i = stores[r], rows[r][1]
+            if st.digests is None:
+                st.create(tuple(arr.shape[1:]), np_dtype)
+            if st.features.shape[1:] != arr.shape[1:] or st.features.dtype != np_dtype:
+                continue
+            was_empty = bool(np.isnan(st.digests[i, 0]))
+            st.digests[i] = np.nan  # invalidate before overwriting, so no reader pairs old digest + new features
+            st.features[i] = arr[j]
+            st.digests[i] = digests[r].numpy()
+            if was_empty:
+                self._bytes_used += entry
+                self.stats.stored += 1
+                self.stats.bytes_stored += entry
+
+
+def serving(cache: FrozenFeatureCache | None, raw_batch: dict, model_batch: dict):
+    """`cache.serving(...)` for a loader batch (its task_id + index columns), or a no-op without a cache."""
+    if cache is None:
+        return contextlib.nullcontext()
+    return cache.serving(raw_batch["task_id"], raw_batch["index"], model_batch)
