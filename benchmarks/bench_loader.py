@@ -1,10 +1,13 @@
 """Training-sample loading: ChunkedFrameDataset vs stock LeRobotDataset (+delta_timestamps).
 
     .venv/bin/python benchmarks/bench_loader.py [--root outputs/demo/datasets/task1_moving_grasp] [--chunks 10 50]
+    .venv/bin/python benchmarks/bench_loader.py --video     # the same frames stored as video
 
-Both loaders read the same image-stored dataset through a DataLoader with the
-same batch size and the same shuffled order; rounds alternate between them and
-the median samples/s of each is reported with the ratio ours/stock.
+Both loaders read the same dataset through a DataLoader with the same batch
+size and the same shuffled order; rounds alternate between them and the median
+samples/s of each is reported with the ratio ours/stock. `--video` first writes
+a video-stored copy of the first `--video-episodes` episodes with LeRobot's own
+dataset writer (under outputs/bench_loader/, reused while it exists).
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def video_copy(src: Path, episodes: int) -> Path:
+    from kuavo_train.data.storage import copy_as_video
+
+    dst = Path("outputs/bench_loader") / f"{src.name}-video{episodes}"
+    if (dst / "meta" / "info.json").is_file():
+        return dst
+    return copy_as_video(src, dst, episodes=list(range(episodes)), repo_id=f"bench/{dst.name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="outputs/demo/datasets/task1_moving_grasp")
@@ -29,7 +41,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20, help="batches per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--video", action="store_true", help="benchmark a video-stored copy of the dataset")
+    ap.add_argument("--video-episodes", type=int, default=6)
     args = ap.parse_args()
+    if args.video:
+        args.root = str(video_copy(Path(args.root), args.video_episodes))
 
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from torch.utils.data import DataLoader

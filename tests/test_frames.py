@@ -34,6 +34,25 @@ def test_equal_to_stock_sample_by_sample(demo_data, chunk):
     assert padded > 0  # the end-of-episode padding was exercised
 
 
+def test_video_stored_equal_to_stock(demo_data, tmp_path):
+    """Video-stored cameras go through LeRobot's decoder: same frames as the stock class, lossy codec or not."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from kuavo_train.data.storage import copy_as_video
+
+    root = copy_as_video(_root(demo_data), tmp_path / "video", episodes=[1, 0])
+    stock = LeRobotDataset("local/video", root=root, delta_timestamps={"action": [i / 10 for i in range(6)]})
+    ours = ChunkedFrameDataset("local/video", root, episodes=[0, 1], chunk_size=6, camera_keys=CAMS)
+    assert ours.video_keys == CAMS and len(ours) == len(stock) > 0
+    for i in range(0, len(ours), 7):
+        o, s = ours[i], stock[i]
+        for key in [*CAMS, "observation.state", "action", "action_is_pad", "index"]:
+            assert o[key].dtype == s[key].dtype and torch.equal(o[key], s[key]), key
+    # And the video frames are the recorded images up to codec error, not something else.
+    images = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[1], chunk_size=1, camera_keys=CAMS)
+    assert (ours[0][CAMS[0]] - images[0][CAMS[0]]).abs().mean() < 0.05
+
+
 def test_episode_order_task_override_and_index_array(demo_data):
     ds = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[2, 0], chunk_size=5, camera_keys=CAMS,
                              task="do it", task_id=3)

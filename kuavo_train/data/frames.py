@@ -44,6 +44,13 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
             if key not in self.meta.features:
                 raise ValueError(f"{self.root}: no feature {key!r} (has {', '.join(self.meta.features)})")
         self.video_keys = [k for k in self.camera_keys if self.meta.features[k]["dtype"] == "video"]
+        self.video_backend = None
+        if self.video_keys:
+            from lerobot.utils.import_utils import get_safe_default_video_backend
+
+            # Resolved once, as stock LeRobotDataset does: left to decode_video_frames it is
+            # re-resolved per call, which re-tries a broken torchcodec import every time.
+            self.video_backend = get_safe_default_video_backend()
         n_eps = self.meta.total_episodes
         bad = [e for e in episodes if not 0 <= int(e) < n_eps]
         if bad:
@@ -146,7 +153,7 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         out = {}
         for key in self.video_keys:
             path = self.root / self.meta.get_video_file_path(ep, key)
-            frames = decode_video_frames(path, [meta_ep[f"videos/{key}/from_timestamp"] + ts], 1e-4, None)
+            frames = decode_video_frames(path, [meta_ep[f"videos/{key}/from_timestamp"] + ts], 1e-4, self.video_backend)
             out[key] = frames.squeeze(0)
         return out
 
