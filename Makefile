@@ -12,7 +12,7 @@ PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test clean-demo metaworld-deps benchmark-metaworld
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=...)"; exit 2; }
@@ -28,8 +28,23 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/kuavo-train demo
 
-test: setup
+test: setup metaworld-deps
 	$(BIN)/python -m pytest -q tests
+
+# MetaWorld renders headless through EGL (Mesa's software renderer): the `metaworld` extra
+# into .venv, and Debian's EGL/Mesa libraries only when they are missing (needs root).
+EGL_PKGS := libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1
+metaworld-deps: setup
+	@$(BIN)/python -c 'import metaworld' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[metaworld]'
+	@if ! ldconfig -p | grep -q 'libEGL_mesa.so.0' || ! ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then \
+		echo "installing $(EGL_PKGS) for headless rendering"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(EGL_PKGS); \
+	fi
+
+# The full MetaWorld closed-loop benchmark (about an hour on 2 CPU cores): 4 tasks, 3 strategies,
+# seed 0; results in outputs/metaworld/benchmark.md. Extra options: make benchmark-metaworld ARGS="--seeds 0,1".
+benchmark-metaworld: metaworld-deps
+	MUJOCO_GL=egl $(BIN)/kuavo-train benchmark metaworld $(ARGS)
 
 clean-demo:
 	rm -rf outputs/demo

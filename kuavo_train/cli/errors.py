@@ -23,6 +23,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from kuavo_train.data.metaworld.env import MetaWorldError
+
+        types.append(MetaWorldError)
+    except ImportError:
+        pass
+    try:
         from kuavo_train.wrapper.policy.smolvla import WrapperInputError
 
         types.append(WrapperInputError)

@@ -5,8 +5,9 @@
     kuavo-train build-base           the tiny offline SmolVLA base
     kuavo-train make-data            the Kuavo demo world datasets
     kuavo-train evaluate --run DIR   forgetting matrices + report for a finished run
-    kuavo-train infer --run DIR      closed-loop success of a run's final model in the demo world
+    kuavo-train infer --run DIR      closed-loop success of a run's final model in its simulator (demo world, MetaWorld)
     kuavo-train compare [overrides]  sequential_spec vs sequential_naive vs joint, side by side
+    kuavo-train benchmark metaworld  the strategies on MetaWorld v3 tasks, judged closed loop in the simulator
 
 Config overrides are Hydra's `key=value` syntax, e.g. `profile=demo seed=3`.
 """
@@ -28,7 +29,7 @@ def _setup_logging() -> None:
 
 def quiet() -> None:
     """Keep library chatter out of the user's terminal (the run's own log stays complete)."""
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video"):
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video", "OpenGL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # LeRobot prints a long traceback when torchcodec lacks FFmpeg and then uses PyAV,
     # which is fine for the image-stored demo data.
@@ -141,7 +142,7 @@ def _print_infer(run_dir: Path, episodes: int) -> None:
     from kuavo_train.evaluation.closed_loop import infer_run
 
     results = infer_run(run_dir, episodes=episodes)
-    print(f"final model of {run_dir}, closed loop in the demo world ({episodes} held-out scenes per task):")
+    print(f"final model of {run_dir}, closed loop in its simulator ({episodes} held-out scenes per task):")
     for name, rate in results.items():
         print(f"  {name:<22} " + ("no simulator for this dataset" if rate is None else f"success {rate:.0%}"))
 
@@ -160,6 +161,27 @@ def cmd_compare(args) -> None:
                             config_dir=args.config_dir)
     print(result["table"])
     print(f"comparison: {Path(args.out) / 'comparison.md'}")
+
+
+def cmd_benchmark(args) -> None:
+    from kuavo_train.benchmark.metaworld import FULL, SMOKE, BenchmarkSpec, check_spec, run_benchmark
+
+    sizes = dict(SMOKE if args.smoke else FULL)
+    for name in sizes:
+        if getattr(args, name, None) is not None:
+            sizes[name] = getattr(args, name)
+    spec = BenchmarkSpec(tasks=args.tasks, strategies=args.strategies, seeds=args.seeds, state_mode=args.state,
+                         data_dir=Path(args.data or ("data/metaworld-smoke" if args.smoke else "data/metaworld")),
+                         out_dir=Path(args.out or ("outputs/metaworld-smoke" if args.smoke else "outputs/metaworld")),
+                         data_seed=args.data_seed, overrides=list(args.overrides), overwrite_data=args.overwrite_data,
+                         command="kuavo-train " + " ".join(sys.argv[1:]), **sizes)
+    if args.workers is not None:
+        spec.workers = args.workers
+    spec.threads = args.threads
+    check_spec(spec)  # bad task names etc. fail here, before any data or model is made
+    result = run_benchmark(spec)
+    print(result["markdown"])
+    print(f"benchmark: {spec.out_dir / 'benchmark.md'} (and benchmark.json; one run directory per seed and strategy)")
 
 
 def cmd_evaluate(args) -> None:
@@ -204,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0], help="comma-separated, e.g. 0,1")
     c.add_argument("--out", default="outputs/demo/compare")
     c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
+    bm = sub.add_parser("benchmark", help="closed-loop benchmark in a simulator we did not write (MetaWorld)",
+                        description="Generate scripted-expert MetaWorld datasets, train every strategy on the task "
+                                    "sequence with the same pipeline, evaluate each stage closed loop on held-out seeds.")
+    bm.set_defaults(fn=cmd_benchmark)
+    bm.add_argument("suite", choices=["metaworld"])
+    bm.add_argument("overrides", nargs="*", help="Hydra overrides key=value (on top of profile=metaworld)")
+    csv = lambda v: [x for x in v.split(",") if x]  # noqa: E731
+    bm.add_argument("--tasks", type=csv, default=["push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3"],
+                    help="comma-separated MetaWorld v3 task names with a scripted expert, in training order")
+    bm.add_argument("--strategies", type=csv, default=["sequential_spec", "sequential_naive", "joint"])
+    bm.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0], help="training seeds, e.g. 0,1")
+    bm.add_argument("--episodes", type=int, default=None, help="held-out seeds evaluated per task after each stage (full: 10)")
+    bm.add_argument("--train-episodes", dest="train_episodes", type=int, default=None, help="expert demos per task (full: 40)")
+    bm.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=None, help="held-out seeds stored per task (full: 10)")
+    bm.add_argument("--epochs", type=int, default=None, help="epochs per stage (full: see benchmark/metaworld.py FULL)")
+    bm.add_argument("--state", choices=["full", "agent"], default="full",
+                    help="observation.state: the full 39-dim MetaWorld observation or the 4-dim agent state")
+    bm.add_argument("--workers", type=int, default=None, help="processes for simulator episodes (default: min(2, CPUs))")
+    bm.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1: see BenchmarkSpec.threads)")
+    bm.add_argument("--data", default=None, help="dataset folder (default data/metaworld)")
+    bm.add_argument("--out", default=None, help="output folder (default outputs/metaworld)")
+    bm.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="seed of the training and held-out scenes")
+    bm.add_argument("--overwrite-data", dest="overwrite_data", action="store_true")
+    bm.add_argument("--smoke", action="store_true", help="CI size: 1 demo and 1 evaluation episode per task, 1 epoch per stage")
     return p
 
 
@@ -218,8 +264,11 @@ def offline_if_embedded(argv: list[str], *, demo_command: bool = False) -> None:
     if "--run" in argv and argv.index("--run") + 1 < len(argv):
         run_json = Path(argv[argv.index("--run") + 1]) / "run.json"
         try:
-            embedded |= json.loads(run_json.read_text()).get("config", {}).get("demo") is not None
-        except (OSError, ValueError):
+            run_cfg = json.loads(run_json.read_text()).get("config", {})
+            # the demo's runs and the MetaWorld benchmark's (its datasets carry meta/metaworld.json) use the local tiny base
+            embedded |= run_cfg.get("demo") is not None or any(
+                (Path(s["dataset"]["root"]) / "meta" / "metaworld.json").is_file() for s in run_cfg.get("stages", {}).values())
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     if embedded:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
-    offline_if_embedded(raw, demo_command=args.command in ("demo", "build-base", "make-data")
+    offline_if_embedded(raw, demo_command=args.command in ("demo", "build-base", "make-data", "benchmark")
                         or (args.command == "compare" and args.demo))
     _setup_logging()
     with one_line_errors():

@@ -28,6 +28,8 @@ def build_base_model(
     chunk_size: int = 50,
     n_action_steps: int = 8,
     seed: int = 0,
+    max_state_dim: int = 32,
+    max_action_dim: int = 32,
     spec: TinyVLMSpec | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -59,6 +61,9 @@ def build_base_model(
             resize_imgs_with_padding=(spec.image_size, spec.image_size),
             chunk_size=chunk_size,
             n_action_steps=n_action_steps,
+            # SmolVLA pads state/action up to these and silently cuts anything longer.
+            max_state_dim=max(max_state_dim, state_dim),
+            max_action_dim=max(max_action_dim, action_dim),
             device="cpu",
             push_to_hub=False,
         )

@@ -20,6 +20,7 @@ import numpy as np
 
 from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, TASKS_BY_NAME, DemoWorldError
 from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
+from kuavo_train.data.generated import made_with
 
 FPS = 10
 GENERATOR_VERSION = 2
@@ -82,14 +83,6 @@ def _check_inputs(out_dir, tasks, num_train, num_val, image_size) -> None:
         raise DemoWorldError(f"demo world error: cannot write to {out}: {probe_dir} is not writable")
 
 
-def _is_same(existing: Path, params: dict) -> bool:
-    meta = existing / "meta" / META_FILE
-    if not meta.is_file():
-        return False
-    old = json.loads(meta.read_text())
-    return all(old.get(k) == v for k, v in params.items())
-
-
 def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_episodes: int, seed: int,
                        image_size: int, overwrite: bool = False) -> Path:
     """`out_dir/<task>/` as a LeRobot dataset (temp folder + rename: never half-written)."""
@@ -102,7 +95,7 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
     dest = out_dir / task
     params = _params(task, num_train_episodes, num_val_episodes, seed, image_size)
     if dest.exists() and not overwrite:
-        if _is_same(dest, params):
+        if made_with(dest, META_FILE, params):
             return dest
         raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +142,7 @@ def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_v
     _check_inputs(out_dir, tasks, num_train_episodes, num_val_episodes, image_size)
     for task in tasks:
         dest = Path(out_dir) / task
-        if dest.exists() and not overwrite and not _is_same(dest, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
+        if dest.exists() and not overwrite and not made_with(dest, META_FILE, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
             raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
     return [write_task_dataset(out_dir, t, num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes,
                                seed=seed, image_size=image_size, overwrite=overwrite) for t in tasks]

@@ -1,0 +1,1 @@
+"""Closed-loop benchmarks on simulators we did not write."""

@@ -1,0 +1,19 @@
+"""MetaWorld v3 (a simulator we did not write) for a closed-loop continual-learning benchmark:
+scripted-expert LeRobot datasets and held-out-seed evaluation. Needs the `metaworld` extra."""
+
+from kuavo_train.data.metaworld.env import (
+    DEFAULT_TASKS,
+    INSTRUCTIONS,
+    MetaWorldError,
+    MetaWorldSim,
+    SimSettings,
+    check_tasks,
+    instruction_for,
+    known_tasks,
+)
+from kuavo_train.data.metaworld.writer import META_FILE, has_metaworld, read_meta, write_task_dataset
+
+__all__ = [
+    "DEFAULT_TASKS", "INSTRUCTIONS", "META_FILE", "MetaWorldError", "MetaWorldSim", "SimSettings", "check_tasks",
+    "has_metaworld", "instruction_for", "known_tasks", "read_meta", "write_task_dataset",
+]

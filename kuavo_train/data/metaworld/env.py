@@ -1,0 +1,269 @@
+"""MetaWorld v3 as a simulator: seeded scenes, fast headless rendering, scripted experts,
+and episodes spread over worker processes.
+
+The same `MetaWorldSim` produces the demonstrations and runs the closed-loop
+evaluation, so camera, image size, render settings, state layout and horizon are
+identical in both. Scenes are fully observable (the 39-dim observation carries the
+goal, which the scripted experts need) and drawn from `env.seed(s)`: the raw env
+ignores `reset(seed=...)`.
+
+Rendering happens only in forked worker processes: a process that created an EGL
+context must not fork another renderer, and the parent (which trains) never needs one.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Headless rendering; must be set before mujoco is first imported.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import difflib  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+# The scripted experts' gains exceed the action range by design (the env clips); not our concern.
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+
+DEFAULT_TASKS = ("push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3")
+DEFAULT_CAMERA = "corner2"
+IMAGE_SIZE = 64
+HORIZON = 200
+STATE_MODES = ("full", "agent")
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+
+# Our instruction per task (MetaWorld ships none). Tasks that share a scene differ only here.
+INSTRUCTIONS = {
+    "assembly-v3": "Pick up the nut and fit it over the peg.",
+    "basketball-v3": "Pick up the ball and drop it through the hoop.",
+    "bin-picking-v3": "Pick the cube out of the left bin and place it in the right bin.",
+    "box-close-v3": "Pick up the lid and put it on the box.",
+    "button-press-topdown-v3": "Press the button down from the top.",
+    "button-press-topdown-wall-v3": "Reach over the wall and press the button down from the top.",
+    "button-press-v3": "Press the button from the front.",
+    "button-press-wall-v3": "Reach behind the wall and press the button from the front.",
+    "coffee-button-v3": "Press the button on the coffee machine.",
+    "coffee-pull-v3": "Pull the coffee mug out of the machine to the target.",
+    "coffee-push-v3": "Push the coffee mug under the machine.",
+    "dial-turn-v3": "Turn the dial.",
+    "disassemble-v3": "Lift the nut off the peg.",
+    "door-close-v3": "Close the door.",
+    "door-lock-v3": "Turn the door lock down to lock it.",
+    "door-open-v3": "Open the door by pulling its handle.",
+    "door-unlock-v3": "Turn the door lock up to unlock it.",
+    "hand-insert-v3": "Move the hand into the hole in the table.",
+    "drawer-close-v3": "Push the drawer closed.",
+    "drawer-open-v3": "Pull the drawer open by its handle.",
+    "faucet-open-v3": "Turn the faucet handle to open it.",
+    "faucet-close-v3": "Turn the faucet handle to close it.",
+    "hammer-v3": "Pick up the hammer and hammer the nail in.",
+    "handle-press-side-v3": "Press the handle down from the side.",
+    "handle-press-v3": "Press the handle down.",
+    "handle-pull-side-v3": "Pull the handle up from the side.",
+    "handle-pull-v3": "Pull the handle up.",
+    "lever-pull-v3": "Pull the lever up.",
+    "peg-insert-side-v3": "Pick up the peg and insert it into the hole from the side.",
+    "pick-place-wall-v3": "Pick up the puck, lift it over the wall and place it at the goal.",
+    "pick-out-of-hole-v3": "Pick the puck out of the hole and lift it to the goal.",
+    "reach-v3": "Move the gripper to the goal position.",
+    "push-back-v3": "Push the puck backward to the goal.",
+    "push-v3": "Push the puck across the table to the goal.",
+    "pick-place-v3": "Pick up the puck and place it at the goal in the air.",
+    "plate-slide-v3": "Slide the plate into the goal.",
+    "plate-slide-side-v3": "Slide the plate sideways into the goal.",
+    "plate-slide-back-v3": "Slide the plate backward out of the goal.",
+    "plate-slide-back-side-v3": "Slide the plate backward and sideways out of the goal.",
+    "peg-unplug-side-v3": "Pull the peg out of the hole sideways.",
+    "soccer-v3": "Push the ball into the goal.",
+    "stick-push-v3": "Pick up the stick and push the box with it.",
+    "stick-pull-v3": "Pick up the stick and pull the box with it.",
+    "push-wall-v3": "Push the puck around the wall to the goal.",
+    "reach-wall-v3": "Reach over the wall to the goal position.",
+    "shelf-place-v3": "Pick up the block and place it on the shelf.",
+    "sweep-into-v3": "Sweep the puck into the hole.",
+    "sweep-v3": "Sweep the puck off the table edge.",
+    "window-open-v3": "Slide the window open.",
+    "window-close-v3": "Slide the window closed.",
+}
+
+
+class MetaWorldError(ValueError):
+    """A bad benchmark input; `str()` is the one line shown to the user."""
+
+
+def require_metaworld() -> None:
+    try:
+        import metaworld  # noqa: F401
+    except ImportError as exc:
+        raise MetaWorldError(
+            f"metaworld error: metaworld is not installed ({exc.name or exc}): "
+            "pip install -e '.[metaworld]' or run `make benchmark-metaworld`"
+        ) from None
+
+
+def known_tasks() -> list[str]:
+    """MetaWorld v3 tasks that have a scripted expert (the ones we can make data for)."""
+    require_metaworld()
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return sorted(set(ALL_V3_ENVIRONMENTS) & set(ENV_POLICY_MAP))
+
+
+def check_tasks(tasks) -> list[str]:
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise MetaWorldError("metaworld error: --tasks is empty (give MetaWorld v3 names, e.g. push-v3,drawer-open-v3)")
+    known = known_tasks()
+    for t in tasks:
+        if t not in known:
+            close = difflib.get_close_matches(t, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise MetaWorldError(f"metaworld error: unknown task {t!r}: {hint}({len(known)} v3 tasks with an expert, "
+                                 f"e.g. {', '.join(known[:4])}, ...)")
+    dup = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dup:
+        raise MetaWorldError(f"metaworld error: task {dup[0]!r} appears twice in --tasks (a sequence trains each task once)")
+    return tasks
+
+
+def instruction_for(task: str) -> str:
+    return INSTRUCTIONS.get(task) or f"{task.removesuffix('-v3').replace('-', ' ').capitalize()}."
+
+
+def state_names(mode: str) -> list[str]:
+    """Names of the state dims: MetaWorld's observation layout (current frame, previous frame, goal)."""
+    frame = ["hand_x", "hand_y", "hand_z", "gripper"] + [f"obj{k}_{c}" for k in (0, 1) for c in ("x", "y", "z", "qw", "qx", "qy", "qz")]
+    if mode == "agent":
+        return frame[:4]
+    return frame + [f"prev_{n}" for n in frame] + ["goal_x", "goal_y", "goal_z"]
+
+
+def image_key(camera: str) -> str:
+    return f"observation.images.{camera}"
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Everything that must match between the data and the evaluation (stored in the sidecar)."""
+
+    task: str
+    image_size: int = IMAGE_SIZE
+    camera: str = DEFAULT_CAMERA
+    horizon: int = HORIZON
+    state_mode: str = "full"
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "SimSettings":
+        return cls(task=meta["task"], image_size=int(meta["image_size"]), camera=meta["camera"],
+                   horizon=int(meta["horizon"]), state_mode=meta["state_mode"])
+
+
+class MetaWorldSim:
+    """One task's env with fixed render settings; `reset(seed)` gives the seed's scene."""
+
+    def __init__(self, settings: SimSettings):
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+        from metaworld.policies import ENV_POLICY_MAP
+
+        s = self.settings = settings
+        env = ALL_V3_ENVIRONMENTS[s.task](render_mode="rgb_array", camera_name=s.camera, width=s.image_size, height=s.image_size)
+        env._partially_observable = False  # the goal is in the observation (the experts read it)
+        del env.sawyer_observation_space  # cached for the hidden-goal layout; recomputed on access
+        env._freeze_rand_vec = False  # a new scene at every reset ...
+        env.seeded_rand_vec = True  # ... drawn from env.seed(s)
+        env._set_task_called = True  # we set the scene by seed instead of a benchmark Task
+        env.max_path_length = s.horizon + 1  # our own cap ends the episode first
+        m = env.model
+        # Fast, deterministic llvmpipe rendering (~10x faster): no shadows, reflections or MSAA.
+        m.light_castshadow[:] = 0
+        m.mat_reflectance[:] = 0
+        m.vis.quality.offsamples = 0
+        self.env = env
+        self.expert = ENV_POLICY_MAP[s.task]()
+        self.fps = int(round(1.0 / env.dt))
+        self.raw = None
+
+    def observation(self) -> dict:
+        s = self.settings
+        state = self.raw if s.state_mode == "full" else self.raw[:4]
+        image = self.env.render()[::-1].copy()  # MuJoCo's offscreen image is upside down for these cameras
+        return {STATE_KEY: np.asarray(state, dtype=np.float32), image_key(s.camera): image}
+
+    def reset(self, seed: int) -> dict:
+        self.env.seed(int(seed))
+        self.raw, _ = self.env.reset()
+        return self.observation()
+
+    def step(self, action) -> tuple[dict, bool]:
+        a = np.clip(np.asarray(action, dtype=np.float32).reshape(-1)[:4], -1.0, 1.0)
+        self.raw, _, _, _, info = self.env.step(a)
+        return self.observation(), bool(info.get("success", False))
+
+    def expert_action(self) -> np.ndarray:
+        return np.clip(np.asarray(self.expert.get_action(self.raw), dtype=np.float32), -1.0, 1.0)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def run_episode(sim: MetaWorldSim, seed: int, act, *, record: bool = False) -> dict:
+    """Act until success or the horizon. `act(obs)` -> action; `None` uses the expert."""
+    obs = sim.reset(seed)
+    frames, success, steps = [], False, 0
+    while steps < sim.settings.horizon and not success:
+        action = sim.expert_action() if act is None else np.asarray(act(obs), dtype=np.float32).reshape(-1)
+        if record:
+            frames.append((obs, action.astype(np.float32)))
+        obs, success = sim.step(action)
+        steps += 1
+    return {"seed": int(seed), "success": success, "steps": steps, "frames": frames if record else None}
+
+
+# ---- worker processes -------------------------------------------------------------------
+
+_JOB: tuple | None = None  # (function, chunks): inherited by forked workers, never pickled
+
+
+def _init_worker() -> None:
+    # Two 1-thread workers beat one 2-thread process on 2 cores (FINDINGS).
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_chunk(i: int):
+    fn, chunks = _JOB
+    return fn(chunks[i])
+
+
+def fork_map(fn, items: list, workers: int) -> list:
+    """`[fn(chunk) for chunk in split(items)]` flattened, each chunk in a forked process.
+
+    Fork (not spawn) so the workers share the parent's loaded policy without pickling it
+    and without re-importing torch; results come back in item order, so the outcome
+    does not depend on the number of workers."""
+    global _JOB
+    import multiprocessing as mp
+
+    if not items:
+        return []
+    n = max(1, min(int(workers), len(items)))
+    chunks = [list(c) for c in np.array_split(np.arange(len(items)), n)]
+    chunks = [[items[i] for i in c] for c in chunks if len(c)]
+    _JOB = (fn, chunks)
+    try:
+        with mp.get_context("fork").Pool(len(chunks), initializer=_init_worker) as pool:
+            parts = pool.map(_run_chunk, range(len(chunks)))
+    finally:
+        _JOB = None
+    return [r for part in parts for r in part]
+
+
+def default_workers() -> int:
+    env = os.environ.get("KUAVO_METAWORLD_WORKERS")
+    return int(env) if env else max(1, min(2, os.cpu_count() or 1))
