@@ -20,7 +20,7 @@ def _spec_steps_by_hand(cfg, sizes):
     return total
 
 
-@pytest.mark.parametrize("sizes", [{1: 400, 2: 333, 3: 250, 4: 517}, {1: 40, 2: 40, 3: 40, 4: 40}])
+@pytest.mark.parametrize("sizes", [{1: 400, 2: 333, 3: 250, 4: 517}, {1: 40, 2: 40, 3: 40, 4: 40}, {1: 9000, 2: 8000, 3: 7000, 4: 6000}])
 def test_joint_gets_the_sequential_step_count(sizes):
     cfg = load_run_config(["profile=demo"])
     expected = _spec_steps_by_hand(cfg, sizes)
@@ -32,6 +32,8 @@ def test_joint_gets_the_sequential_step_count(sizes):
     steps = plan.samples_per_epoch // cfg.dataloader.batch_size * epochs
     # rounded up to whole epochs: never fewer steps, at most one step per epoch more
     assert expected <= steps < expected + epochs
+    # the cosine decay spans the whole joint run, not just stage 1's length
+    assert plan.stage.scheduler_decay_steps == max(cfg.ordered_stages()[0].scheduler_decay_steps, expected)
     # every task sampled in proportion to its training frames
     w = plan.stage.replay_weights
     assert {t: w[t] / sum(w.values()) for t in w} == pytest.approx({t: n / sum(sizes.values()) for t, n in sizes.items()})

@@ -57,6 +57,9 @@ def joint_plan(cfg: RunConfig, task_sizes: dict[int, int], num_processes: int = 
         resume_from="pretrained",
         resume_task_id=None,
         optimizer_lr=cfg.lr_for(first),
+        # Stage 1's cosine would end after stage 1's length and leave the rest at decay_lr:
+        # decay over the whole joint run instead (LeRobot's scheduler shrinks it if shorter).
+        scheduler_decay_steps=max(first.scheduler_decay_steps, total),
         replay_weights={t: float(n) for t, n in task_sizes.items()},
     )
     samples = per_epoch_steps * cfg.dataloader.batch_size * num_processes
