@@ -43,10 +43,25 @@ class TinyVLMSpec:
     patch_size: int = 8
     scale_factor: int = 2
     vocab_size: int = 512
+    # None: 4 x hidden. Set both (and embedding_rows) to reproduce a real backbone's shape.
+    text_intermediate: int | None = None
+    vision_intermediate: int | None = None
+    # Rows of the text embedding table; None: the tokenizer's size.
+    embedding_rows: int | None = None
 
     @property
     def image_seq_len(self) -> int:
         return (self.image_size // self.patch_size) ** 2 // self.scale_factor**2
+
+
+# The shape of SmolVLM2-500M-Video-Instruct, the backbone of lerobot/smolvla_base
+# (random weights): with SmolVLA's defaults it gives the same 450,046,176
+# parameters, so real-size cost can be measured with no download.
+SMOLVLM2_500M_SHAPE = TinyVLMSpec(
+    text_hidden=960, text_intermediate=2560, text_layers=32, text_heads=15, text_kv_heads=5,
+    vision_hidden=768, vision_intermediate=3072, vision_layers=12, vision_heads=12,
+    image_size=512, patch_size=16, scale_factor=4, vocab_size=512, embedding_rows=49280,
+)
 
 
 def _train_tokenizer(corpus: list[str], vocab_size: int):
@@ -91,9 +106,9 @@ def write_tiny_vlm(out_dir: str | Path, instructions: list[str], spec: TinyVLMSp
         pad_token_id=tokenizer.pad_token_id,
         text_config={
             "model_type": "llama",
-            "vocab_size": vocab,
+            "vocab_size": max(vocab, spec.embedding_rows or 0),
             "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.text_hidden * 4,
+            "intermediate_size": spec.text_intermediate or spec.text_hidden * 4,
             "num_hidden_layers": spec.text_layers,
             "num_attention_heads": spec.text_heads,
             "num_key_value_heads": spec.text_kv_heads,
@@ -104,7 +119,7 @@ def write_tiny_vlm(out_dir: str | Path, instructions: list[str], spec: TinyVLMSp
         },
         vision_config={
             "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_hidden * 4,
+            "intermediate_size": spec.vision_intermediate or spec.vision_hidden * 4,
             "num_hidden_layers": spec.vision_layers,
             "num_attention_heads": spec.vision_heads,
             "image_size": spec.image_size,
