@@ -92,6 +92,13 @@ def main() -> None:
         for d in (ours_dir, stock_dir):
             shutil.rmtree(d, ignore_errors=True)
         # Our stage is epoch-based: enough epochs to cover the requested steps, then stock runs the same count.
+        # Both get the base's own architecture settings (the demo profile would resize to 64 px);
+        # stock cannot start from a folder without processor files, so it builds the same
+        # architecture from these settings (initial weights do not change the cost of a step).
+        bcfg = json.loads((base / "config.json").read_text())
+        size_px = bcfg["resize_imgs_with_padding"]
+        arch = [f"policy.chunk_size={bcfg['chunk_size']}", f"policy.n_action_steps={bcfg['n_action_steps']}",
+                f"policy.resize_imgs_with_padding=[{size_px[0]},{size_px[1]}]"]
         per_epoch = max(1, task.num_train_frames // args.batch_size)
         epochs = math.ceil(args.steps / per_epoch)
         ours = [str(bin_dir / "kuavo-train"), "train", "profile=demo", f"run_dir={ours_dir}",
@@ -101,13 +108,9 @@ def main() -> None:
                 f"dataloader.prefetch_factor={2 if args.workers > 0 else 'null'}",
                 f"validation.validation_freq_epoch={epochs}", "evaluation.after_each_stage=false",
                 "logging.progress_bars=false", "logging.log_freq_steps=50",
-                f"feature_cache.enabled={args.cache == 'on'}", f"feature_cache.dir={work / 'feature_cache'}"]
+                f"feature_cache.enabled={args.cache == 'on'}", f"feature_cache.dir={work / 'feature_cache'}", *arch]
         t_ours = timed(ours, work / f"ours-{size}.log")
         steps = json.loads((ours_dir / "run.json").read_text())["stages"][TASK]["total_steps"]
-        # Same architecture from the base's own config (stock cannot start from a folder without
-        # processor files; initial weights do not change the cost of a step).
-        bcfg = json.loads((base / "config.json").read_text())
-        size_px = bcfg["resize_imgs_with_padding"]
         stock = [str(bin_dir / "lerobot-train"), "--policy.type=smolvla", f"--policy.vlm_model_name={bcfg['vlm_model_name']}",
                  "--policy.load_vlm_weights=false", f"--policy.chunk_size={bcfg['chunk_size']}",
                  f"--policy.n_action_steps={bcfg['n_action_steps']}", f"--policy.resize_imgs_with_padding=[{size_px[0]},{size_px[1]}]",
