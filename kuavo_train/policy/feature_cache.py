@@ -132,12 +132,6 @@ class _Store:
         if self.feat_path.is_file():
             self.features = np.load(self.feat_path, mmap_mode="r+")
 
-    def filled(self) -> int:
-        return 0 if self.digests is None else int((~np.isnan(self.digests[:, 0])).sum())
-
-    def entry_bytes(self) -> int:
-        return 0 if self.features is None else int(np.prod(self.features.shape[1:])) * self.features.itemsize
-
     def create(self, shape_td: tuple[int, int], np_dtype) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".lock", "w") as lock:
