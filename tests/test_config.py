@@ -121,7 +121,7 @@ def test_features_that_differ_between_tasks(python_exe, tmp_path, demo_data, dem
 
     root = _copy_with_info(demo_data, tmp_path, "task3_placement", drop_camera)
     msg = _data_error(python_exe, tmp_path, demo_base, root)
-    assert "stages.task3_placement.dataset.root" in msg and "cameras" in msg
+    assert "stages.task3_placement.cameras" in msg and "wrist_cam_r" in msg
 
 
 def test_state_dim_above_max_dim(python_exe, tmp_path, demo_data, demo_base):

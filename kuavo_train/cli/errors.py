@@ -15,7 +15,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from kuavo_train.training.pipeline import InstructionError
     from kuavo_train.training.run_state import RunNotFoundError
 
-    types = [ConfigError, DataError, PolicyLoadError, InstructionError, RunNotFoundError]
+    from kuavo_train.errors import KuavoError
+
+    types = [KuavoError, ConfigError, DataError, PolicyLoadError, InstructionError, RunNotFoundError]
+    from kuavo_train.data.rosbag.topic_map import RosbagError
+
+    types.append(RosbagError)
     try:
         from kuavo_train.data.demo_world import DemoWorldError
 

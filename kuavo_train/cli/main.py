@@ -8,6 +8,7 @@
     kuavo-train infer --run DIR      closed-loop success of a run's final model in its simulator (demo world, MetaWorld)
     kuavo-train compare [overrides]  sequential_spec vs sequential_naive vs joint, side by side
     kuavo-train benchmark metaworld  the strategies on MetaWorld v3 tasks, judged closed loop in the simulator
+    kuavo-train convert rosbag|v21   Kuavo rosbags or LeRobot v2.1 datasets -> LeRobot v3.0 datasets
 
 Config overrides are Hydra's `key=value` syntax, e.g. `profile=demo seed=3`.
 """
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="seed of the training and held-out scenes")
     bm.add_argument("--overwrite-data", dest="overwrite_data", action="store_true")
     bm.add_argument("--smoke", action="store_true", help="CI size: 1 demo and 1 evaluation episode per task, 1 epoch per stage")
+    from kuavo_train.cli.convert import add_convert_parser
+
+    add_convert_parser(sub)
     return p
 
 

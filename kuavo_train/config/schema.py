@@ -49,6 +49,9 @@ class StageConfig:
     optimizer_lr: float | None = None
     scheduler_warmup_steps: int = 1000
     scheduler_decay_steps: int = 30000
+    # Policy camera -> dataset camera, e.g. {head_cam_h: head_cam_h, depth_h: observation.depth_h};
+    # null: every RGB camera of the dataset under its own name (depth is opt-in).
+    cameras: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,13 @@ def _coerce(type_str: str, value: Any, path: str):
         if not isinstance(value, dict) or not value:
             _fail(path, "expected at least one stage")
         return {k: _convert(StageConfig, v, f"{path}.{k}") for k, v in value.items()}
+    if base == "dict[str,str]":
+        if not isinstance(value, dict) or not value:
+            _fail(path, "expected a mapping policy_camera: dataset_camera")
+        for k, v in value.items():
+            if not isinstance(v, str) or not v:
+                _fail(f"{path}.{k}", f"expected a camera name, got {v!r}")
+        return {str(k): v for k, v in value.items()}
     if base == "dict[int,float]":
         if not isinstance(value, dict) or not value:
             _fail(path, "expected a mapping task_id -> weight")

@@ -19,25 +19,51 @@ from __future__ import annotations
 import bisect
 import io
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 NUMERIC = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+# Which union action dims this sample's task lacks (kuavo_train/data/features.py). The name ends in
+# "_is_pad" because LeRobot's processors pass exactly such keys through to the policy.
+DIM_PAD_KEY = "action_dim_is_pad"
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """Where a task's own dims sit in the run's union vector, and what fills the others."""
+
+    index: tuple[int, ...]
+    fill: np.ndarray  # union-sized; the union mean, so absent dims normalize to 0
+
+    def scatter(self, own: np.ndarray) -> np.ndarray:
+        out = np.broadcast_to(self.fill.astype(np.float32), (*own.shape[:-1], len(self.fill))).copy()
+        out[..., list(self.index)] = own
+        return out
+
+    def mask(self) -> np.ndarray:
+        m = np.zeros(len(self.fill), dtype=bool)
+        m[list(self.index)] = True
+        return m
 ROW_GROUP_CACHE = 4  # row groups of image bytes kept per (file, camera) in each process
 
 
 class ChunkedFrameDataset(torch.utils.data.Dataset):
     def __init__(self, repo_id: str, root, *, episodes: list[int], chunk_size: int, camera_keys: list[str],
                  state_key: str = "observation.state", action_key: str = "action", task: str | None = None,
-                 task_id: int = 0, image_cache: bool | int = False):
+                 task_id: int = 0, image_cache: bool | int = False, camera_map: dict[str, str] | None = None,
+                 state_layout: VectorLayout | None = None, action_layout: VectorLayout | None = None):
         import pyarrow.parquet as pq
         from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
         self.repo_id, self.root = repo_id, Path(root)
         self.meta = LeRobotDatasetMetadata(repo_id, root=self.root)
         self.chunk_size, self.camera_keys = int(chunk_size), list(camera_keys)
+        # output key -> dataset key (renamed cameras); by default each camera keeps its name
+        self.camera_map = dict(camera_map) if camera_map else {k: k for k in self.camera_keys}
+        self.camera_keys = list(self.camera_map.values())
         self.state_key, self.action_key = state_key, action_key
         self.task, self.task_id = task, int(task_id)
         for key in [state_key, action_key, *self.camera_keys]:
@@ -80,6 +106,12 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         self._data = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in cols.items()}
         self._data[state_key] = self._data[state_key].astype(np.float32)
         self._data[action_key] = self._data[action_key].astype(np.float32)
+        if state_layout is not None:
+            self._data[state_key] = state_layout.scatter(self._data[state_key])
+        self._dim_mask = None
+        if action_layout is not None:
+            self._data[action_key] = action_layout.scatter(self._data[action_key])
+            self._dim_mask = torch.from_numpy(~action_layout.mask())
         self._item_ep = np.repeat(np.arange(len(self._ep_bounds)), [b - a for a, b in self._ep_bounds])
         self._image_cache_size = (1024 if image_cache is True else int(image_cache)) if image_cache else 0
         self._reset_process_state()
@@ -178,9 +210,9 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
             "task": self.task if self.task is not None else self.task_names[int(d["task_index"][i])],
             "task_id": torch.tensor(self.task_id),
         }
-        for key in self.camera_keys:
-            if key not in self.video_keys:
-                item[key] = self._image(i, key)
-        if self.video_keys:
-            item.update(self._video_frames(i))
+        if self._dim_mask is not None:
+            item[DIM_PAD_KEY] = self._dim_mask.clone()
+        frames = self._video_frames(i) if self.video_keys else {}
+        for out_key, key in self.camera_map.items():
+            item[out_key] = frames[key] if key in self.video_keys else self._image(i, key)
         return item

@@ -37,11 +37,42 @@ def _episode_stats(task: TaskData, keys: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def training_stats(tasks: list[TaskData], *, stats_from: str = "all_tasks") -> dict[str, dict[str, np.ndarray]]:
-    """Aggregate state/action stats over the training episodes of the chosen tasks."""
+def training_stats(tasks: list[TaskData], space=None, *, stats_from: str = "all_tasks") -> dict[str, dict[str, np.ndarray]]:
+    """Aggregate state/action stats over the training episodes of the chosen tasks, in the union space.
+
+    Each union dim is aggregated (with LeRobot's `aggregate_stats`) over the tasks that have
+    it only: a task's absent dims are padding, not data. `first_task` takes each dim from the
+    earliest task that has it.
+    """
     from lerobot.datasets.compute_stats import aggregate_stats
 
-    chosen = tasks if stats_from == "all_tasks" else [min(tasks, key=lambda t: t.task_id)]
-    per_episode = [s for t in chosen for s in _episode_stats(t, (STATE_KEY, ACTION_KEY))]
-    stats = aggregate_stats(per_episode)
-    return {k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in stats.items()}
+    from kuavo_train.data.features import build_feature_space
+
+    tasks = sorted(tasks, key=lambda t: t.task_id)
+    if space is None:
+        space = build_feature_space(tasks, max_state_dim=10**6, max_action_dim=10**6)
+    per_task = {t.task_id: _episode_stats(t, (STATE_KEY, ACTION_KEY)) for t in tasks}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key in (STATE_KEY, ACTION_KEY):
+        dim = space.dim(key)
+        result = {s: np.zeros(dim, dtype=np.float64) for s in STAT_NAMES if s != "count"}
+        count = np.zeros(dim, dtype=np.float64)
+        # group union dims by the tasks that own them, so each group aggregates over the same episodes
+        owners: dict[tuple[int, ...], list[int]] = {}
+        for u in range(dim):
+            ids = tuple(t.task_id for t in tasks if u in space.index[t.task_id][key])
+            owners.setdefault(ids, []).append(u)
+        for ids, dims in owners.items():
+            chosen = ids if stats_from == "all_tasks" else ids[:1]
+            episodes = []
+            for tid in chosen:
+                pos = [space.index[tid][key].index(u) for u in dims]
+                for ep in per_task[tid]:
+                    episodes.append({key: {s: (v[pos] if s != "count" else v) for s, v in ep[key].items()}})
+            agg = aggregate_stats(episodes)[key]
+            for s in result:
+                result[s][dims] = np.asarray(agg[s], dtype=np.float64).reshape(-1)
+            count[dims] = float(np.asarray(agg["count"]).reshape(-1)[0])
+        # LeRobot's stats carry one frame count per feature; a dim missing in some tasks has fewer.
+        out[key] = {**{s: v.astype(np.float32) for s, v in result.items()}, "count": np.array([count.max()], dtype=np.float32)}
+    return out

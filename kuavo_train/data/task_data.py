@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kuavo_train.data.v21 import default_cache_dir, v3_view
+from kuavo_train.errors import DataError  # re-exported: the data layer's error type
+
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 
 
-class DataError(ValueError):
-    """Bad or missing data; `str()` is the one line shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class TaskData:
     val_episodes: tuple[int, ...]
     dataset_tasks: tuple[str, ...]
     episode_lengths: tuple[int, ...] = ()
+    # policy camera key -> the dataset key it is read from (config `cameras`, default: every RGB camera)
+    camera_map: dict[str, str] | None = None
+
+    @property
+    def policy_cameras(self) -> tuple[str, ...]:
+        return tuple(self.camera_map) if self.camera_map else self.camera_keys
 
     @property
     def num_train_frames(self) -> int:
@@ -63,6 +70,8 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
             f"data error: {field}.root: no LeRobot dataset at {root} (missing meta/info.json; set the root in {where} "
             "or data_root; `make demo` generates the demo datasets)"
         )
+    # a LeRobot v2.1 dataset is read through a v3.0 copy cached in $KUAVO_V30_CACHE or <dataset parent>/.v30
+    root = v3_view(root, default_cache_dir(root), label=f"{field}.root")
     try:
         meta = LeRobotDatasetMetadata(stage.dataset.repo_id, root=root)
     except Exception as exc:  # LeRobot raises many kinds on a broken dataset
@@ -75,9 +84,8 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
     for key in (STATE_KEY, ACTION_KEY):
         if key not in features:
             raise DataError(f"data error: {field}.root: dataset {root} has no {key!r} feature")
-    cameras = tuple(meta.camera_keys)
-    if not cameras:
-        raise DataError(f"data error: {field}.root: dataset {root} has no camera feature")
+    camera_map = resolve_cameras(stage, tuple(meta.camera_keys), root, where)
+    cameras = tuple(camera_map.values())
     n = meta.total_episodes
     splits = dict(getattr(meta.info, "splits", None) or {})
 
@@ -101,8 +109,11 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
     val = resolve("val", stage.dataset.val_episodes, None)
     train_default = range(0, n) if "train" not in splits else None
     train = resolve("train", stage.dataset.train_episodes, train_default)
-    if "train" not in splits and stage.dataset.train_episodes is None:
+    if stage.dataset.train_episodes is None:
+        # the dataset's own train split (LeRobot writes train = every episode) minus the held-out ones
         train = tuple(e for e in train if e not in set(val))
+        if not train:
+            raise DataError(f"data error: {field}.train_episodes: no training episode left in {root} after the val episodes")
     overlap = set(train) & set(val)
     if overlap:
         raise DataError(
@@ -122,7 +133,36 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
         val_episodes=val,
         dataset_tasks=tasks,
         episode_lengths=_episode_lengths(meta, n),
+        camera_map=camera_map,
     )
+
+
+def is_depth(key: str) -> bool:
+    return "depth" in key.rsplit(".", 1)[-1] or key.startswith("observation.depth")
+
+
+def resolve_cameras(stage, available: tuple[str, ...], root: Path, where: str) -> dict[str, str]:
+    """Policy camera key -> dataset key. Default: every RGB camera under its own name (depth is opt-in)."""
+    field = f"stages.{stage.name}.cameras"
+    chosen = getattr(stage, "cameras", None)
+    if chosen is None:
+        rgb = {k: k for k in available if not is_depth(k)}
+        if not rgb:
+            raise DataError(f"data error: stages.{stage.name}.dataset.root: dataset {root} has no RGB camera "
+                            f"(it has {list(available) or 'none'}; choose cameras in {where})")
+        return rgb
+    out = {}
+    short = {k.rsplit(".", 1)[-1]: k for k in available}
+    for policy_name, data_name in chosen.items():
+        data_key = data_name if data_name in available else short.get(data_name)
+        if data_key is None:
+            raise DataError(f"data error: {field}.{policy_name}: task {stage.name} has no camera {data_name!r} "
+                            f"(its dataset {root} has {[k.rsplit('.', 1)[-1] for k in available]})")
+        key = policy_name if policy_name.startswith("observation.") else f"observation.images.{policy_name}"
+        out[key] = data_key
+    if not out:
+        raise DataError(f"data error: {field}: no camera chosen for task {stage.name}")
+    return out
 
 
 def _episode_lengths(meta, n: int) -> tuple[int, ...]:
@@ -132,34 +172,21 @@ def _episode_lengths(meta, n: int) -> tuple[int, ...]:
     return tuple(lengths.get(i, 0) for i in range(n))
 
 
-def check_compatible(tasks: list[TaskData], *, max_state_dim: int, max_action_dim: int) -> None:
-    """All stages train ONE policy: same cameras, dims and fps everywhere, dims within the max."""
+def check_compatible(tasks: list[TaskData]) -> None:
+    """All stages train ONE policy: the same policy cameras and fps everywhere.
+
+    State/action dims may differ: they are matched by name into one union space
+    (kuavo_train/data/features.py), which also checks them against max_*_dim.
+    Camera image sizes may differ too: SmolVLA resizes every image with padding.
+    """
     ref = tasks[0]
     for t in tasks:
-        field = f"stages.{t.name}.dataset.root"
-        if t.state_dim > max_state_dim:
+        field = f"stages.{t.name}.cameras"
+        if set(t.policy_cameras) != set(ref.policy_cameras):
             raise DataError(
-                f"data error: policy.max_state_dim: {t.root} has a {t.state_dim}-dim state, more than max_state_dim={max_state_dim} (it would be cut silently)"
+                f"data error: {field}: task {t.name} feeds the policy cameras {sorted(t.policy_cameras)}, task {ref.name} "
+                f"{sorted(ref.policy_cameras)}: one policy needs the same cameras in every task (choose or rename them in "
+                f"the task configs)"
             )
-        if t.action_dim > max_action_dim:
-            raise DataError(
-                f"data error: policy.max_action_dim: {t.root} has a {t.action_dim}-dim action, more than max_action_dim={max_action_dim}"
-            )
-        for key in (STATE_KEY, ACTION_KEY):
-            if tuple(t.features[key]["shape"]) != tuple(ref.features[key]["shape"]):
-                raise DataError(
-                    f"data error: {field}: {key} shape {tuple(t.features[key]['shape'])} differs from "
-                    f"{tuple(ref.features[key]['shape'])} in {ref.root} (stage {ref.name})"
-                )
-        if t.camera_keys != ref.camera_keys:
-            raise DataError(
-                f"data error: {field}: cameras {list(t.camera_keys)} differ from {list(ref.camera_keys)} of stage {ref.name}"
-            )
-        for cam in t.camera_keys:
-            if tuple(t.features[cam]["shape"]) != tuple(ref.features[cam]["shape"]):
-                raise DataError(
-                    f"data error: {field}: camera {cam} shape {tuple(t.features[cam]['shape'])} differs from "
-                    f"{tuple(ref.features[cam]['shape'])} of stage {ref.name}"
-                )
         if t.fps != ref.fps:
-            raise DataError(f"data error: {field}: fps {t.fps} differs from {ref.fps} of stage {ref.name}")
+            raise DataError(f"data error: stages.{t.name}.dataset.root: fps {t.fps} differs from {ref.fps} of stage {ref.name}")

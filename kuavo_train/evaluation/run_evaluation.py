@@ -22,7 +22,9 @@ import torch
 
 from kuavo_train.config.schema import RunConfig
 from kuavo_train.evaluation.closed_loop import StockPolicyFn, success_rate
-from kuavo_train.data.task_data import STATE_KEY, ACTION_KEY, TaskData, open_task_data
+from kuavo_train.data.features import build_feature_space
+from kuavo_train.data.frames import DIM_PAD_KEY
+from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
 from kuavo_train.policy import factory
 from kuavo_train.training.run_state import RunState, write_json_atomic
@@ -34,13 +36,13 @@ FRAMES_PER_EPISODE = 10
 DIRECTIONS = {"val_loss": False, "action_error": False, "action_error_normalized": False, "success": True}
 
 
-def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, TaskData], stats):
+def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, TaskData], stats, space):
     """(policy, preprocessor, postprocessor) for row 0 (base) or row k (stage k's final checkpoint)."""
     if row == 0:
         from kuavo_train.training.stage_trainer import StageTrainer, make_accelerator
 
         stage = cfg.ordered_stages()[0]
-        trainer = StageTrainer(cfg, stage, tasks, stats, state, make_accelerator(cfg))
+        trainer = StageTrainer(cfg, stage, tasks, stats, state, make_accelerator(cfg), space=space)
         pcfg = trainer.policy_config(cfg.policy.pretrained_path)
         policy = factory.load_policy(cfg.policy.pretrained_path, pcfg)
         pre, post = factory.make_processors(pcfg, stats=stats)
@@ -70,27 +72,29 @@ def action_errors(policy, pre, post, dataset, indices, *, task_id: int, seed: in
         pos += n
         truth = batch[ACTION_KEY].float()
         valid = ~batch["action_is_pad"]
+        # only the task's own action dims count (tasks with fewer dims are padded in the union space)
+        dims = ~batch[DIM_PAD_KEY][0] if DIM_PAD_KEY in batch else torch.ones(truth.shape[-1], dtype=torch.bool)
         noise, _ = seeded_noise_and_time(seed, task_id, ids, cfg.chunk_size, cfg.max_action_dim)
         obs = {k: v for k, v in batch.items() if k not in (ACTION_KEY, "action_is_pad")}
         chunk = policy.predict_action_chunk(pre(obs), noise=noise.to(next(policy.parameters()).device))
         pred = post(chunk).float().cpu()
-        err = (pred - truth).abs()[valid]
+        err = (pred - truth).abs()[valid][:, dims]
         abs_sum += float(err.sum())
-        norm_sum += float((err / std).sum())
-        count += int(valid.sum()) * truth.shape[-1]
+        norm_sum += float((err / std[dims]).sum())
+        count += int(valid.sum()) * int(dims.sum())
     return abs_sum / max(count, 1), norm_sum / max(count, 1)
 
 
-def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState) -> dict:
+def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space) -> dict:
     from kuavo_train.training.stage_trainer import make_task_dataset
 
-    policy, pre, post = load_model_row(cfg, row, state, tasks, stats)
+    policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
     out = {m: [] for m in DIRECTIONS}
     action_std = stats[ACTION_KEY]["std"]
     for tid in sorted(tasks):
         task = tasks[tid]
         eps = list(task.val_episodes)[: cfg.evaluation.action_error_episodes]
-        ds = make_task_dataset(task, eps, policy.config.chunk_size)
+        ds = make_task_dataset(task, eps, policy.config.chunk_size, space, stats)
         idx = validation_frames(ds, eps, FRAMES_PER_EPISODE)
         out["val_loss"].append(validation_loss(policy, pre, ds, idx, task_id=tid, seed=cfg.validation.seed,
                                                batch_size=cfg.validation.batch_size, device=next(policy.parameters()).device))
@@ -108,14 +112,14 @@ def load_evaluation(run_dir: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {"rows": {}}
 
 
-def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState) -> dict:
+def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState, space) -> dict:
     """Evaluate the missing rows among `rows`, caching each in evaluation.json."""
     ev = load_evaluation(cfg.run_dir)
     for row in rows:
         if str(row) in ev["rows"]:
             continue
         log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"stage {row}")
-        ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state)
+        ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space)
         write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
         log.info("%s", format_row(row, ev["rows"][str(row)], tasks))
     return ev
@@ -156,7 +160,9 @@ def evaluate_run(cfg: RunConfig) -> dict:
         done = [0] + ([len(tasks)] if state.is_complete("joint") else [])
     else:
         done = [0] + [s.task_id for s in cfg.ordered_stages() if state.is_complete(s.name)]
-    ev = evaluate_rows(cfg, done, tasks, stats, state)
+    space = build_feature_space(list(tasks.values()), max_state_dim=cfg.policy.max_state_dim,
+                                max_action_dim=cfg.policy.max_action_dim)
+    ev = evaluate_rows(cfg, done, tasks, stats, state, space)
     mats = matrices(ev, len(tasks) + 1, len(tasks))
     names = [tasks[t].name for t in sorted(tasks)]
     boundaries = [state.global_step_offset(t) for t in sorted(tasks)]

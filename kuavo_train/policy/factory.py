@@ -91,8 +91,11 @@ def stage_policy_config(base_cfg, settings, input_features, output_features, *, 
 
 
 def load_policy(pretrained_path: str | Path, cfg):
-    """`SmolVLAPolicy.from_pretrained` with our config; weights must match the architecture."""
-    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    """`SmolVLAPolicy.from_pretrained` with our config; weights must match the architecture.
+
+    The class is stock SmolVLA with a per-task action-dim mask in the training loss
+    (kuavo_train/policy/masked.py); everything it saves is stock."""
+    from kuavo_train.policy.masked import MaskedSmolVLAPolicy as SmolVLAPolicy
 
     vlm_cache.ensure_available(cfg.vlm_model_name, pretrained_path if Path(pretrained_path).is_dir() else None)
     try:

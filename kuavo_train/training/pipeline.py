@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kuavo_train.config.schema import RunConfig, StageConfig
+from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
 from kuavo_train.policy import factory
@@ -76,7 +77,9 @@ class Pipeline:
         """All checks; raises one-line errors and writes nothing."""
         cfg = self.cfg
         self.tasks: dict[int, TaskData] = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
-        check_compatible(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim, max_action_dim=cfg.policy.max_action_dim)
+        check_compatible(list(self.tasks.values()))
+        self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
+                                         max_action_dim=cfg.policy.max_action_dim)
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
         self.token_report = check_instructions(vlm, cfg.ordered_stages(), cfg.policy.tokenizer_max_length)
@@ -97,7 +100,7 @@ class Pipeline:
         path = self.run_dir / STATS_FILE
         if path.is_file():
             return stats_from_json(json.loads(path.read_text()))
-        stats = training_stats(list(self.tasks.values()), stats_from=self.cfg.normalization.stats_from)
+        stats = training_stats(list(self.tasks.values()), self.space, stats_from=self.cfg.normalization.stats_from)
         write_json_atomic(path, stats_to_json(stats))
         # Use the values as stored (float32), so a resumed run normalizes bit-identically.
         return stats_from_json(json.loads(path.read_text()))
@@ -114,7 +117,8 @@ class Pipeline:
         _log_to_file(self.run_dir / "train.log")
         state = RunState.load(self.run_dir)
         if acc.is_main_process:
-            state.data.update(config=cfg.to_dict(), instructions=self.token_report, command=sys.argv)
+            state.data.update(config=cfg.to_dict(), instructions=self.token_report, command=sys.argv,
+                              features=self.space.to_json())
             state.save()
         stats = self.load_or_compute_stats(state)
         self.joint = None
@@ -132,7 +136,7 @@ class Pipeline:
                     log.info("stage %d %s is complete already: skipped", stage.task_id, stage.name)
                     continue
                 _drop_unsaved_validation(self.run_dir, stage)
-                StageTrainer(cfg, stage, self.tasks, stats, state, acc, writer,
+                StageTrainer(cfg, stage, self.tasks, stats, state, acc, writer, space=self.space,
                              samples_per_epoch=self.joint.samples_per_epoch if self.joint else None).run()
                 log.info("stage %d %s complete: %s", stage.task_id, stage.name, state.final_checkpoint(stage.name))
                 if cfg.evaluation.after_each_stage and acc.is_main_process:

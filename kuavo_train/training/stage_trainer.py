@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from kuavo_train.config.schema import RunConfig, StageConfig
-from kuavo_train.data.frames import ChunkedFrameDataset
+from kuavo_train.data.features import FeatureSpace, union_features
+from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout
 from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.evaluation.forgetting import format_validation_table
@@ -51,17 +52,26 @@ class StageResult:
     val_losses: dict[int, float]
 
 
-def make_task_dataset(task: TaskData, episodes, chunk_size: int) -> ChunkedFrameDataset:
+def make_task_dataset(task: TaskData, episodes, chunk_size: int, space: FeatureSpace | None = None,
+                      stats=None) -> ChunkedFrameDataset:
+    """A task's samples in the run's union state/action space (padded with the union mean, masked)."""
+    layouts = {}
+    if space is not None and not space.is_uniform():
+        for key in (STATE_KEY, ACTION_KEY):
+            layouts[key] = VectorLayout(space.index[task.task_id][key], np.asarray(stats[key]["mean"], dtype=np.float32))
     return ChunkedFrameDataset(
         task.repo_id,
         task.root,
         episodes=list(episodes),
         chunk_size=chunk_size,
         camera_keys=list(task.camera_keys),
+        camera_map=task.camera_map,
         state_key=STATE_KEY,
         action_key=ACTION_KEY,
         task=task.instruction,
         task_id=task.task_id,
+        state_layout=layouts.get(STATE_KEY),
+        action_layout=layouts.get(ACTION_KEY),
     )
 
 
@@ -80,8 +90,8 @@ def make_accelerator(cfg: RunConfig):
 
 class StageTrainer:
     def __init__(self, cfg: RunConfig, stage: StageConfig, tasks: dict[int, TaskData], stats, run_state: RunState, accelerator,
-                 writer=None, *, samples_per_epoch: int | None = None):
-        self.cfg, self.stage, self.tasks, self.stats = cfg, stage, tasks, stats
+                 writer=None, *, space: FeatureSpace, samples_per_epoch: int | None = None):
+        self.cfg, self.stage, self.tasks, self.stats, self.space = cfg, stage, tasks, stats, space
         # Only the joint baseline sets this (to match the sequential run's step count).
         self.samples_per_epoch = samples_per_epoch
         self.run_state, self.acc, self.writer = run_state, accelerator, writer
@@ -107,7 +117,8 @@ class StageTrainer:
     def policy_config(self, source):
         task = self.tasks[self.stage.task_id]
         base_cfg = factory.read_pretrained_config(source)
-        inputs, outputs = factory.policy_features(task.features, list(task.camera_keys), STATE_KEY, ACTION_KEY)
+        feats = union_features(self.space, task, task.camera_map)
+        inputs, outputs = factory.policy_features(feats, list(task.camera_map), STATE_KEY, ACTION_KEY)
         return factory.stage_policy_config(
             base_cfg,
             self.cfg.policy,
@@ -127,7 +138,7 @@ class StageTrainer:
         for tid in ids:
             task = self.tasks[tid]
             eps = list(task.val_episodes)[: self.cfg.validation.validation_episodes]
-            ds = make_task_dataset(task, eps, chunk_size)
+            ds = make_task_dataset(task, eps, chunk_size, self.space, self.stats)
             out[tid] = (ds, validation_frames(ds, eps, VALIDATION_FRAMES_PER_EPISODE))
         return out
 
@@ -154,7 +165,8 @@ class StageTrainer:
             weights = {t: w / total_w for t, w in sorted(stage.replay_weights.items())}
         else:
             weights = cfg.replay_weights_for(stage)
-        train_sets = [make_task_dataset(self.tasks[t], self.tasks[t].train_episodes, pcfg.chunk_size) for t in sorted(weights)]
+        train_sets = [make_task_dataset(self.tasks[t], self.tasks[t].train_episodes, pcfg.chunk_size, self.space, self.stats)
+                      for t in sorted(weights)]
         sampler = ProportionalReplaySampler(
             sorted(weights), [len(d) for d in train_sets], weights,
             current_task=stage.task_id, seed=cfg.seed, stage=stage.task_id,
@@ -258,9 +270,16 @@ class StageTrainer:
         return StageResult(final, total_steps, val_losses)
 
     def trained_tasks(self) -> list[dict]:
-        """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper."""
-        return [{"task_id": t, "name": self.tasks[t].name, "instruction": self.tasks[t].instruction}
-                for t in range(1, self.stage.task_id + 1)]
+        """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper, with each
+        task's own state/action dims (names, and their positions in the model's vectors)."""
+        out = []
+        for t in range(1, self.stage.task_id + 1):
+            dims = {}
+            for key, label in ((STATE_KEY, "state"), (ACTION_KEY, "action")):
+                dims[f"{label}_names"] = list(self.space.task_names[t][key])
+                dims[f"{label}_index"] = list(self.space.index[t][key])
+            out.append({"task_id": t, "name": self.tasks[t].name, "instruction": self.tasks[t].instruction, **dims})
+        return out
 
     def _reference_losses(self) -> dict[int, float]:
         """Each earlier task's loss at the end of its own stage (for relative forgetting)."""

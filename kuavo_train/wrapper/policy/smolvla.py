@@ -19,7 +19,11 @@ postprocessor, so outputs equal stock LeRobot's for the same inputs and noise):
   produced for another instruction;
 - instructions checked against the tasks the checkpoint was trained on
   (`kuavo_tasks.json`), and a warning when the tokenizer cuts an instruction;
-- one-line errors naming the key and the expected shape for bad inputs.
+- one-line errors naming the key and the expected shape for bad inputs;
+- each task's own state and action dims: when the tasks of a run have different
+  vectors (task 4 adds base-command dims), the model acts in their union; the
+  wrapper takes a task's own state (or the union's) and returns that task's own
+  action dims, named by `action_names(instruction)`.
 """
 
 from __future__ import annotations
@@ -85,7 +89,48 @@ class SmolVLAPolicyWrapper:
         self.camera_keys = [k for k, f in cfg.input_features.items() if k.startswith(IMAGES_KEY + ".")]
         self.state_dim = int(cfg.input_features[STATE_KEY].shape[0])
         self.action_dim = int(cfg.output_features["action"].shape[0])
+        self._by_instruction = {t["instruction"]: t for t in tasks}
         self.reset()
+
+    # ---- each task's own dims ------------------------------------------------------
+    def _task_index(self, instruction: str, label: str) -> list[int]:
+        t = self._by_instruction.get(instruction, {})
+        full = self.state_dim if label == "state" else self.action_dim
+        return list(t.get(f"{label}_index", range(full)))
+
+    def action_names(self, instruction: str) -> list[str]:
+        """Names of the action dims returned for this instruction (its task's own dims, in its own order)."""
+        t = self._by_instruction.get(instruction, {})
+        return list(t.get("action_names", [f"action_{i}" for i in range(self.action_dim)]))
+
+    def _state_fill(self) -> torch.Tensor:
+        """The union mean of the state, for dims a task does not have (normalizes to 0, as in training)."""
+        for step in getattr(self.preprocessor, "steps", []):
+            stats = getattr(step, "stats", None)
+            if stats and STATE_KEY in stats and "mean" in stats[STATE_KEY]:
+                return torch.as_tensor(stats[STATE_KEY]["mean"], dtype=torch.float32).reshape(-1).cpu()
+        return torch.zeros(self.state_dim)
+
+    def _own_state(self, state: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        if state.shape[1] == self.state_dim:
+            return state
+        own = {len(self._task_index(t, "state")) for t in tasks}
+        if own != {state.shape[1]}:
+            sizes = sorted({self.state_dim, *own})
+            raise WrapperInputError(f"{STATE_KEY}: expected {' or '.join(map(str, sizes))} values per row (the task's own "
+                                    f"state, or the model's {self.state_dim}); got {state.shape[1]}")
+        out = self._state_fill().repeat(state.shape[0], 1)
+        for r, t in enumerate(tasks):
+            out[r, self._task_index(t, "state")] = state[r]
+        return out
+
+    def _own_action(self, chunk: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """(B, T, union) -> (B, T, own dims of the rows' task)."""
+        idx = {tuple(self._task_index(t, "action")) for t in tasks}
+        if len(idx) > 1:
+            raise WrapperInputError("task: the batch mixes tasks with different action dims "
+                                    f"({sorted(len(i) for i in idx)}); batch rows of such tasks separately")
+        return chunk[..., list(idx.pop())]
 
     # ---- loading -----------------------------------------------------------------
     @classmethod
@@ -224,13 +269,14 @@ class SmolVLAPolicyWrapper:
         if not isinstance(obs, Mapping):
             raise WrapperInputError(f"observation: expected a dict, got {type(obs).__name__}")
         tasks = self._instructions(obs)
+        own_dim = len(self._task_index(tasks[0], "state"))
         if STATE_KEY not in obs:
-            raise WrapperInputError(f"{STATE_KEY}: missing; expected shape ({self.state_dim},) or (B, {self.state_dim})")
+            raise WrapperInputError(f"{STATE_KEY}: missing; expected shape ({own_dim},) or (B, {own_dim})")
         state = self._as_tensor(STATE_KEY, obs[STATE_KEY])
         unbatched = state.ndim == 1
         state = state.unsqueeze(0) if unbatched else state
-        if state.ndim != 2 or state.shape[1] != self.state_dim:
-            raise WrapperInputError(f"{STATE_KEY}: expected shape ({self.state_dim},) or (B, {self.state_dim}); got {tuple(state.shape) if not unbatched else tuple(state.shape[1:])}")
+        if state.ndim != 2 or state.shape[1] not in (self.state_dim, own_dim):
+            raise WrapperInputError(f"{STATE_KEY}: expected shape ({own_dim},) or (B, {own_dim}); got {tuple(state.shape) if not unbatched else tuple(state.shape[1:])}")
         if not (state.is_floating_point() or state.dtype in (torch.int32, torch.int64)):
             raise WrapperInputError(f"{STATE_KEY}: expected a float array; got {state.dtype}")
         state = state.to(torch.float32)
@@ -241,7 +287,7 @@ class SmolVLAPolicyWrapper:
             tasks = tasks * b
         if len(tasks) != b:
             raise WrapperInputError(f"task: {len(tasks)} instructions for a batch of {b} ({STATE_KEY} has {b} rows)")
-        batch = {STATE_KEY: state, "task": tasks}
+        batch = {STATE_KEY: self._own_state(state, tasks), "task": tasks}
         for key, value in self._camera_inputs(obs).items():
             img = self._image(key, value)
             if img.shape[0] != b:
@@ -264,14 +310,14 @@ class SmolVLAPolicyWrapper:
 
     def predict_action_chunk(self, obs: Mapping) -> torch.Tensor:
         batch, unbatched = self.to_batch(obs)
-        chunk = self._chunk(batch)
+        chunk = self._own_action(self._chunk(batch), batch["task"])
         return chunk[0] if unbatched else chunk
 
     def select_action(self, obs: Mapping) -> torch.Tensor:
         batch, unbatched = self.to_batch(obs)
         tasks = batch["task"]
         if self._queue is None or self._next >= self._queue.shape[1] or self._tasks != tasks:
-            self._queue = self._chunk(batch)[:, : self.n_action_steps]
+            self._queue = self._own_action(self._chunk(batch), tasks)[:, : self.n_action_steps]
             self._tasks, self._next = list(tasks), 0
         action = self._queue[:, self._next]
         self._next += 1
