@@ -114,17 +114,21 @@ def ensure_demo_inputs(cfg) -> None:
 
 
 def cmd_train(args) -> None:
+    from kuavo_train.config.loading import check_run_dir
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = _run_config(args.overrides, args.config_dir)
+    check_run_dir(cfg.run_dir)
     ensure_demo_inputs(cfg)
     Pipeline(cfg).run()
 
 
 def cmd_demo(args) -> None:
+    from kuavo_train.config.loading import check_run_dir
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
+    check_run_dir(cfg.run_dir)
     ensure_demo_inputs(cfg)
     Pipeline(cfg).run()
     _after_training(cfg)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, parse_run_config
+from kuavo_train.config.schema import BASE_FILE, ConfigError, ConfigSyntaxError, RunConfig, parse_run_config
 
 CONFIG_NAME = "smolvla_sequential_base"
 
@@ -29,9 +31,68 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+    except yaml.YAMLError as exc:  # a config file that is not YAML (OmegaConf.load raises PyYAML's error as is)
+        raise yaml_syntax_error(exc) from None
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("overrides", BASE_FILE, first) from None
+
+
+def yaml_syntax_error(exc: yaml.YAMLError, path: str | Path | None = None) -> ConfigSyntaxError:
+    """PyYAML's multi-line error as one line naming the file and the line."""
+    mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+    problem_mark = getattr(exc, "problem_mark", None)
+    source = str(path or (mark.name if mark is not None else "<config>"))
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    problem = ", ".join(p for p in parts if p) or str(exc).strip().splitlines()[0]
+    if problem_mark is not None and mark is not problem_mark:
+        problem += f" (at line {problem_mark.line + 1}, column {problem_mark.column + 1})"
+    elif mark is not None:
+        problem += f" (column {mark.column + 1})"
+    return ConfigSyntaxError(source, mark.line + 1 if mark is not None else None, problem)
+
+
+def check_yaml_files(config_dirs: list[str | Path]) -> None:
+    """YAML syntax of every config file in these folders, one line naming the first bad file and line.
+
+    For the spec entry point, whose @hydra.main composes before our code runs (Hydra
+    would print the parser's traceback); the CLI catches the same error in `compose`."""
+    from omegaconf._utils import get_yaml_loader
+
+    for d in config_dirs:
+        for path in sorted(Path(d).rglob("*.yaml")):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    yaml.load(f, Loader=get_yaml_loader())
+            except yaml.YAMLError as exc:
+                raise yaml_syntax_error(exc, path) from None
+            except (OSError, UnicodeDecodeError):
+                continue  # Hydra reports unreadable files itself
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """run_dir must be (or be creatable as) a writable folder; checked before anything is written."""
+    path = Path(run_dir).expanduser().absolute()
+
+    def fail(problem: str):
+        raise ConfigError("run_dir", BASE_FILE, problem)
+
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except OSError:  # e.g. a parent we may not search: reported below as not writable
+            return False
+
+    if exists(path) and not path.is_dir():
+        fail(f"{run_dir} is an existing file, not a folder")
+    existing = path
+    while not exists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"cannot create {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"{run_dir} is" if existing == path else f"cannot create {run_dir}: {existing} is"
+        fail(f"{what} not writable (read-only)")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -10,22 +10,36 @@ name our files, hence the small hand-written checker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kuavo_train.errors import KuavoError
+
+log = logging.getLogger(__name__)
+
 BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
 STRATEGIES = ("sequential_spec", "sequential_naive", "joint")
 
 
-class ConfigError(ValueError):
+class ConfigError(KuavoError):
     """A bad config value. `str()` is the one line shown to the user."""
 
     def __init__(self, field_path: str, source: str, problem: str):
         self.field_path = field_path
         self.source = source
         super().__init__(f"config error: {field_path}: {problem} (in {source} or its overrides)")
+
+
+class ConfigSyntaxError(ConfigError):
+    """A config file that is not valid YAML: `str()` names the file and the line."""
+
+    def __init__(self, source: str, line: int | None, problem: str):
+        self.field_path, self.source, self.line = None, source, line
+        where = f"{source}, line {line}" if line is not None else source
+        KuavoError.__init__(self, f"config error: {where}: YAML syntax error: {problem}")
 
 
 @dataclass(frozen=True)
@@ -353,8 +367,17 @@ def validate(cfg: RunConfig) -> None:
         _fail("feature_cache.max_gb", f"must be >= 0, got {cfg.feature_cache.max_gb}")
     if cfg.dataloader.num_workers < 0:
         _fail("dataloader.num_workers", "must be >= 0")
-    if cfg.optimizer.grad_clip_norm <= 0:
+    if p.resize_imgs_with_padding is not None and min(p.resize_imgs_with_padding) <= 0:
+        _fail("policy.resize_imgs_with_padding", f"sizes must be > 0, got {list(p.resize_imgs_with_padding)}")
+    o = cfg.optimizer
+    if o.grad_clip_norm <= 0:
         _fail("optimizer.grad_clip_norm", "must be > 0")
+    if o.weight_decay < 0:
+        _fail("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if not all(0 <= b < 1 for b in o.betas):
+        _fail("optimizer.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    if o.eps <= 0:
+        _fail("optimizer.eps", f"must be > 0, got {o.eps}")
     if cfg.scheduler.decay_lr < 0:
         _fail("scheduler.decay_lr", "must be >= 0")
     if cfg.replay.replay_strategy != "proportional":
@@ -387,6 +410,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("learning_rate.decay_factors", f"needs one factor per task ({len(ids)})")
     for key, s in cfg.stages.items():
         sp = f"stages.{key}"
+        if not s.instruction.strip():
+            _fail(f"{sp}.instruction", f"must not be empty or blank, got {s.instruction!r} (the policy is conditioned on it)")
         if s.max_epoch <= 0:
             _fail(f"{sp}.max_epoch", "must be > 0")
         if s.optimizer_lr is not None and s.optimizer_lr <= 0:
@@ -416,7 +441,29 @@ def validate(cfg: RunConfig) -> None:
         tr, va = s.dataset.train_episodes, s.dataset.val_episodes
         if tr and va and tr[0] < va[1] and va[0] < tr[1]:
             _fail(f"{sp}.dataset.val_episodes", f"{list(va)} overlaps train_episodes {list(tr)}: validation must be held out")
+    for s in cfg.ordered_stages():
+        lr = cfg.lr_for(s)
+        if cfg.scheduler.decay_lr >= lr:
+            _fail("scheduler.decay_lr", f"{cfg.scheduler.decay_lr:g} >= the learning rate {lr:g} of stage {s.name}: "
+                  "the cosine schedule would climb to it instead of decaying (decay_lr must be below every stage's lr)")
     if cfg.task != "all":
         stage_name = Path(cfg.task).name.removesuffix(".yaml")
         if stage_name not in cfg.stages:
             _fail("task", f"unknown task {cfg.task!r} (known: all, {', '.join('tasks/' + k for k in cfg.stages)})")
+    _warn_unnormalised_replay(cfg)
+
+
+def _warn_unnormalised_replay(cfg: RunConfig) -> None:
+    """Replay shares that do not sum to 1 are used renormalised: say so, once, in one line."""
+    if cfg.strategy == "sequential_naive" or not cfg.replay.use_replay_buffer:
+        return  # the shares are not used
+    off = [(s, sum(s.replay_weights.values())) for s in cfg.ordered_stages()]
+    off = [(s, total) for s, total in off if not math.isclose(total, 1.0, abs_tol=1e-4)]
+    if off:
+        log.warning("config warning: replay shares renormalised to sum to 1: %s",
+                    "; ".join(f"stages.{s.name}.replay_weights sum to {total:g} ({_source_of('stages.' + s.name)}), "
+                              f"used as {_shares(cfg.replay_weights_for(s))}" for s, total in off))
+
+
+def _shares(weights: dict[int, float]) -> str:
+    return "{" + ", ".join(f"{t}: {w:.3g}" for t, w in weights.items()) + "}"

@@ -41,12 +41,16 @@ def instruction_token_report(vlm_model_name: str, stages: list[StageConfig], max
     return out
 
 
-def check_instructions(vlm_model_name: str, stages: list[StageConfig], max_length: int) -> dict[str, dict]:
-    report = instruction_token_report(vlm_model_name, stages, max_length)
+def warn_truncated(report: dict[str, dict], max_length: int) -> None:
     for name, r in report.items():
         if not r["kept"]:
             log.warning("instruction of %s has %d tokens; the tokenizer keeps %d (policy.tokenizer_max_length): "
                         "the model only sees %r", name, r["tokens"], max_length, r["kept_text"])
+
+
+def check_instructions(vlm_model_name: str, stages: list[StageConfig], max_length: int) -> dict[str, dict]:
+    """Refuse instructions that truncation makes identical; the warnings for cut ones come once the log is set up."""
+    report = instruction_token_report(vlm_model_name, stages, max_length)
     seen = {}
     for name, r in report.items():
         if r["kept_text"] in seen:
@@ -76,6 +80,10 @@ class Pipeline:
     def prepare(self) -> None:
         """All checks; raises one-line errors and writes nothing."""
         cfg = self.cfg
+        if cfg.strategy != "joint":  # a stage resuming from another needs it complete or trained first
+            from kuavo_train.training.run_state import check_resume_sources
+
+            check_resume_sources(cfg, self.stages_to_run(), self.run_dir)
         self.tasks: dict[int, TaskData] = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
         check_compatible(list(self.tasks.values()))
         self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
@@ -113,13 +121,21 @@ class Pipeline:
         self.prepare()
         cfg = self.cfg
         acc = make_accelerator(cfg)
+        # Several processes (accelerate launch): the main one writes run.json, stats, logs and
+        # checkpoints; the others wait at barriers and re-read what it wrote.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _log_to_file(self.run_dir / "train.log")
+        if acc.is_main_process:
+            _log_to_file(self.run_dir / "train.log")
+            warn_truncated(self.token_report, cfg.policy.tokenizer_max_length)
+        else:
+            logging.getLogger().setLevel(logging.WARNING)
         state = RunState.load(self.run_dir)
         if acc.is_main_process:
             state.data.update(config=cfg.to_dict(), instructions=self.token_report, command=sys.argv,
-                              features=self.space.to_json())
+                              features=self.space.to_json(), num_processes=acc.num_processes)
             state.save()
+            self.load_or_compute_stats(state)
+        acc.wait_for_everyone()
         stats = self.load_or_compute_stats(state)
         self.joint = None
         if cfg.strategy == "joint":
@@ -135,14 +151,19 @@ class Pipeline:
                 if state.is_complete(stage.name):
                     log.info("stage %d %s is complete already: skipped", stage.task_id, stage.name)
                     continue
-                _drop_unsaved_validation(self.run_dir, stage)
+                if acc.is_main_process:
+                    _drop_unsaved_validation(self.run_dir, stage)
+                acc.wait_for_everyone()
                 StageTrainer(cfg, stage, self.tasks, stats, state, acc, writer, space=self.space,
                              samples_per_epoch=self.joint.samples_per_epoch if self.joint else None).run()
+                acc.wait_for_everyone()
+                state.reload()  # every process sees the stage complete, as the main process wrote it
                 log.info("stage %d %s complete: %s", stage.task_id, stage.name, state.final_checkpoint(stage.name))
                 if cfg.evaluation.after_each_stage and acc.is_main_process:
                     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
                     evaluate_run(cfg)
+                acc.wait_for_everyone()
         finally:
             if writer is not None:
                 writer.close()

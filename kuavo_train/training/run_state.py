@@ -6,11 +6,37 @@ import json
 import os
 from pathlib import Path
 
+from kuavo_train.errors import KuavoError
+
 RUN_FILE = "run.json"
 
 
 class RunNotFoundError(ValueError):
     """A folder that is not a kuavo_train run directory; `str()` is one line."""
+
+
+class ResumeSourceError(KuavoError):
+    """A stage would start from an earlier stage's model that this run does not have."""
+
+
+def check_resume_sources(cfg, stages_to_run: list, run_dir: Path) -> None:
+    """Every stage that resumes from another stage's model (resume_from: task) needs that
+    stage complete in `run.json` or trained earlier by this invocation; checked before
+    anything is written."""
+    state = RunState.load(run_dir)
+    planned = [s.name for s in stages_to_run]
+    for i, stage in enumerate(stages_to_run):
+        if stage.resume_from != "task" or state.is_complete(stage.name):
+            continue
+        source = cfg.stage_by_id(stage.resume_task_id)
+        if state.is_complete(source.name) or source.name in planned[:i]:
+            continue
+        where = f"{Path(run_dir) / RUN_FILE}" if (Path(run_dir) / RUN_FILE).is_file() else f"{run_dir} (no {RUN_FILE} yet)"
+        raise ResumeSourceError(
+            f"stages.{stage.name}.resume_task_id: stage {stage.name} starts from task {stage.resume_task_id} "
+            f"({source.name})'s final model, which is not complete in {where} and not trained first by task={cfg.task}: "
+            f"train it first (task=tasks/{source.name} or task=all) (in configs/policy/tasks/{stage.name}.yaml)"
+        )
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -36,6 +62,10 @@ class RunState:
         if not (Path(run_dir) / RUN_FILE).is_file():
             raise RunNotFoundError(f"{run_dir} is not a kuavo_train run directory (no {RUN_FILE}; train first)")
         return cls.load(run_dir)
+
+    def reload(self) -> None:
+        """Re-read run.json (another process, the main one, may have written it)."""
+        self.data = RunState.load(self.run_dir).data
 
     def save(self) -> None:
         write_json_atomic(self.run_dir / RUN_FILE, self.data)

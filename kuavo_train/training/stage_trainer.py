@@ -213,6 +213,9 @@ class StageTrainer:
         ref_losses = self._reference_losses()
         start_epoch = step // steps_per_epoch
         val_losses: dict[int, float] = {}
+        # What this process trained on: its sample count, and which (task, frame) pairs in its
+        # first epoch, so that the run records how the replay plan was split across processes.
+        seen, first_epoch = 0, []
         policy.train()
         for epoch in range(start_epoch, stage.max_epoch):
             # Through the prepared loader: accelerate re-sets the sampler's epoch from its own
@@ -221,6 +224,9 @@ class StageTrainer:
             bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
                        disable=not (self.main and cfg.logging.progress_bars), leave=False, dynamic_ncols=True)
             for raw in bar:
+                seen += len(raw["task"])
+                if epoch == start_epoch:
+                    first_epoch += list(zip(raw["task_id"].tolist(), raw["index"].tolist()))
                 torch.manual_seed(step_seed(cfg.seed, stage.task_id, step))
                 batch = preprocessor(dict(raw))
                 with self.acc.autocast(), serving(cache, raw, batch):
@@ -260,14 +266,25 @@ class StageTrainer:
                     ckpt.copy_checkpoint(last, self.ckpt_dir / f"{step:06d}")
             self.acc.wait_for_everyone()
         final = self.ckpt_dir / "last"
+        sharding = self._sharding(seen, first_epoch)
         if cache is not None:
             log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.stats.summary())
             cache.detach()
         if self.main:
-            self.run_state.update_stage(stage.name, status="complete",
+            self.run_state.update_stage(stage.name, status="complete", **sharding,
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
         return StageResult(final, total_steps, val_losses)
+
+    def _sharding(self, seen: int, first_epoch: list) -> dict:
+        """Per-process sample counts and the first epoch's overlap, gathered on every process."""
+        from accelerate.utils import gather_object
+
+        counts = gather_object([seen])
+        pairs = gather_object([first_epoch])
+        flat = [tuple(p) for part in pairs for p in part]
+        return {"samples_per_process": counts, "first_epoch_samples": len(flat),
+                "first_epoch_distinct_samples": len(set(flat))}
 
     def trained_tasks(self) -> list[dict]:
         """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper, with each

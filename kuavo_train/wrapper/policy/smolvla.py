@@ -75,6 +75,27 @@ def resolve_pretrained_dir(path) -> Path:
     )
 
 
+def unknown_instruction_message(instruction: str, known: Mapping[str, str]) -> str:
+    """One line: the refused instruction whole, and the first character where it differs from
+    the closest known one (by similarity), marked with `^` in that instruction."""
+    msg = f"task: {instruction!r} is not an instruction this model was trained on"
+    if not known:
+        return msg
+    import difflib
+
+    name, closest = max(known.items(), key=lambda kv: difflib.SequenceMatcher(None, instruction, kv[1]).ratio())
+    i = next((k for k, (a, b) in enumerate(zip(instruction, closest)) if a != b), min(len(instruction), len(closest)))
+    lo, hi = max(0, i - 30), i + 30
+    shown = ("..." if lo else "") + closest[lo:i] + "^" + closest[i:hi] + ("..." if hi < len(closest) else "")
+    if i < min(len(instruction), len(closest)):
+        how = f"differs from {name}'s at character {i + 1} ({instruction[i]!r} instead of {closest[i]!r})"
+    elif i == len(instruction):
+        how = f"stops at character {i + 1} where {name}'s goes on"
+    else:
+        how = f"goes on at character {i + 1} where {name}'s ends"
+    return f"{msg}; closest: it {how}: {shown!r}"
+
+
 class SmolVLAPolicyWrapper:
     def __init__(self, policy, preprocessor, postprocessor, *, tasks: list[dict], source: Path,
                  allow_unknown_instructions: bool = False, strict_image_size: bool = True, seed: int | None = None):
@@ -255,11 +276,16 @@ class SmolVLAPolicyWrapper:
             if t in known:
                 continue
             if not self.allow_unknown_instructions:
-                raise UnknownInstructionError(f"task: {t[:60]!r} is not an instruction this model was trained on (known: {self._known()})")
+                raise UnknownInstructionError(unknown_instruction_message(t, self._named_instructions()) +
+                                              f" (known: {self._known()})")
             if t not in self._warned:
                 self._warned.add(t)
-                log.warning("instruction %r was not trained on by this checkpoint", t[:60])
+                log.warning("%s; used anyway (allow_unknown_instructions)",
+                            unknown_instruction_message(t, self._named_instructions()).removeprefix("task: "))
         return tasks
+
+    def _named_instructions(self) -> dict[str, str]:
+        return {t.get("name", f"task {i + 1}"): t["instruction"] for i, t in enumerate(self.tasks)}
 
     def _known(self) -> str:
         return "; ".join(repr(i[:60] + ("..." if len(i) > 60 else "")) for i in self.instructions) or "none recorded"

@@ -1,0 +1,280 @@
+"""Bad inputs that the config alone reveals: exit code 2, ONE line on stderr naming the field
+(or file and line) and the file, and nothing written under run_dir.
+
+Value checks run in-process through `load_run_config`; the cases that involve the file
+system or the run state (YAML syntax, run_dir, a stage resuming from an untrained one) go
+through the real `kuavo-train` CLI and the spec's entry point in subprocesses."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import REPO, TASK_NAMES, tiny_overrides
+
+from kuavo_train.config.loading import check_run_dir, load_run_config
+from kuavo_train.config.schema import ConfigError
+from kuavo_train.errors import KuavoError
+
+SPEC_SCRIPT = ["kuavo_train/train_smolvla_sequential.py", "--config-path=../configs/policy", "--config-name=smolvla_sequential_base"]
+CLI = ["-m", "kuavo_train.cli.main"]
+TASK2_FILE = "configs/policy/tasks/task2_weighing.yaml"
+BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
+
+
+def _run(python_exe, *args):
+    return subprocess.run([python_exe, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _one_line_error(r, run_dir) -> str:
+    """Exit code 2, one line on stderr, no traceback, run_dir not created; returns the line."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not run_dir.exists()
+    return lines[0]
+
+
+# ---- values: in-process -----------------------------------------------------------------------
+
+BAD_VALUES = [
+    # 1. empty or blank instruction
+    (["stages.task2_weighing.instruction=''"], "stages.task2_weighing.instruction: must not be empty or blank, got ''", TASK2_FILE),
+    (["stages.task2_weighing.instruction='   '"], "stages.task2_weighing.instruction: must not be empty or blank, got '   '", TASK2_FILE),
+    # 2. decay_lr at or above a stage's lr (demo lrs: 1e-3, 7e-4, 5e-4, 4e-4)
+    (["scheduler.decay_lr=5e-4"], "scheduler.decay_lr: 0.0005 >= the learning rate 0.0005 of stage task3_placement", BASE_FILE),
+    (["scheduler.decay_lr=2e-3"], "scheduler.decay_lr: 0.002 >= the learning rate 0.001 of stage task1_moving_grasp", BASE_FILE),
+    (["stages.task4_sorting.optimizer_lr=1e-6"], "scheduler.decay_lr: 1e-06 >= the learning rate 1e-06 of stage task4_sorting", BASE_FILE),
+    # 6. policy / optimizer values
+    (["policy.resize_imgs_with_padding=[0,0]"], "policy.resize_imgs_with_padding: sizes must be > 0, got [0, 0]", BASE_FILE),
+    (["optimizer.weight_decay=-1"], "optimizer.weight_decay: must be >= 0, got -1.0", BASE_FILE),
+    (["optimizer.betas=[1.5,0.999]"], "optimizer.betas: each must be in [0, 1), got [1.5, 0.999]", BASE_FILE),
+    (["optimizer.betas=[0.9,1.0]"], "optimizer.betas: each must be in [0, 1), got [0.9, 1.0]", BASE_FILE),
+    (["optimizer.eps=0"], "optimizer.eps: must be > 0, got 0.0", BASE_FILE),
+    (["optimizer.eps=-1e-8"], "optimizer.eps: must be > 0, got -1e-08", BASE_FILE),
+]
+
+
+@pytest.mark.parametrize("overrides,message,source", BAD_VALUES, ids=[" ".join(o) for o, _, _ in BAD_VALUES])
+def test_bad_value_is_a_one_line_config_error(overrides, message, source):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["profile=demo", *overrides])
+    msg = str(e.value)
+    assert isinstance(e.value, KuavoError)
+    assert "\n" not in msg and message in msg and source in msg, msg
+
+
+def test_decay_lr_below_every_stage_lr_is_fine():
+    cfg = load_run_config(["profile=demo", "scheduler.decay_lr=3.9e-4"])
+    assert cfg.scheduler.decay_lr < min(cfg.lr_for(s) for s in cfg.ordered_stages())
+
+
+def test_blank_instruction_through_the_cli(python_exe, tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "stages.task2_weighing.instruction='  '"))
+    msg = _one_line_error(r, run_dir)
+    assert "stages.task2_weighing.instruction: must not be empty or blank" in msg and "task2_weighing.yaml" in msg
+
+
+def test_decay_lr_through_the_spec_entry_point(python_exe, tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    r = _run(python_exe, *SPEC_SCRIPT, *tiny_overrides(run_dir, demo_base, demo_data, "scheduler.decay_lr=7e-4"))
+    msg = _one_line_error(r, run_dir)
+    assert "scheduler.decay_lr: 0.0007 >= the learning rate 0.0007 of stage task2_weighing" in msg and BASE_FILE in msg
+
+
+# ---- 3. replay shares that do not sum to 1: accepted, renormalised, one warning line -----------
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("kuavo_train")]
+
+
+def test_replay_shares_not_summing_to_one_warn_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="kuavo_train"):
+        cfg = load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7"])
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "stages.task2_weighing.replay_weights sum to 1.5" in warnings[0] and "task2_weighing.yaml" in warnings[0]
+    assert cfg.replay_weights_for(cfg.stages["task2_weighing"]) == pytest.approx({1: 0.7 / 1.5, 2: 0.8 / 1.5})
+
+
+def test_several_stages_off_still_one_warning_and_none_for_the_defaults(caplog):
+    with caplog.at_level(logging.WARNING, logger="kuavo_train"):
+        load_run_config(["profile=demo"])
+        load_run_config([])  # the spec's shares: 0.1 + 0.2 + 0.7 has float noise, no warning
+        assert not _warnings(caplog)
+        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "stages.task4_sorting.replay_weights.4=0.1"])
+    assert len(_warnings(caplog)) == 1
+    msg = _warnings(caplog)[0]
+    assert "task2_weighing.replay_weights sum to 1.5" in msg and "task4_sorting.replay_weights sum to 0.5" in msg
+
+
+def test_no_replay_warning_when_shares_are_not_used(caplog):
+    with caplog.at_level(logging.WARNING, logger="kuavo_train"):
+        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "strategy=sequential_naive"])
+        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "replay.use_replay_buffer=false"])
+    assert not _warnings(caplog)
+
+
+# ---- 4. YAML syntax error in a task file: real CLI and spec entry point ---------------------------
+
+@pytest.fixture
+def broken_configs(tmp_path):
+    cfg_dir = tmp_path / "configs"
+    shutil.copytree(REPO / "configs" / "policy", cfg_dir)
+    task2 = cfg_dir / "tasks" / "task2_weighing.yaml"
+    lines = task2.read_text().splitlines()
+    line_no = next(i for i, ln in enumerate(lines) if ln.startswith("max_epoch:")) + 1
+    lines[line_no - 1] = "max_epoch: [1"
+    task2.write_text("\n".join(lines) + "\n")
+    return cfg_dir, task2, line_no
+
+
+def test_yaml_syntax_error_cli(python_exe, tmp_path, demo_base, demo_data, broken_configs):
+    cfg_dir, task2, line_no = broken_configs
+    run_dir = tmp_path / "run"
+    r = _run(python_exe, *CLI, "--config-dir", str(cfg_dir), "train", *tiny_overrides(run_dir, demo_base, demo_data))
+    msg = _one_line_error(r, run_dir)
+    assert f"{task2}, line {line_no}: YAML syntax error" in msg, msg
+
+
+def test_yaml_syntax_error_spec_entry_point(python_exe, tmp_path, demo_base, demo_data, broken_configs):
+    cfg_dir, task2, line_no = broken_configs
+    run_dir = tmp_path / "run"
+    r = _run(python_exe, SPEC_SCRIPT[0], f"--config-path={cfg_dir}", SPEC_SCRIPT[2], *tiny_overrides(run_dir, demo_base, demo_data))
+    msg = _one_line_error(r, run_dir)
+    assert f"{task2}, line {line_no}: YAML syntax error" in msg, msg
+
+
+def test_yaml_syntax_error_in_process(broken_configs):
+    cfg_dir, task2, line_no = broken_configs
+    with pytest.raises(ConfigError, match=f"line {line_no}: YAML syntax error"):
+        load_run_config([], cfg_dir)
+
+
+# ---- 5. run_dir that cannot be a writable folder ---------------------------------------------------
+
+def test_run_dir_under_a_file_cli(python_exe, tmp_path, demo_base, demo_data):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    run_dir = a_file / "sub"
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data))
+    msg = _one_line_error(r, run_dir)
+    assert f"run_dir: cannot create {run_dir}: {a_file} is a file, not a folder" in msg and BASE_FILE in msg
+    assert a_file.read_text() == "not a folder\n"
+
+
+def test_run_dir_is_an_existing_file_spec_entry_point(python_exe, tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    run_dir.write_text("a file\n")
+    r = _run(python_exe, *SPEC_SCRIPT, *tiny_overrides(run_dir, demo_base, demo_data))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert f"run_dir: {run_dir} is an existing file, not a folder" in r.stderr and BASE_FILE in r.stderr
+    assert run_dir.read_text() == "a file\n" and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into chmod 555 folders, so a read-only folder cannot be simulated")
+def test_run_dir_in_a_read_only_folder_cli(python_exe, tmp_path, demo_base, demo_data):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        run_dir = ro / "run"
+        r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data))
+        msg = _one_line_error(r, run_dir)
+        assert f"run_dir: cannot create {run_dir}: {ro} is not writable" in msg
+        with pytest.raises(ConfigError, match="run_dir: .* is not writable"):
+            check_run_dir(ro)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_run_dir_checks_in_process(tmp_path):
+    check_run_dir(tmp_path / "new" / "deeper")  # creatable: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    check_run_dir(tmp_path)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        check_run_dir(tmp_path / "f")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_run_dir(tmp_path / "f" / "a" / "b")
+
+
+# ---- 7. a stage resuming from a stage this run never trained ----------------------------------------
+
+def test_stage_resuming_from_untrained_stage_cli(python_exe, tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "task=tasks/task2_weighing"))
+    msg = _one_line_error(r, run_dir)
+    assert "stages.task2_weighing.resume_task_id: stage task2_weighing starts from task 1 (task1_moving_grasp)" in msg, msg
+    assert "task=tasks/task1_moving_grasp or task=all" in msg and "task2_weighing.yaml" in msg
+
+
+def _write_run_json(run_dir, complete):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = {name: {"task_id": TASK_NAMES.index(name) + 1, "status": "complete", "final_checkpoint": f"{name}/final"}
+              for name in complete}
+    (run_dir / "run.json").write_text(json.dumps({"stages": stages}))
+
+
+def test_resume_sources_against_run_json(tmp_path):
+    from kuavo_train.training.run_state import ResumeSourceError, check_resume_sources
+
+    def check(task, run_dir):
+        cfg = load_run_config(["profile=demo", f"task={task}", f"run_dir={run_dir}"])
+        stages = cfg.ordered_stages() if task == "all" else [cfg.stages[task.split("/")[-1]]]
+        check_resume_sources(cfg, stages, run_dir)
+
+    fresh = tmp_path / "fresh"
+    check("all", fresh)  # every source is trained first by this invocation
+    check("tasks/task1_moving_grasp", fresh)  # starts from the pretrained model
+    _write_run_json(tmp_path / "one", ["task1_moving_grasp"])
+    with pytest.raises(ResumeSourceError, match=r"task 2 \(task2_weighing\)'s final model, which is not complete in .*run.json"):
+        check("tasks/task3_placement", tmp_path / "one")
+    check("tasks/task2_weighing", tmp_path / "one")
+    assert not fresh.exists()
+
+
+# ---- 8. the inference wrapper's refusal of an unknown instruction --------------------------------------
+
+def _known():
+    cfg = load_run_config(["profile=demo"])
+    return {s.name: s.instruction for s in cfg.ordered_stages()}
+
+
+def test_unknown_instruction_message_shows_it_whole_and_marks_the_first_difference():
+    from kuavo_train.wrapper.policy.smolvla import unknown_instruction_message
+
+    known = _known()
+    right = known["task2_weighing"]
+    typo = right.replace("storage container", "storage containr")
+    msg = unknown_instruction_message(typo, known)
+    pos = right.index("container") + len("contain") + 1  # 1-based position of the 'e' that became 'r'
+    assert "\n" not in msg and repr(typo) in msg, msg
+    assert f"differs from task2_weighing's at character {pos} ('r' instead of 'e')" in msg, msg
+    assert "storage contain^er'" in msg, msg
+    shorter = unknown_instruction_message(right[:-len(" container")], known)
+    assert "stops at character" in shorter and "task2_weighing's goes on" in shorter and "storage^ container'" in shorter
+    longer = unknown_instruction_message(right + " now", known)
+    assert f"goes on at character {len(right) + 1} where task2_weighing's ends" in longer
+    assert unknown_instruction_message("dance", {}) == "task: 'dance' is not an instruction this model was trained on"
+
+
+def test_wrapper_refuses_unknown_instruction_in_one_line():
+    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper, UnknownInstructionError
+
+    known = _known()
+    w = SmolVLAPolicyWrapper.__new__(SmolVLAPolicyWrapper)  # only the instruction check: no model needed
+    w.tasks = [{"name": n, "instruction": i} for n, i in known.items()]
+    w.allow_unknown_instructions, w._warned = False, set()
+    assert w._instructions({"task": known["task3_placement"]}) == [known["task3_placement"]]
+    typo = known["task2_weighing"].replace("electronic scale", "electronic scales")
+    with pytest.raises(UnknownInstructionError) as e:
+        w._instructions({"task": [known["task1_moving_grasp"], typo]})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"task: {typo!r} is not an instruction") and len(typo) > 60
+    assert "differs from task2_weighing's at character" in msg and "electronic scale^, then" in msg, msg
