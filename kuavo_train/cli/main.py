@@ -192,8 +192,21 @@ def cmd_benchmark(args) -> None:
 def cmd_evaluate(args) -> None:
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
-    cfg = _run_config(args.overrides, args.config_dir)
+    if args.run is not None:
+        cfg = _config_of_run(Path(args.run))
+    else:
+        cfg = _run_config(args.overrides, args.config_dir)
     evaluate_run(cfg)
+
+
+def _config_of_run(run_dir: Path):
+    """The config a run was trained with, as recorded in its run.json."""
+    from kuavo_train.config.schema import parse_run_config
+    from kuavo_train.training.run_state import RunState
+
+    data = dict(RunState.load_existing(run_dir).data.get("config") or {})
+    data["run_dir"] = str(run_dir)
+    return parse_run_config(data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "the full pipeline on the embedded offline default")
     add("train", cmd_train, "the sequential pipeline (task=all or task=tasks/<name>)")
-    add("evaluate", cmd_evaluate, "forgetting matrices and report of a run")
+    e = add("evaluate", cmd_evaluate, "forgetting matrices and report of a run (--run DIR, or the overrides that trained it)")
+    e.add_argument("--run", default=None, help="run directory: its recorded config is used")
     b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base")
     b.add_argument("--out", default=None)
     b.add_argument("--overwrite", action="store_true")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,7 +224,8 @@ class StageTrainer:
             # iteration counter at every __iter__, which restarts at 0 in a resumed process.
             loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
-                       disable=not (self.main and cfg.logging.progress_bars), leave=False, dynamic_ncols=True)
+                       disable=not self._bars(), leave=False, dynamic_ncols=True)
+            epoch_loss, epoch_steps, t0 = 0.0, 0, time.perf_counter()
             for raw in bar:
                 seen += len(raw["task"])
                 if epoch == start_epoch:
@@ -237,6 +240,7 @@ class StageTrainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                epoch_loss, epoch_steps = epoch_loss + float(loss.detach()), epoch_steps + 1
                 if self.main and (step % cfg.logging.log_freq_steps == 0 or step == total_steps):
                     lr = scheduler.get_last_lr()[0]
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
@@ -248,6 +252,10 @@ class StageTrainer:
                         self.writer.add_scalar("train/stage", stage.task_id, gs)
             bar.close()
             done = epoch + 1
+            # one line per epoch: what a log file (or a terminal without bars) keeps of the progress
+            log.info("stage %d epoch %d/%d: %d steps, mean loss %.4f, lr %.2e, %.2f steps/s", stage.task_id, done,
+                     stage.max_epoch, epoch_steps, epoch_loss / max(epoch_steps, 1), scheduler.get_last_lr()[0],
+                     epoch_steps / max(time.perf_counter() - t0, 1e-9))
             meta = {"stage": stage.task_id, "task": stage.name, "epoch": done, "max_epoch": stage.max_epoch}
             if done % cfg.validation.validation_freq_epoch == 0 or done == stage.max_epoch:
                 val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset,
@@ -275,6 +283,10 @@ class StageTrainer:
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
         return StageResult(final, total_steps, val_losses)
+
+    def _bars(self) -> bool:
+        """Progress bars only in a terminal: in a log file they are thousands of carriage-return updates."""
+        return self.main and self.cfg.logging.progress_bars and sys.stderr.isatty()
 
     def _sharding(self, seen: int, first_epoch: list) -> dict:
         """Per-process sample counts and the first epoch's overlap, gathered on every process."""
@@ -315,7 +327,7 @@ class StageTrainer:
         cfg = self.cfg
         losses = {}
         for tid, (ds, idx) in tqdm(list(val_sets.items()), desc="validation", leave=False,
-                                   disable=not (self.main and cfg.logging.progress_bars)):
+                                   disable=not self._bars()):
             losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
                                           batch_size=cfg.validation.batch_size, device=self.acc.device,
                                           feature_cache=cache)
