@@ -90,3 +90,57 @@ def final_pretrained(run_dir: Path, name: str) -> Path:
 
     state = json.loads((run_dir / "run.json").read_text())
     return run_dir / state["stages"][name]["final_checkpoint"] / "pretrained_model"
+
+
+# --- Kuavo ROS1 bags (kuavo-train convert rosbag) ---------------------------------------------
+# Per task: hand kind and whether the base walks (task 4: 20-dim action). 5 episodes of 40 frames
+# (140 head-camera frames at 30 Hz, sample_drop 10 at each end, every 3rd kept); the last 2 are `val`.
+BAG_TASKS = {
+    "task1_moving_grasp": ("leju_claw", True),
+    "task2_weighing": ("rq2f85", True),
+    "task3_placement": ("dexhand", True),
+    "task4_sorting": ("leju_claw", False),
+}
+BAG_EPISODES, BAG_VAL_EPISODES, BAG_HEAD_FRAMES, BAG_FRAMES = 5, 2, 140, 40
+
+
+def task_instruction(task: str) -> str:
+    """The spec's instruction of a task, from its stage config."""
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "policy" / "tasks" / f"{task}.yaml").read_text())["instruction"]
+
+
+def bag_topic_map(task: str):
+    """The default topic map, set up for one synthetic task (64x48 images kept as recorded)."""
+    from kuavo_train.data.rosbag.topic_map import TopicMap
+
+    hand, only_arm = BAG_TASKS[task]
+    return TopicMap(image_size=None, instruction=task_instruction(task), only_arm=only_arm, hand={"kind": hand},
+                    split={"val_episodes": BAG_VAL_EPISODES})
+
+
+@pytest.fixture(scope="session")
+def kuavo_bags(tmp_path_factory) -> dict:
+    """{task: [SyntheticBag, ...]}: realistic synthetic Kuavo recordings, seeds 0..4."""
+    from kuavo_train.data.rosbag.synthetic import write_synthetic_bag
+
+    root = tmp_path_factory.mktemp("kuavo_bags")
+    return {task: [write_synthetic_bag(root / task / f"{task}_{i:02d}.bag", task=task, hand_kind=hand, only_arm=only_arm,
+                                       n_frames=BAG_HEAD_FRAMES, seed=i) for i in range(BAG_EPISODES)]
+            for task, (hand, only_arm) in BAG_TASKS.items()}
+
+
+@pytest.fixture(scope="session")
+def kuavo_bag_datasets(tmp_path_factory, kuavo_bags) -> dict:
+    """{task: dataset root}: the four tasks' bags converted to LeRobot v3.0 (video), repo_id kuavo/<task>."""
+    from kuavo_train.data.rosbag.convert import convert_bags
+
+    out = tmp_path_factory.mktemp("kuavo_bag_datasets")
+    roots = {}
+    for task, bags in kuavo_bags.items():
+        result = convert_bags([b.path for b in bags], out / task, bag_topic_map(task), repo_id=f"kuavo/{task}",
+                              progress=False)
+        assert not result.failures, result.failures
+        roots[task] = result.out
+    return roots

@@ -20,10 +20,22 @@ is written); 2 bad arguments or topic map, or no bag converted (nothing written)
 
 
 def cmd_rosbag(args) -> None:
+    from kuavo_train.data.rosbag.topic_map import RosbagError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on a model hub
+    try:
+        _convert(args)
+    except RosbagError as exc:  # the same line as cli/errors.py, without importing the training stack first
+        from kuavo_train.cli.errors import EXIT_USER_ERROR
+
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _convert(args) -> None:
     from kuavo_train.data.rosbag.convert import NothingConverted, convert_bags, find_bags
     from kuavo_train.data.rosbag.topic_map import RosbagError, load_topic_map
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on a model hub
     tmap = load_topic_map(args.map)
     updates = {}
     if args.instruction is not None:
@@ -32,7 +44,7 @@ def cmd_rosbag(args) -> None:
         updates["split.val_fraction"] = args.val_fraction
         updates["split.val_episodes"] = None
     if updates:
-        tmap = tmap.with_overrides(**updates)
+        tmap = tmap.with_overrides("the command-line options", **updates)
     if args.jobs < 1:
         raise RosbagError(f"rosbag error: --jobs must be >= 1 (got {args.jobs})")
     bags = find_bags(args.bags)
@@ -48,6 +60,8 @@ def cmd_rosbag(args) -> None:
         print(f"note: {bag}: {note}")
     for f in result.failures:
         print(f"failed: {f.bag}: {f.reason}", file=sys.stderr)
+    if "val" not in result.splits:
+        print("note: no val split (one episode, or --val-fraction 0): set val_episodes in the task config to train on it")
     splits = ", ".join(f"{k} {v}" for k, v in result.splits.items())
     print(f"dataset: {result.out} (repo_id {result.repo_id}): {len(result.episodes)} episodes, {result.frames} frames at "
           f"{result.fps} fps; splits {splits}; {len(result.failures)} of {len(bags)} bags failed; {result.seconds:.1f} s")

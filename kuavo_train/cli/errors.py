@@ -46,7 +46,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def one_line_errors():
     try:
         yield
-    except user_error_types() as exc:
+    except Exception as exc:  # not `except user_error_types()`: that would import torch on every exit
+        if not isinstance(exc, user_error_types()):
+            raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
