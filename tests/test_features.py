@@ -144,3 +144,24 @@ def _loss_stock(policy, pre, raw, *, reduction):
     noise = torch.randn(n, cfg.chunk_size, cfg.max_action_dim, generator=g)
     time = torch.rand(n, generator=g) * 0.9 + 0.05
     return SmolVLAPolicy.forward(policy, pre(dict(raw)), noise=noise, time=time, reduction=reduction)[0]
+
+
+def test_cameras_per_task_default_rgb_optin_depth_and_refusal():
+    from types import SimpleNamespace
+
+    from kuavo_train.data.task_data import resolve_cameras
+
+    have = ("observation.images.head_cam_h", "observation.images.wrist_cam_l", "observation.depth_h")
+    stage = SimpleNamespace(name="task4_sorting", cameras=None)
+    assert resolve_cameras(stage, have, Path("/d/4"), "t4.yaml") == {
+        "observation.images.head_cam_h": "observation.images.head_cam_h",
+        "observation.images.wrist_cam_l": "observation.images.wrist_cam_l"}
+    stage.cameras = {"head": "head_cam_h", "depth_h": "observation.depth_h"}
+    assert resolve_cameras(stage, have, Path("/d/4"), "t4.yaml") == {
+        "observation.images.head": "observation.images.head_cam_h", "observation.images.depth_h": "observation.depth_h"}
+    stage.cameras = {"wrist_cam_r": "wrist_cam_r"}
+    with pytest.raises(DataError) as err:
+        resolve_cameras(stage, have, Path("/d/4"), "t4.yaml")
+    msg = str(err.value)
+    assert "stages.task4_sorting.cameras.wrist_cam_r" in msg and "'wrist_cam_r'" in msg and "head_cam_h" in msg
+    assert "\n" not in msg
