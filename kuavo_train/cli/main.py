@@ -9,6 +9,7 @@
     kuavo-train compare [overrides]  sequential_spec vs sequential_naive vs joint, side by side
     kuavo-train benchmark metaworld  the strategies on MetaWorld v3 tasks, judged closed loop in the simulator
     kuavo-train convert rosbag|v21   Kuavo rosbags or LeRobot v2.1 datasets -> LeRobot v3.0 datasets
+    kuavo-train register-vlm PATH    make a checkpoint's bundled tiny VLM loadable by stock LeRobot on this machine
 
 Config overrides are Hydra's `key=value` syntax, e.g. `profile=demo seed=3`.
 """
@@ -189,6 +190,15 @@ def cmd_benchmark(args) -> None:
     print(f"benchmark: {spec.out_dir / 'benchmark.md'} (and benchmark.json; one run directory per seed and strategy)")
 
 
+def cmd_register_vlm(args) -> None:
+    from kuavo_train.policy import factory
+    from kuavo_train.wrapper.policy.smolvla import resolve_pretrained_dir
+
+    pretrained = resolve_pretrained_dir(args.path)
+    cfg = factory.read_pretrained_config(pretrained)  # registers a bundled VLM in this machine's model cache
+    print(f"{pretrained}: VLM {cfg.vlm_model_name} is resolvable on this machine (stock LeRobot can load it now)")
+
+
 def cmd_evaluate(args) -> None:
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
@@ -209,15 +219,34 @@ def _config_of_run(run_dir: Path):
     return parse_run_config(data)
 
 
+OVERRIDES_HELP = """\
+common overrides (Hydra key=value; any config field works, see configs/policy/):
+  profile=demo                    the embedded offline default (tiny base, demo world)
+  task=all | task=tasks/<name>    every stage in order (skipping complete ones) or one stage
+  run_dir=DIR                     where the run is written (resumed if it exists)
+  data_root=DIR                   folder holding one dataset per task (<data_root>/<task name>)
+  seed=N                          training seed
+  strategy=sequential_spec|sequential_naive|joint
+  policy.pretrained_path=DIR|HUB_ID   the base model (default lerobot/smolvla_base)
+  stages.<task>.max_epoch=N, stages.<task>.optimizer_lr=X, dataloader.batch_size=N
+environment:
+  HF_ENDPOINT=URL     a Hugging Face mirror for hub downloads
+  HF_HUB_OFFLINE=1    never contact a hub (models must be in the local cache or local folders)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kuavo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-dir", default=None, help="folder with smolvla_sequential_base.yaml (default: this checkout's configs/policy)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=OVERRIDES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
-        sp.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+        sp.add_argument("overrides", nargs="*", help="Hydra overrides key=value (see below)")
+        # also accepted after the subcommand; SUPPRESS keeps a value given before it
+        sp.add_argument("--config-dir", default=argparse.SUPPRESS, help="folder with smolvla_sequential_base.yaml")
         return sp
 
     add("demo", cmd_demo, "the full pipeline on the embedded offline default")
@@ -234,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--val-episodes", type=int, default=None)
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--overwrite", action="store_true")
+    rv = sub.add_parser("register-vlm", help="make a checkpoint's bundled tiny VLM resolvable on this machine (for stock LeRobot)")
+    rv.set_defaults(fn=cmd_register_vlm)
+    rv.add_argument("path", help="run directory, checkpoint or pretrained_model/ folder")
     i = sub.add_parser("infer", help="closed-loop success of a run's final model in the demo world")
     i.set_defaults(fn=cmd_infer)
     i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")

@@ -84,6 +84,7 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
     for key in (STATE_KEY, ACTION_KEY):
         if key not in features:
             raise DataError(f"data error: {field}.root: dataset {root} has no {key!r} feature")
+    check_finite(root, meta, field)
     camera_map = resolve_cameras(stage, tuple(meta.camera_keys), root, where)
     cameras = tuple(camera_map.values())
     n = meta.total_episodes
@@ -135,6 +136,37 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
         episode_lengths=_episode_lengths(meta, n),
         camera_map=camera_map,
     )
+
+
+def check_finite(root: Path, meta, field: str) -> None:
+    """NaN or inf in a state or action value, or in their stats, would train a NaN model that reports
+    success: refuse the dataset, naming the episode, frame and dim (numeric columns only: fast)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    for key in (STATE_KEY, ACTION_KEY):
+        for stat, value in (meta.stats or {}).get(key, {}).items():
+            if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+                raise DataError(f"data error: {field}.root: meta/stats.json of {root} has a non-finite {key} {stat}")
+    for f in sorted((root / "data").glob("**/*.parquet")):
+        try:
+            t = pq.read_table(f, columns=[STATE_KEY, ACTION_KEY, "episode_index", "frame_index"])
+        except Exception as exc:  # truncated or not parquet at all
+            raise DataError(f"data error: {field}.root: cannot read {f}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+                            "(the file is damaged: copy or convert the dataset again)") from None
+        for key in (STATE_KEY, ACTION_KEY):
+            values = np.stack(t.column(key).to_numpy(zero_copy_only=False)).astype(np.float64)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row, dim = (int(x[0]) for x in np.nonzero(bad))
+                names = meta.features[key].get("names")
+                flat = names if isinstance(names, list) else None
+                dim_name = f" ({flat[dim]!r})" if flat and dim < len(flat) else ""
+                raise DataError(
+                    f"data error: {field}.root: {key} is {values[row, dim]} at episode "
+                    f"{int(t.column('episode_index')[row].as_py())} frame {int(t.column('frame_index')[row].as_py())}, "
+                    f"dim {dim}{dim_name}, in {f}: fix or drop that episode"
+                )
 
 
 def is_depth(key: str) -> bool:

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kuavo_train.errors import KuavoError
 from kuavo_train.policy import vlm_cache
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,17 @@ log = logging.getLogger(__name__)
 PRETRAINED_DIR = "pretrained_model"
 
 
-class PolicyLoadError(RuntimeError):
+class PolicyLoadError(KuavoError):
     """A pretrained model or checkpoint that cannot be loaded; `str()` is one line."""
+
+
+HUB_HINT = ("if it is a hub id: no network or hub unreachable (set HF_ENDPOINT to a mirror, or HF_HUB_OFFLINE=1 "
+            "with the model in the local cache)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def policy_features(features: dict, camera_keys: list[str], state_key: str, action_key: str):
@@ -50,8 +60,11 @@ def read_pretrained_config(path: str | Path):
     try:
         cfg = PreTrainedConfig.from_pretrained(str(path))
     except (OSError, FileNotFoundError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {first}") from None
+        hint = "" if p.is_dir() else f" ({HUB_HINT})"
+        raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {_first_line(exc)}{hint}") from None
+    except Exception as exc:  # a corrupt config.json: JSON or field errors from the config parser
+        raise PolicyLoadError(f"cannot read the policy config {str(Path(path) / 'config.json')!r}: {_first_line(exc)} "
+                              "(the file is corrupt: copy the checkpoint again)") from None
     if cfg.type != "smolvla":
         raise PolicyLoadError(f"{str(path)!r} holds a {cfg.type!r} policy, not smolvla")
     vlm_cache.ensure_available(cfg.vlm_model_name, path if p.is_dir() else None)
@@ -99,10 +112,14 @@ def load_policy(pretrained_path: str | Path, cfg):
 
     vlm_cache.ensure_available(cfg.vlm_model_name, pretrained_path if Path(pretrained_path).is_dir() else None)
     try:
-        return SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
-    except (OSError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first}") from None
+        policy = SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
+    except Exception as exc:  # OSError, RuntimeError, safetensors' SafetensorError on a truncated file
+        raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {_first_line(exc)}") from None
+    bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise PolicyLoadError(f"{str(pretrained_path)!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                              "the training that wrote it diverged; use an earlier checkpoint")
+    return policy
 
 
 def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = None, device: str | None = None):
@@ -111,8 +128,29 @@ def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = Non
 
     if pretrained_path is not None:
         overrides = {"device_processor": {"device": device}} if device else None
-        return make_pre_post_processors(cfg, pretrained_path=str(pretrained_path), preprocessor_overrides=overrides)
+        try:
+            pre, post = make_pre_post_processors(cfg, pretrained_path=str(pretrained_path), preprocessor_overrides=overrides)
+        except Exception as exc:  # truncated or missing processor files
+            raise PolicyLoadError(f"cannot load the pre/post-processors (normalization statistics) of "
+                                  f"{str(pretrained_path)!r}: {_first_line(exc)}") from None
+        for name, stats in processor_stats(pre).items():
+            for stat, value in stats.items():
+                import torch
+
+                if not bool(torch.as_tensor(value).isfinite().all()):
+                    raise PolicyLoadError(f"{str(pretrained_path)!r}: the normalization statistics of {name} ({stat}) "
+                                          "are not finite: the data they came from holds NaN or inf")
+        return pre, post
     return make_pre_post_processors(cfg, dataset_stats=stats)
+
+
+def processor_stats(preprocessor) -> dict:
+    """The normalization statistics a preprocessor carries (its normalizer step's), by feature."""
+    for step in getattr(preprocessor, "steps", []):
+        stats = getattr(step, "stats", None)
+        if stats:
+            return stats
+    return {}
 
 
 def save_pretrained(out_dir: str | Path, policy, preprocessor=None, postprocessor=None) -> Path:

@@ -87,6 +87,14 @@ def register(vlm_dir: str | Path) -> str:
     return repo_id
 
 
+def _go_offline() -> None:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads this flag at every request (is_offline_mode), so setting it late works
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def bundle(vlm_model_name: str, pretrained_dir: str | Path) -> None:
     """Copy the embedded VLM's files next to a saved policy (no-op for real VLMs)."""
     if not is_embedded(vlm_model_name):
@@ -101,8 +109,14 @@ def bundle(vlm_model_name: str, pretrained_dir: str | Path) -> None:
 
 
 def ensure_available(vlm_model_name: str | None, pretrained_dir: str | Path | None) -> None:
-    """Re-register a checkpoint's bundled VLM when this machine's cache lacks it."""
-    if not is_embedded(vlm_model_name) or cached_snapshot(vlm_model_name) is not None:
+    """Re-register a checkpoint's bundled VLM when this machine's cache lacks it.
+
+    An embedded VLM exists on no hub: every lookup of it is local, so the process goes
+    offline (without it, each lookup retries an unreachable host for minutes)."""
+    if not is_embedded(vlm_model_name):
+        return
+    _go_offline()
+    if cached_snapshot(vlm_model_name) is not None:
         return
     bundled = Path(pretrained_dir) / BUNDLED_DIR if pretrained_dir else None
     if bundled is None or not (bundled / "config.json").is_file():

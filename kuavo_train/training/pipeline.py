@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from kuavo_train.config.schema import RunConfig, StageConfig
+from kuavo_train.config.schema import BASE_FILE, RunConfig, StageConfig
+from kuavo_train.data.replay import epoch_quotas
+from kuavo_train.errors import KuavoError
 from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
@@ -24,7 +27,11 @@ log = logging.getLogger(__name__)
 STATS_FILE = "normalization_stats.json"
 
 
-class InstructionError(ValueError):
+class InstructionError(KuavoError):
+    pass
+
+
+class StageSizeError(KuavoError):
     pass
 
 
@@ -88,6 +95,7 @@ class Pipeline:
         check_compatible(list(self.tasks.values()))
         self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                          max_action_dim=cfg.policy.max_action_dim)
+        self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
         self.token_report = check_instructions(vlm, cfg.ordered_stages(), cfg.policy.tokenizer_max_length)
@@ -95,6 +103,23 @@ class Pipeline:
             if t.dataset_tasks and t.instruction not in t.dataset_tasks:
                 log.warning("stage %s: the configured instruction differs from the dataset's task %r; training uses the configured one",
                             t.name, t.dataset_tasks[0][:80])
+
+    def check_steps(self) -> None:
+        """A stage whose epoch holds fewer samples than one batch per process would take no optimizer
+        step at all (drop_last) and still be marked complete: refuse it before anything is written."""
+        cfg = self.cfg
+        if cfg.strategy == "joint" or not cfg.dataloader.drop_last:
+            return
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+        sizes = {t: d.num_train_frames for t, d in self.tasks.items()}
+        for stage in cfg.ordered_stages():
+            weights = cfg.replay_weights_for(stage)
+            samples = sum(epoch_quotas({t: sizes[t] for t in weights}, weights, stage.task_id).values())
+            if samples // cfg.dataloader.batch_size // processes == 0:
+                raise StageSizeError(
+                    f"config error: dataloader.batch_size: {cfg.dataloader.batch_size} x {processes} process(es) is more "
+                    f"than the {samples} samples of an epoch of stage {stage.name}: with drop_last it would take no "
+                    f"optimizer step (lower the batch size or add data) (in {BASE_FILE} or its overrides)")
 
     def stages_to_run(self) -> list[StageConfig]:
         if self.cfg.strategy == "joint":

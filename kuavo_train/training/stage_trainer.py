@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from kuavo_train.data.features import FeatureSpace, union_features
 from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout
 from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
+from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
 from kuavo_train.policy import factory
@@ -31,6 +33,7 @@ from kuavo_train.policy.feature_cache import FrozenFeatureCache, serving
 from kuavo_train.training import checkpoint as ckpt
 from kuavo_train.training.joint import JOINT_STAGE, steps_per_epoch as count_steps_per_epoch
 from kuavo_train.training.run_state import RunState
+from kuavo_train.training.stock_resume import StockSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ def stage_dir_name(stage: StageConfig) -> str:
 
 def step_seed(seed: int, stage: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, stage, step]).generate_state(1)[0])
+
+
+class NonFiniteLossError(KuavoError):
+    """Training produced a NaN/inf loss or gradient: the stage stops before any update."""
 
 
 @dataclass
@@ -194,7 +201,10 @@ class StageTrainer:
         total_steps = steps_per_epoch * stage.max_epoch
 
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = pcfg.get_optimizer_preset().build(params)
+        # Over ALL parameters, like stock lerobot-train (`policy.get_optim_params()`): the saved optimizer state
+        # must have its layout for `lerobot-train --resume` to load it. Frozen ones get no gradient, so
+        # AdamW skips them: the updates are those of an optimizer over `params` alone.
+        optimizer = pcfg.get_optimizer_preset().build(policy.get_optim_params())
         scheduler = pcfg.get_scheduler_preset().build(optimizer, total_steps)
         step = 0
         if resuming:
@@ -236,6 +246,9 @@ class StageTrainer:
                     loss, _ = policy(batch)
                 self.acc.backward(loss)
                 grad_norm = self.acc.clip_grad_norm_(params, cfg.optimizer.grad_clip_norm)
+                if not (bool(torch.isfinite(loss.detach())) and math.isfinite(float(grad_norm))):
+                    # before optimizer.step: the weights and the last checkpoint stay as they were
+                    raise self._diverged(loss, grad_norm, raw, epoch, step)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -265,7 +278,8 @@ class StageTrainer:
             if self.main:
                 ckpt.write_checkpoint(last, policy=raw_policy, preprocessor=preprocessor, postprocessor=postprocessor,
                                       optimizer=optimizer, scheduler=scheduler, step=step, meta=meta,
-                                      trained_tasks=self.trained_tasks())
+                                      trained_tasks=self.trained_tasks(),
+                                      stock=StockSpec.for_stage(cfg, stage, self.tasks, self.space, self.stage_dir, total_steps))
                 if "current_task_val_loss" in meta and meta["current_task_val_loss"] < best_loss:
                     best_loss = meta["current_task_val_loss"]
                     ckpt.copy_checkpoint(last, self.ckpt_dir / "best")
@@ -283,6 +297,15 @@ class StageTrainer:
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
         return StageResult(final, total_steps, val_losses)
+
+    def _diverged(self, loss, grad_norm, raw, epoch: int, step: int) -> "NonFiniteLossError":
+        names = {t: d.name for t, d in self.tasks.items()}
+        rows = sorted({(int(t), int(e), int(f)) for t, e, f in zip(raw["task_id"], raw["episode_index"], raw["frame_index"])})
+        shown = ", ".join(f"{names.get(t, t)} ep {e} frame {f}" for t, e, f in rows[:6]) + (" ..." if len(rows) > 6 else "")
+        return NonFiniteLossError(
+            f"training error: stage {self.stage.name} epoch {epoch + 1} step {step + 1}: loss {float(loss.detach()):.4g}, "
+            f"gradient norm {float(grad_norm):.4g} (not finite); the batch held {shown}. Nothing was updated: the last "
+            f"checkpoint ({self.ckpt_dir / 'last'}) is as it was. Check those frames' values, or lower the learning rate")
 
     def _bars(self) -> bool:
         """Progress bars only in a terminal: in a log file they are thousands of carriage-return updates."""

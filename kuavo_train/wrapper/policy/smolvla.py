@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kuavo_train.errors import KuavoError
 from kuavo_train.policy import factory
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,12 @@ IMAGES_KEY = "observation.images"
 TASKS_FILE = "kuavo_tasks.json"
 
 
-class WrapperInputError(ValueError):
+class WrapperInputError(KuavoError):
     """An observation the policy cannot take; `str()` is one line naming the key."""
+
+
+class NonFiniteActionError(KuavoError):
+    """The model produced NaN or inf: never handed to a robot."""
 
 
 class UnknownInstructionError(WrapperInputError):
@@ -126,10 +131,9 @@ class SmolVLAPolicyWrapper:
 
     def _state_fill(self) -> torch.Tensor:
         """The union mean of the state, for dims a task does not have (normalizes to 0, as in training)."""
-        for step in getattr(self.preprocessor, "steps", []):
-            stats = getattr(step, "stats", None)
-            if stats and STATE_KEY in stats and "mean" in stats[STATE_KEY]:
-                return torch.as_tensor(stats[STATE_KEY]["mean"], dtype=torch.float32).reshape(-1).cpu()
+        stats = factory.processor_stats(self.preprocessor).get(STATE_KEY, {})
+        if "mean" in stats:
+            return torch.as_tensor(stats["mean"], dtype=torch.float32).reshape(-1).cpu()
         return torch.zeros(self.state_dim)
 
     def _own_state(self, state: torch.Tensor, tasks: list[str]) -> torch.Tensor:
@@ -168,7 +172,10 @@ class SmolVLAPolicyWrapper:
         policy.eval()
         pre, post = factory.make_processors(cfg, pretrained_path=pretrained, device=cfg.device)
         tasks_file = pretrained / TASKS_FILE
-        tasks = json.loads(tasks_file.read_text())["tasks"] if tasks_file.is_file() else []
+        try:
+            tasks = json.loads(tasks_file.read_text())["tasks"] if tasks_file.is_file() else []
+        except (ValueError, KeyError) as exc:
+            raise factory.PolicyLoadError(f"{tasks_file} is corrupt ({type(exc).__name__}: {str(exc)[:80]}): copy the checkpoint again") from None
         wrapper = cls(policy, pre, post, tasks=tasks, source=pretrained,
                       allow_unknown_instructions=allow_unknown_instructions or not tasks,
                       strict_image_size=strict_image_size, seed=seed)
@@ -331,8 +338,12 @@ class SmolVLAPolicyWrapper:
             noise = torch.randn((len(batch["task"]), cfg.chunk_size, cfg.max_action_dim), generator=self._generator)
             noise = noise.to(next(self.policy.parameters()).device)
         processed = self.preprocessor(dict(batch))
-        chunk = self.policy.predict_action_chunk(processed, noise=noise)
-        return self.postprocessor(chunk).detach().cpu()
+        chunk = self.postprocessor(self.policy.predict_action_chunk(processed, noise=noise)).detach().cpu()
+        if not bool(torch.isfinite(chunk).all()):
+            # a robot must never receive NaN: refuse rather than act
+            raise NonFiniteActionError(f"the policy of {self.source} produced non-finite actions for {batch['task'][0][:60]!r}: "
+                                       "check the observation's values and the checkpoint")
+        return chunk
 
     def predict_action_chunk(self, obs: Mapping) -> torch.Tensor:
         batch, unbatched = self.to_batch(obs)

@@ -1,0 +1,192 @@
+"""Bad data and damaged checkpoints: never a silently wrong model, never a traceback.
+
+Data problems are found when a task's data is opened (before anything is written);
+a non-finite loss stops the stage before any update; a damaged or NaN checkpoint is
+refused by the loader; the wrapper never returns a non-finite action."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, final_pretrained, tiny_overrides
+
+from kuavo_train.config.loading import load_run_config
+from kuavo_train.errors import KuavoError
+from kuavo_train.policy.factory import PolicyLoadError
+from kuavo_train.training.pipeline import Pipeline
+from kuavo_train.training.stage_trainer import NonFiniteLossError
+from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
+
+CLI = ["-m", "kuavo_train.cli.main"]
+
+
+def _cli(python_exe, *args, env=None):
+    return subprocess.run([python_exe, *CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _one_line(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    return lines[0]
+
+
+def _data_copy(demo_data, tmp_path, task="task2_weighing"):
+    root = tmp_path / "data"
+    shutil.copytree(demo_data, root, symlinks=True)
+    files = sorted((root / task / "data").rglob("*.parquet"))
+    return root, files[0]
+
+
+def test_nan_in_one_action_value_is_refused_before_training(python_exe, tmp_path, demo_base, demo_data):
+    root, f = _data_copy(demo_data, tmp_path)
+    t = pq.read_table(f)
+    actions = np.stack(t.column("action").to_numpy(zero_copy_only=False)).astype(np.float32)
+    actions[7, 3] = np.nan
+    col = pa.array(list(actions), type=t.schema.field("action").type)
+    pq.write_table(t.set_column(t.schema.get_field_index("action"), "action", col), f)
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli(python_exe, "train", *tiny_overrides(run_dir, demo_base, root)))
+    ep, frame = int(t.column("episode_index")[7].as_py()), int(t.column("frame_index")[7].as_py())
+    assert "stages.task2_weighing.dataset.root" in line and f"action is nan at episode {ep} frame {frame}" in line
+    assert "dim 3 ('zarm_l4')" in line
+    assert not run_dir.exists()
+
+
+def test_truncated_parquet_is_one_line(python_exe, tmp_path, demo_base, demo_data):
+    root, f = _data_copy(demo_data, tmp_path)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli(python_exe, "train", *tiny_overrides(run_dir, demo_base, root)))
+    assert "stages.task2_weighing.dataset.root: cannot read" in line and str(f.name) in line
+    assert not run_dir.exists()
+
+
+def test_batch_larger_than_an_epoch_is_refused(tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data, "dataloader.batch_size=4096"))
+    with pytest.raises(KuavoError, match=r"dataloader\.batch_size: 4096 x 1 process\(es\) is more than the \d+ samples "
+                                         r"of an epoch of stage task1_moving_grasp"):
+        Pipeline(cfg).run()
+    assert not run_dir.exists()
+
+
+def test_diverging_stage_stops_before_any_update(tmp_path, demo_base, demo_data):
+    """An absurd learning rate blows the weights up: the stage stops at the first non-finite
+    loss or gradient, naming the step and the batch's frames; nothing NaN is ever saved."""
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data, "~stages.task3_placement", "~stages.task4_sorting",
+                                         "stages.task1_moving_grasp.max_epoch=30", "stages.task1_moving_grasp.optimizer_lr=1e30",
+                                         "stages.task1_moving_grasp.scheduler_warmup_steps=0", "evaluation.after_each_stage=false"))
+    with pytest.raises(NonFiniteLossError) as err:
+        Pipeline(cfg).run()
+    msg = str(err.value)
+    assert "\n" not in msg and "stage task1_moving_grasp epoch" in msg and "task1_moving_grasp ep " in msg
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["stages"]["task1_moving_grasp"]["status"] == "running"
+    last = run_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "pretrained_model"
+    if last.is_dir():  # an earlier epoch's checkpoint is intact and finite
+        SmolVLAPolicyWrapper.from_pretrained(last)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(full_run, tmp_path_factory):
+    _, run_dir = full_run
+    return final_pretrained(run_dir, "task4_sorting")
+
+
+def _damaged(checkpoint, tmp_path, damage):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate(name):
+    def damage(d):
+        f = next(d.glob(name))
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return damage
+
+
+DAMAGES = {
+    "weights truncated": (_truncate("model.safetensors"), "cannot load policy weights"),
+    "weights empty": (lambda d: (d / "model.safetensors").write_bytes(b""), "cannot load policy weights"),
+    "config.json corrupt": (lambda d: (d / "config.json").write_text('{"type": "smolvla", '), "config.json"),
+    "stats truncated": (_truncate("policy_preprocessor_step_*normalizer*.safetensors"), "pre/post-processors"),
+    "tasks file corrupt": (lambda d: (d / "kuavo_tasks.json").write_text("{"), "kuavo_tasks.json is corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_damaged_checkpoint_is_one_line(checkpoint, tmp_path, case):
+    damage, expected = DAMAGES[case]
+    with pytest.raises(PolicyLoadError) as err:
+        SmolVLAPolicyWrapper.from_pretrained(_damaged(checkpoint, tmp_path, damage))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nan_weights_are_refused(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def poison(d):
+        w = load_file(d / "model.safetensors")
+        name = next(k for k, v in w.items() if v.is_floating_point() and "action_out_proj" in k)
+        w[name][0] = float("nan")
+        save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(PolicyLoadError, match="non-finite weights"):
+        SmolVLAPolicyWrapper.from_pretrained(_damaged(checkpoint, tmp_path, poison))
+
+
+def test_damaged_run_in_the_infer_command(python_exe, full_run, tmp_path):
+    _, run_dir = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    weights = final_pretrained(copy, "task4_sorting") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = _one_line(_cli(python_exe, "infer", "--run", str(copy), "--episodes", "1"))
+    assert "cannot load policy weights" in line
+
+
+def test_wrapper_loads_a_bundled_checkpoint_quickly_without_offline_flag(python_exe, checkpoint, tmp_path):
+    """The README snippet, run as written on a machine without network and without HF_HUB_OFFLINE,
+    on an empty model cache: the tiny VLM is bundled, so no hub is ever waited on."""
+    code = ("from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper; "
+            f"p = SmolVLAPolicyWrapper.from_pretrained({str(checkpoint)!r}); print(len(p.instructions))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    r = subprocess.run([python_exe, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "4"
+    assert time.monotonic() - start < 90
+    assert "Name or service not known" not in r.stderr
+
+
+def test_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_a_loadable_last(full_run, tmp_path):
+    """The swap moves `last` aside, then renames the new one in: a kill in between leaves only
+    `.old-last-<pid>` and a `.tmp-last-*`; the restart puts the old `last` back."""
+    from kuavo_train.training import checkpoint as ckpt
+
+    _, run_dir = full_run
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "stage4_task4_sorting" / "checkpoints", ckpts)
+    step = ckpt.read_meta(ckpts / "last")["step"]
+    os.replace(ckpts / "last", ckpts / ".old-last-4242")
+    partial = ckpts / ".tmp-last-x1y2"
+    shutil.copytree(ckpts / ".old-last-4242", partial)
+    (partial / "pretrained_model" / "model.safetensors").unlink()  # the new one was still being written
+    assert not (ckpts / "last").exists()
+    ckpt.clean_temporaries(ckpts)
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".")) == []
+    assert ckpt.is_complete(ckpts / "last") and ckpt.read_meta(ckpts / "last")["step"] == step
+    SmolVLAPolicyWrapper.from_pretrained(ckpts / "last")
