@@ -105,8 +105,23 @@ def add_rosbag_parser(sub) -> None:
                    help="store PNG images instead of AV1 video (bigger, slower to load; for machines whose FFmpeg cannot encode)")
 
 
+def cmd_v21(args) -> None:
+    from kuavo_train.data.v21 import convert_v21
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local conversion: never wait on a hub
+    out = convert_v21(args.src, args.dst, repo_id=args.repo_id)
+    print(f"dataset: {out} (LeRobot v3.0; the original at {args.src} is unchanged)")
+
+
 def add_v21_parser(sub) -> None:
-    """Filled in by the v2.1 converter (kuavo_train/data/v21.py)."""
+    v = sub.add_parser("v21", help="a LeRobot v2.1 dataset -> a new v3.0 copy (the original is left unchanged)",
+                       description="Convert a LeRobot v2.1 dataset (written by lerobot 0.3.x) into a LeRobot v3.0 "
+                                   "dataset at DST with LeRobot's own converter, run on a copy. DST must not exist; it "
+                                   "appears only once the conversion is complete and checked.")
+    v.set_defaults(fn=cmd_v21)
+    v.add_argument("src", help="the v2.1 dataset folder (meta/info.json with codebase_version v2.1)")
+    v.add_argument("dst", help="where the v3.0 dataset is written (must not exist)")
+    v.add_argument("--repo-id", default=None, help="repo id recorded in the new dataset (default: local/<folder name>)")
 
 
 def add_convert_parser(sub) -> None:
