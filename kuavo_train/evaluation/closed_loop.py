@@ -1,10 +1,22 @@
-"""Closed-loop runs in the Kuavo demo world: a policy acting on rendered observations.
+"""Closed-loop runs in our simulators: a policy acting on rendered observations.
 
-Two adapters turn a model into the demo world's `policy_fn(obs, instruction)`:
-`StockPolicyFn` goes through stock LeRobot (preprocessor -> select_action ->
-postprocessor; used by the forgetting matrices) and `WrapperPolicyFn` through
-our deployment wrapper (used by `kuavo-train infer`), so the number a user
-reads for deployment comes from the code they deploy.
+Episodes run through the same environments stock `lerobot-eval` uses
+(`--env.type=kuavo_demo` / `kuavo_metaworld`, kuavo_train/envs/) with the same seeding:
+episode seeds `start_seed`, `start_seed`+1, ... (default 1000, lerobot-eval's default
+`--seed`), episode seed s -> held-out scene s mod their number, and every RNG seeded with
+s when the episode starts. So a success rate printed here equals what
+
+    lerobot-eval --policy.path=<checkpoint>/pretrained_model --env.type=kuavo_demo --env.task=<task> \
+        --env.dataset_root=<dataset> --eval.n_episodes=<episodes> --eval.batch_size=1 --seed=<start_seed>
+
+prints for the same checkpoint, episode by episode.
+
+Two adapters turn a model into the rollout's `policy_fn(batch)`: `StockPolicyFn` goes
+through stock LeRobot exactly as lerobot-eval does (preprocessor -> select_action ->
+postprocessor; used by the forgetting matrices) and `WrapperPolicyFn` through our
+deployment wrapper (used by `kuavo-train infer`), so the number a user reads for
+deployment comes from the code they deploy. Both draw the policy's noise from torch's
+global RNG, which the environment seeds per episode.
 """
 
 from __future__ import annotations
@@ -15,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kuavo_train.data.task_data import STATE_KEY
-
 DEMO_WORLD_META = "demo_world.json"
 METAWORLD_META = "metaworld.json"  # kuavo_train/data/metaworld/writer.py META_FILE
+EVAL_START_SEED = 1000  # lerobot-eval's default --seed
 
 
 def has_simulator(dataset_root: Path) -> bool:
@@ -27,12 +38,21 @@ def has_simulator(dataset_root: Path) -> bool:
     return (meta / DEMO_WORLD_META).is_file() or (meta / METAWORLD_META).is_file()
 
 
-def image_size_of(dataset_root: Path) -> int:
-    return int(json.loads((Path(dataset_root) / "meta" / DEMO_WORLD_META).read_text())["image_size"])
+def env_config_for(task_name: str, dataset_root: Path, **options):
+    """The lerobot-eval env config (`--env.type`, `--env.task`, `--env.dataset_root`, other `--env.*`
+    options) of a simulator dataset."""
+    from kuavo_train.envs import KuavoDemoEnvConfig, KuavoMetaWorldEnvConfig
+
+    meta = Path(dataset_root) / "meta"
+    if (meta / METAWORLD_META).is_file():
+        task = json.loads((meta / METAWORLD_META).read_text())["task"]
+        return KuavoMetaWorldEnvConfig(task=task, dataset_root=str(dataset_root), **options)
+    task = json.loads((meta / DEMO_WORLD_META).read_text()).get("task", task_name)
+    return KuavoDemoEnvConfig(task=task, dataset_root=str(dataset_root), **options)
 
 
 class StockPolicyFn:
-    """HWC uint8 images + state -> one action, through LeRobot's own select_action queue."""
+    """A LeRobot batch -> (B, action_dim) actions, the way lerobot-eval's rollout calls a policy."""
 
     def __init__(self, policy, pre, post):
         self.policy, self.pre, self.post = policy, pre, post
@@ -40,56 +60,68 @@ class StockPolicyFn:
     def reset(self):
         self.policy.reset()
 
-    @torch.no_grad()
-    def __call__(self, obs: dict, instruction: str) -> np.ndarray:
-        batch = {}
-        for k, v in obs.items():
-            t = torch.as_tensor(np.asarray(v))
-            if k.startswith("observation.images."):
-                t = t.permute(2, 0, 1).float().unsqueeze(0) / 255.0
-            elif k == STATE_KEY:
-                t = t.float().unsqueeze(0)
-            batch[k] = t
-        batch["task"] = [instruction]
-        action = self.policy.select_action(self.pre(batch))
-        return self.post(action).squeeze(0).cpu().numpy()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        batch = self.pre(batch)
+        with torch.inference_mode():
+            action = self.policy.select_action(batch)
+        return self.post(action)
 
 
 class WrapperPolicyFn:
-    """The deployment wrapper as a demo-world policy."""
+    """The deployment wrapper as the rollout's policy (it takes the same batch: per-camera CHW floats,
+    state, instruction list). Its noise must come from the global RNG: load it without `seed`."""
 
     def __init__(self, wrapper):
+        if getattr(wrapper, "_generator", None) is not None:
+            raise ValueError("closed-loop evaluation seeds the global RNG per episode: load the wrapper without seed=")
         self.wrapper = wrapper
 
     def reset(self):
         self.wrapper.reset()
 
-    def __call__(self, obs: dict, instruction: str) -> np.ndarray:
-        action = self.wrapper.select_action({**obs, "task": instruction})
-        return np.asarray(action.detach().cpu() if hasattr(action, "detach") else action).reshape(-1)
+    def __call__(self, batch: dict) -> torch.Tensor:
+        action = self.wrapper.select_action(batch)
+        action = action.detach().cpu() if isinstance(action, torch.Tensor) else torch.as_tensor(np.asarray(action))
+        return action.reshape(len(batch["task"]), -1)
 
 
-def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int) -> float | None:
-    """Success rate on the first `episodes` held-out scenes (None without a simulator)."""
+def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
+                    start_seed: int = EVAL_START_SEED, workers: int | None = None, env_options: dict | None = None) -> dict:
+    """Episodes with seeds start_seed .. start_seed+episodes-1; per-episode seed, scene, success, rewards, steps.
+    `env_options`: other env options (`--env.<name>`), e.g. {"episode_length": 20}.
+
+    MetaWorld episodes run in forked worker processes (a process that rendered must not fork
+    another renderer, and the training process never renders); each episode is seeded on its
+    own, so the outcome does not depend on the number of workers."""
+    from kuavo_train.envs.rollout import run_episodes
+
+    cfg = env_config_for(task_name, dataset_root, **(env_options or {}))
+    seeds = [int(start_seed) + i for i in range(int(episodes))]
+    if cfg.type == "kuavo_metaworld":
+        from kuavo_train.data.metaworld.env import default_workers, fork_map
+
+        results = fork_map(lambda part: run_episodes(cfg, policy_fn, part), seeds, workers or default_workers())
+    else:
+        results = run_episodes(cfg, policy_fn, seeds)
+    return {"success_rate": float(np.mean([r["success"] for r in results])) if results else float("nan"),
+            "episodes": results, "env": {"type": cfg.type, "task": cfg.task, "dataset_root": str(dataset_root)}}
+
+
+def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
+                 start_seed: int = EVAL_START_SEED) -> float | None:
+    """Success rate over `episodes` seeded episodes on held-out scenes (None without a simulator)."""
     if episodes <= 0 or not has_simulator(dataset_root):
         return None
-    if (Path(dataset_root) / "meta" / METAWORLD_META).is_file():
-        from kuavo_train.data.metaworld.closed_loop import success_rate as metaworld_success_rate
-
-        return metaworld_success_rate(dataset_root, policy_fn, episodes)
-    from kuavo_train.data.demo_world import load_scene_seeds, run_closed_loop
-
-    seeds = load_scene_seeds(dataset_root, split="val")[:episodes]
-    result = run_closed_loop(task_name, seeds, policy_fn, image_size=image_size_of(dataset_root))
-    return float(result["success_rate"])
+    return float(run_closed_loop(task_name, dataset_root, policy_fn, episodes, start_seed=start_seed)["success_rate"])
 
 
-def infer_run(run_dir: Path, *, episodes: int, seed: int = 0) -> dict[str, float | None]:
-    """Closed-loop success per task of a run's final model, through the deployment wrapper."""
+def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED) -> dict[str, float | None]:
+    """Closed-loop success per task of a run's final model, through the deployment wrapper
+    (episode seeds `seed`, `seed`+1, ...: the same episodes as the forgetting matrix and lerobot-eval)."""
     from kuavo_train.training.run_state import RunState
     from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
 
     state = RunState.load_existing(run_dir)
     stages = sorted(state.data.get("config", {}).get("stages", {}).values(), key=lambda s: s["task_id"])
-    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir, seed=seed))
-    return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes) for s in stages}
+    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir))
+    return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes, start_seed=seed) for s in stages}

@@ -166,7 +166,10 @@ class ExpertPolicy:
 
 
 def run_closed_loop(task: str, scene_seeds: list[int], policy_fn, *, image_size: int = 64, max_steps: int | None = None) -> dict:
-    """Reset to each scene, act with `policy_fn(obs, instruction)` until success or the step limit."""
+    """Reset to each scene, act with `policy_fn(obs, instruction)` until success or the step limit.
+
+    For scripted policies (the expert). Models are evaluated through kuavo_train/envs (the
+    `kuavo_demo` env of lerobot-eval, with its per-episode seeding) by evaluation/closed_loop.py."""
     world = KuavoDemoWorld(task, image_size)
     if max_steps is not None:
         world.max_steps = int(max_steps)

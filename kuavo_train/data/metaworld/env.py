@@ -188,6 +188,7 @@ class MetaWorldSim:
         self.expert = ENV_POLICY_MAP[s.task]()
         self.fps = int(round(1.0 / env.dt))
         self.raw = None
+        self.reward = 0.0
 
     def observation(self) -> dict:
         s = self.settings
@@ -198,11 +199,13 @@ class MetaWorldSim:
     def reset(self, seed: int) -> dict:
         self.env.seed(int(seed))
         self.raw, _ = self.env.reset()
+        self.reward = 0.0
         return self.observation()
 
     def step(self, action) -> tuple[dict, bool]:
         a = np.clip(np.asarray(action, dtype=np.float32).reshape(-1)[:4], -1.0, 1.0)
-        self.raw, _, _, _, info = self.env.step(a)
+        self.raw, reward, _, _, info = self.env.step(a)
+        self.reward = float(reward)  # MetaWorld's own dense reward (the lerobot-eval env reports it)
         return self.observation(), bool(info.get("success", False))
 
     def expert_action(self) -> np.ndarray:
