@@ -27,8 +27,9 @@ def cmd_rosbag(args) -> None:
         _convert(args)
     except RosbagError as exc:  # the same line as cli/errors.py, without importing the training stack first
         from kuavo_train.cli.errors import EXIT_USER_ERROR
+        from kuavo_train.errors import first_line
 
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from kuavo_train.errors import first_line
+
 EXIT_USER_ERROR = 2
 
 
@@ -49,6 +51,5 @@ def one_line_errors():
     except Exception as exc:  # not `except user_error_types()`: that would import torch on every exit
         if not isinstance(exc, user_error_types()):
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, ConfigSyntaxError, RunConfig, parse_run_config
+from kuavo_train.errors import first_line
 
 CONFIG_NAME = "smolvla_sequential_base"
 
@@ -34,8 +35,7 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     except yaml.YAMLError as exc:  # a config file that is not YAML (OmegaConf.load raises PyYAML's error as is)
         raise yaml_syntax_error(exc) from None
     except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("overrides", BASE_FILE, first) from None
+        raise ConfigError("overrides", BASE_FILE, first_line(exc)) from None
 
 
 def yaml_syntax_error(exc: yaml.YAMLError, path: str | Path | None = None) -> ConfigSyntaxError:

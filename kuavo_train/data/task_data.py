@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kuavo_train.data.v21 import default_cache_dir, v3_view
-from kuavo_train.errors import DataError  # re-exported: the data layer's error type
+from kuavo_train.errors import DataError, first_line  # re-exported: the data layer's error type
 
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
@@ -75,8 +75,7 @@ def open_task_data(stage, *, config_file: str | None = None) -> TaskData:
     try:
         meta = LeRobotDatasetMetadata(stage.dataset.repo_id, root=root)
     except Exception as exc:  # LeRobot raises many kinds on a broken dataset
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"data error: {field}.root: cannot read the LeRobot dataset at {root}: {first}") from None
+        raise DataError(f"data error: {field}.root: cannot read the LeRobot dataset at {root}: {first_line(exc)}") from None
     version = str(meta.info.codebase_version if hasattr(meta.info, "codebase_version") else meta.info["codebase_version"])
     if not version.startswith("v3"):
         raise DataError(f"data error: {field}.root: {root} is a LeRobot {version} dataset; convert it to v3.0 first")
@@ -152,7 +151,7 @@ def check_finite(root: Path, meta, field: str) -> None:
         try:
             t = pq.read_table(f, columns=[STATE_KEY, ACTION_KEY, "episode_index", "frame_index"])
         except Exception as exc:  # truncated or not parquet at all
-            raise DataError(f"data error: {field}.root: cannot read {f}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+            raise DataError(f"data error: {field}.root: cannot read {f}: {first_line(exc)} "
                             "(the file is damaged: copy or convert the dataset again)") from None
         for key in (STATE_KEY, ACTION_KEY):
             values = np.stack(t.column(key).to_numpy(zero_copy_only=False)).astype(np.float64)

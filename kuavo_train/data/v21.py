@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kuavo_train.errors import DataError
+from kuavo_train.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ def _check_v21(src: Path) -> None:
         raise DataError(f"data error: {_unsupported(src, version)}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 class _DropExpected(logging.Filter):
@@ -168,7 +165,7 @@ def convert_v21(src: str | Path, dst: str | Path, *, repo_id: str | None = None)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
     except OSError as exc:
-        raise DataError(f"data error: cannot write next to {dst}: {_first_line(exc)}") from None
+        raise DataError(f"data error: cannot write next to {dst}: {first_line(exc)}") from None
     try:
         work = tmp / "dataset"
         work.mkdir()
@@ -179,7 +176,7 @@ def convert_v21(src: str | Path, dst: str | Path, *, repo_id: str | None = None)
             _run_lerobot_converter(work, repo_id)
             out_info = _verify(work, repo_id, src_info)
         except Exception as exc:  # LeRobot raises many kinds on a broken dataset
-            raise DataError(f"data error: cannot convert the LeRobot v2.1 dataset at {src}: {_first_line(exc)}") from None
+            raise DataError(f"data error: cannot convert the LeRobot v2.1 dataset at {src}: {first_line(exc)}") from None
         _carry_splits(work, src_info, out_info)
         (work / MARKER).write_text(json.dumps({
             "source": str(src),
@@ -192,7 +189,7 @@ def convert_v21(src: str | Path, dst: str | Path, *, repo_id: str | None = None)
             raise DataError(f"data error: {dst} appeared while converting {src}; remove one of them")
         os.rename(work, dst)
     except OSError as exc:
-        raise DataError(f"data error: cannot convert the LeRobot v2.1 dataset at {src}: {_first_line(exc)}") from None
+        raise DataError(f"data error: cannot convert the LeRobot v2.1 dataset at {src}: {first_line(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst

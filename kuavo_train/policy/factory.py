@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kuavo_train.errors import KuavoError
+from kuavo_train.errors import KuavoError, first_line
 from kuavo_train.policy import vlm_cache
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,6 @@ HUB_HINT = ("if it is a hub id: no network or hub unreachable (set HF_ENDPOINT t
             "with the model in the local cache)")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def policy_features(features: dict, camera_keys: list[str], state_key: str, action_key: str):
@@ -61,9 +58,9 @@ def read_pretrained_config(path: str | Path):
         cfg = PreTrainedConfig.from_pretrained(str(path))
     except (OSError, FileNotFoundError) as exc:
         hint = "" if p.is_dir() else f" ({HUB_HINT})"
-        raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {_first_line(exc)}{hint}") from None
+        raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {first_line(exc)}{hint}") from None
     except Exception as exc:  # a corrupt config.json: JSON or field errors from the config parser
-        raise PolicyLoadError(f"cannot read the policy config {str(Path(path) / 'config.json')!r}: {_first_line(exc)} "
+        raise PolicyLoadError(f"cannot read the policy config {str(Path(path) / 'config.json')!r}: {first_line(exc)} "
                               "(the file is corrupt: copy the checkpoint again)") from None
     if cfg.type != "smolvla":
         raise PolicyLoadError(f"{str(path)!r} holds a {cfg.type!r} policy, not smolvla")
@@ -114,7 +111,7 @@ def load_policy(pretrained_path: str | Path, cfg):
     try:
         policy = SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
     except Exception as exc:  # OSError, RuntimeError, safetensors' SafetensorError on a truncated file
-        raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {_first_line(exc)}") from None
+        raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first_line(exc)}") from None
     bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise PolicyLoadError(f"{str(pretrained_path)!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
@@ -132,7 +129,7 @@ def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = Non
             pre, post = make_pre_post_processors(cfg, pretrained_path=str(pretrained_path), preprocessor_overrides=overrides)
         except Exception as exc:  # truncated or missing processor files
             raise PolicyLoadError(f"cannot load the pre/post-processors (normalization statistics) of "
-                                  f"{str(pretrained_path)!r}: {_first_line(exc)}") from None
+                                  f"{str(pretrained_path)!r}: {first_line(exc)}") from None
         for name, stats in processor_stats(pre).items():
             for stat, value in stats.items():
                 import torch

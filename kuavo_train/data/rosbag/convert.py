@@ -39,6 +39,7 @@ import numpy as np
 
 from kuavo_train.data.demo_world.tasks import JOINT_NAMES
 from kuavo_train.data.rosbag.topic_map import RosbagError, TopicMap
+from kuavo_train.errors import first_line
 
 STATE_NAMES: tuple[str, ...] = JOINT_NAMES  # zarm_l1..zarm_l7, left_claw, zarm_r1..zarm_r7, right_claw
 BASE_NAMES: tuple[str, ...] = ("cmd_pos_x", "cmd_pos_y", "cmd_pos_yaw", "ctrl_change_cmd")
@@ -158,7 +159,7 @@ class _Stream:
             except BagProblem:
                 raise
             except Exception as exc:
-                raise BagProblem(f"cannot decode {self.msgtypes[k]} message {k + 1} on {self.topic}: {_first_line(exc)}") from None
+                raise BagProblem(f"cannot decode {self.msgtypes[k]} message {k + 1} on {self.topic}: {first_line(exc)}") from None
         return self._cache[k]
 
     def reorder(self, order: np.ndarray) -> None:
@@ -231,7 +232,7 @@ def _read(bag: Path, topic_map: TopicMap) -> tuple[dict[str, _Stream], str, list
         reader = Reader(bag)
         reader.open()
     except (ReaderError, OSError, ValueError, KeyError, EOFError) as exc:
-        raise BagProblem(f"unreadable: {_first_line(exc)}") from None
+        raise BagProblem(f"unreadable: {first_line(exc)}") from None
     try:
         by_topic: dict[str, list] = {}
         for conn in reader.connections:
@@ -247,7 +248,7 @@ def _read(bag: Path, topic_map: TopicMap) -> tuple[dict[str, _Stream], str, list
                     types_from_bag_msgdef(conn.msgdef.data, conn.msgtype)
                 except Exception as exc:
                     raise BagProblem(f"cannot parse the message definition of {conn.topic} ({conn.msgtype}): "
-                                     f"{_first_line(exc)}") from None
+                                     f"{first_line(exc)}") from None
             raise
         # ROS1 serializes a leading std_msgs/Header as uint32 seq, uint32 sec, uint32 nsec: its stamp
         # can be read without deserializing the message.
@@ -269,7 +270,7 @@ def _read(bag: Path, topic_map: TopicMap) -> tuple[dict[str, _Stream], str, list
                     if stamp is not None:
                         s.header_stamps.append(stamp)
         except Exception as exc:  # ReaderError, struct/zlib/lz4 errors of a damaged chunk
-            raise BagProblem(f"unreadable: {_first_line(exc)}") from None
+            raise BagProblem(f"unreadable: {first_line(exc)}") from None
         return streams, arm_topic, notes
     finally:
         try:
@@ -294,9 +295,6 @@ def _typestore(definitions: tuple[tuple[str, str], ...]):
     return store
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_order(streams: dict[str, _Stream], tolerance: float | None) -> None:
@@ -492,7 +490,7 @@ def _process(bag: Path, topic_map: TopicMap, spill_dir: Path | None = None) -> E
     except MemoryError:
         failure = BagFailure(Path(bag), "out of memory while reading it")
     except Exception as exc:
-        failure = BagFailure(Path(bag), f"unexpected error: {type(exc).__name__}: {_first_line(exc)}")
+        failure = BagFailure(Path(bag), f"unexpected error: {type(exc).__name__}: {first_line(exc)}")
     if spill_dir is not None:
         shutil.rmtree(spill_dir, ignore_errors=True)
     return failure
@@ -623,7 +621,7 @@ def _write_episode(ds, ep: Episode, instruction: str) -> str | None:
         ds.save_episode()
     except Exception as exc:
         ds.clear_episode_buffer()
-        return f"could not be written: {type(exc).__name__}: {_first_line(exc)}"
+        return f"could not be written: {type(exc).__name__}: {first_line(exc)}"
     return None
 
 
