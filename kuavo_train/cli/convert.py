@@ -20,17 +20,8 @@ is written); 2 bad arguments or topic map, or no bag converted (nothing written)
 
 
 def cmd_rosbag(args) -> None:
-    from kuavo_train.data.rosbag.topic_map import RosbagError
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on a model hub
-    try:
-        _convert(args)
-    except RosbagError as exc:  # the same line as cli/errors.py, without importing the training stack first
-        from kuavo_train.cli.errors import EXIT_USER_ERROR
-        from kuavo_train.errors import first_line
-
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    _convert(args)
 
 
 def _convert(args) -> None:

@@ -11,7 +11,7 @@ from kuavo_train.errors import KuavoError
 RUN_FILE = "run.json"
 
 
-class RunNotFoundError(ValueError):
+class RunNotFoundError(KuavoError):
     """A folder that is not a kuavo_train run directory; `str()` is one line."""
 
 

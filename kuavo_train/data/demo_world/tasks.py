@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from kuavo_train.errors import KuavoError
 
 
 @dataclass(frozen=True)
@@ -58,5 +59,5 @@ JOINT_NAMES: tuple[str, ...] = (
 CAMERAS: tuple[str, ...] = ("head_cam_h", "wrist_cam_l", "wrist_cam_r")
 
 
-class DemoWorldError(ValueError):
+class DemoWorldError(KuavoError):
     """Bad input to the demo world; `str()` is the one line shown to the user."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+from kuavo_train.errors import KuavoError  # noqa: E402
 
 # The scripted experts' gains exceed the action range by design (the env clips); not our concern.
 warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
@@ -92,7 +93,7 @@ INSTRUCTIONS = {
 }
 
 
-class MetaWorldError(ValueError):
+class MetaWorldError(KuavoError):
     """A bad benchmark input; `str()` is the one line shown to the user."""
 
 

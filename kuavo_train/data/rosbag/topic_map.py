@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from kuavo_train.errors import KuavoError
 
 DEFAULT_MAP_FILE = Path(__file__).resolve().parents[3] / "configs" / "data" / "kuavo_rosbag.yaml"
 
 HandKind = Literal["leju_claw", "rq2f85", "dexhand"]
 
 
-class RosbagError(ValueError):
+class RosbagError(KuavoError):
     """Bad input to the rosbag converter; `str()` is the one line shown to the user."""
 
 
