@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +67,66 @@ def test_truncated_parquet_is_one_line(python_exe, tmp_path, demo_base, demo_dat
     line = _one_line(_cli(python_exe, "train", *tiny_overrides(run_dir, demo_base, root)))
     assert "stages.task2_weighing.dataset.root: cannot read" in line and str(f.name) in line
     assert not run_dir.exists()
+
+
+
+CAM = "observation.images.head_cam_h"
+GARBAGE = {"garbage": lambda png: b"this is not a png" * 20, "truncated": lambda png: png[: len(png) // 2]}
+
+
+def _damage_image(f, episode, frame, damage):
+    """Replace one camera image (PNG bytes embedded in the data parquet, as the demo world stores
+    them) of one frame; the numeric columns, hence everything checked up front, stay valid."""
+    t = pq.read_table(f)
+    row = int(np.flatnonzero((t.column("episode_index").to_numpy() == episode)
+                             & (t.column("frame_index").to_numpy() == frame))[0])
+    col = t.column(CAM).combine_chunks()
+    images = col.field("bytes").to_pylist()
+    images[row] = damage(images[row])
+    fixed = pa.StructArray.from_arrays([pa.array(images, type=pa.binary()), col.field("path")], fields=list(col.type))
+    pq.write_table(t.set_column(t.schema.get_field_index(CAM), CAM, fixed), f)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("damage", list(GARBAGE))
+def test_damaged_image_is_one_data_error_in_and_out_of_workers(tmp_path, demo_data, damage, workers):
+    from kuavo_train.data.frames import ChunkedFrameDataset, fetch_batches
+    from kuavo_train.errors import DataError
+
+    root, f = _data_copy(demo_data, tmp_path)
+    _damage_image(f, 0, 5, GARBAGE[damage])
+    ds = ChunkedFrameDataset("t/task2", root / "task2_weighing", episodes=[0], chunk_size=10, camera_keys=[CAM])
+    ds[4]  # its neighbour decodes
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [3, 5]), batch_size=1, num_workers=workers)
+    with pytest.raises(DataError) as err:
+        list(fetch_batches(loader))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("data error: dataset t/task2 at "), msg
+    assert f"cannot decode the {CAM} image of episode 0 frame 5 (in data/chunk-000/{f.name})" in msg
+    assert "copy or convert the dataset again" in msg
+
+
+def test_damaged_image_mid_training_is_one_line_and_keeps_the_checkpoints(python_exe, tmp_path, demo_base, demo_data):
+    """Found only when the frame is drawn (stage 2, in a DataLoader worker): exit 2 with one line;
+    stage 1's checkpoints are as they were, stage 2 wrote none."""
+    from kuavo_train.training import checkpoint as ckpt
+
+    root, f = _data_copy(demo_data, tmp_path)
+    _damage_image(f, 1, 7, GARBAGE["garbage"])
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli(python_exe, "train", *tiny_overrides(
+        run_dir, demo_base, root, "~stages.task3_placement", "~stages.task4_sorting", "evaluation.after_each_stage=false",
+        "dataloader.num_workers=2", "dataloader.drop_last=false")))
+    assert f"data error: dataset kuavo/task2_weighing at {root / 'task2_weighing'}: cannot decode the {CAM} image of " \
+           f"episode 1 frame 7 (in data/chunk-000/{f.name}): cannot identify image file;" in line, line
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["stages"]["task1_moving_grasp"]["status"] == "complete"
+    assert state["stages"]["task2_weighing"]["status"] == "running"
+    stage1 = run_dir / "stage1_task1_moving_grasp" / "checkpoints"
+    assert ckpt.is_complete(stage1 / "last") and ckpt.is_complete(stage1 / "best")
+    SmolVLAPolicyWrapper.from_pretrained(stage1 / "last" / "pretrained_model")
+    assert not (run_dir / "stage2_task2_weighing" / "checkpoints").exists() or not any(
+        (run_dir / "stage2_task2_weighing" / "checkpoints").iterdir())
 
 
 def test_batch_larger_than_an_epoch_is_refused(tmp_path, demo_base, demo_data):
@@ -157,19 +216,44 @@ def test_damaged_run_in_the_infer_command(python_exe, full_run, tmp_path):
     assert "cannot load policy weights" in line
 
 
-def test_wrapper_loads_a_bundled_checkpoint_quickly_without_offline_flag(python_exe, checkpoint, tmp_path):
-    """The README snippet, run as written on a machine without network and without HF_HUB_OFFLINE,
-    on an empty model cache: the tiny VLM is bundled, so no hub is ever waited on."""
+def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoint, tmp_path):
+    """The README snippet, run as written without HF_HUB_OFFLINE on an empty model cache: the tiny
+    VLM is bundled, so no hub is ever asked (a hub that cannot be reached would be waited on and
+    retried for minutes). The hub here is a local socket that counts the connections it gets."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    connections, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            connections.append(conn)
+            conn.close()  # a dead hub: connection dropped at once
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
     code = ("from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper; "
             f"p = SmolVLAPolicyWrapper.from_pretrained({str(checkpoint)!r}); print(len(p.instructions))")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    start = time.monotonic()
-    r = subprocess.run([python_exe, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1",
+               HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        r = subprocess.run([python_exe, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "4"
-    assert time.monotonic() - start < 90
-    assert "Name or service not known" not in r.stderr
+    assert connections == [], f"{len(connections)} connection(s) to the hub"
 
 
 def test_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_a_loadable_last(full_run, tmp_path):

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import bisect
 import io
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from kuavo_train.errors import DataError, KuavoError, first_line
 
 NUMERIC = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 # Which union action dims this sample's task lacks (kuavo_train/data/features.py). The name ends in
@@ -167,8 +170,11 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         rel, row = self._rows[i]
         cached = self._images.get((i, key)) if self._image_cache_size else None
         if cached is None:
-            with Image.open(io.BytesIO(self._image_bytes(rel, row, key))) as im:
-                cached = np.array(im.convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(self._image_bytes(rel, row, key))) as im:
+                    cached = np.array(im.convert("RGB"))
+            except Exception as exc:  # PIL and Arrow raise many kinds for damaged bytes
+                raise self._damaged(i, key, rel, exc) from None
             if self._image_cache_size:
                 self._images[(i, key)] = cached
                 if len(self._images) > self._image_cache_size:
@@ -185,9 +191,23 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         out = {}
         for key in self.video_keys:
             path = self.root / self.meta.get_video_file_path(ep, key)
-            frames = decode_video_frames(path, [meta_ep[f"videos/{key}/from_timestamp"] + ts], 1e-4, self.video_backend)
+            try:
+                frames = decode_video_frames(path, [meta_ep[f"videos/{key}/from_timestamp"] + ts], 1e-4, self.video_backend)
+            except Exception as exc:  # a damaged or cut video file
+                raise self._damaged(i, key, str(self.meta.get_video_file_path(ep, key)), exc) from None
             out[key] = frames.squeeze(0)
         return out
+
+    def _damaged(self, i: int, key: str, rel: str, exc: BaseException) -> DataError:
+        """Image bytes that do not decode are found only when a sample is drawn (nothing in the
+        metadata shows them): name the dataset, episode, frame, camera and file."""
+        ep, frame = int(self._data["episode_index"][i]), int(self._data["frame_index"][i])
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", first_line(exc))  # PIL names the buffer
+        return DataError(
+            f"data error: dataset {self.repo_id} at {self.root}: cannot decode the {key} image of episode {ep} "
+            f"frame {frame} (in {rel}): {reason}; the file is damaged: copy or convert the dataset again, "
+            f"or leave episode {ep} out of its train/val episodes"
+        )
 
     # ---- samples -----------------------------------------------------------------
     def __getitem__(self, i: int) -> dict:
@@ -216,3 +236,30 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         for out_key, key in self.camera_map.items():
             item[out_key] = frames[key] if key in self.video_keys else self._image(i, key)
         return item
+
+
+def fetch_batches(loader):
+    """Iterate `loader`; a `KuavoError` raised in a DataLoader worker comes back as its own one line.
+
+    torch re-raises a worker's exception as the same type built from a multi-line text
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), whose first
+    line would be all the user sees; the original message is the traceback's last line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except KuavoError as exc:
+            raise from_worker(exc) from None
+        yield batch
+
+
+def from_worker(exc: KuavoError) -> KuavoError:
+    lines = str(exc).strip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return exc  # raised in this process: already one line
+    where, _, message = lines[-1].partition(": ")
+    if where.rsplit(".", 1)[-1] != type(exc).__name__ or not message:
+        return exc
+    return type(exc)(message)

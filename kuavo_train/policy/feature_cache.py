@@ -33,6 +33,13 @@ after which new entries are computed but no longer stored. Several processes
 (accelerate ranks) may share the files: file creation is locked, an entry's
 features are written before its digest, and a half-visible entry only costs a
 recomputation.
+
+Disk space: writing into a hole of a memory-mapped file on a full disk kills
+the process with SIGBUS, not an exception. So before a store is created or
+opened for writing, the free space must hold what this cache can still write
+(its stores' unallocated bytes, at most the rest of the budget), and before
+each batch of entries, those entries; when it does not, features are computed
+and not stored (one warning), which costs time and never correctness.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +66,30 @@ FORMAT_VERSION = 1
 _DIGEST_SEED = 0x6B756176
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored as raw bits
 _TORCH_DTYPES = {v: k for k, v in _NP_DTYPES.items()}
+_NPY_HEADER = 4096  # an upper bound of a .npy header
+# Left free beyond the counted bytes: file-system metadata (extent and indirect blocks).
+_FREE_MARGIN = 64 * 1024
+
+
+def _existing(path: Path) -> Path:
+    return next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _unallocated(path: Path) -> int:
+    """Bytes a sparse file can still take on disk when its holes are written."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    return max(0, st.st_size - st.st_blocks * 512)
 
 
 @dataclass
@@ -121,6 +153,7 @@ class _Store:
         self.folder, self.camera, self.num_frames = folder, camera, num_frames
         self.features = None
         self.digests = None
+        self.writable = True  # False once the disk cannot hold what it may still store
         slug = camera.replace("/", "_")
         self.feat_path = folder / f"{slug}.features.npy"
         self.digest_path = folder / f"{slug}.digests.npy"
@@ -132,20 +165,32 @@ class _Store:
         if self.feat_path.is_file():
             self.features = np.load(self.feat_path, mmap_mode="r+")
 
+    def unallocated(self) -> int:
+        return _unallocated(self.feat_path) + _unallocated(self.digest_path)
+
+    def full_bytes(self, shape_td, np_dtype) -> tuple[int, int]:
+        """(features, digests) file sizes."""
+        feats = self.num_frames * int(np.prod(shape_td)) * np.dtype(np_dtype).itemsize
+        return _NPY_HEADER + feats, _NPY_HEADER + self.num_frames * 2 * 8
+
     def create(self, shape_td: tuple[int, int], np_dtype) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.digest_path.is_file():
                 # Features first, digests (NaN = empty) last: a digests file means a complete pair.
-                tmp = self.feat_path.with_suffix(f".tmp{os.getpid()}.npy")
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(self.num_frames, *shape_td)).flush()
-                os.replace(tmp, self.feat_path)
-                tmp = self.digest_path.with_suffix(f".tmp{os.getpid()}.npy")
-                d = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(self.num_frames, 2))
-                d[:] = np.nan
-                d.flush()
-                os.replace(tmp, self.digest_path)
+                tmps = [p.with_suffix(f".tmp{os.getpid()}.npy") for p in (self.feat_path, self.digest_path)]
+                try:
+                    np.lib.format.open_memmap(tmps[0], mode="w+", dtype=np_dtype, shape=(self.num_frames, *shape_td)).flush()
+                    os.replace(tmps[0], self.feat_path)
+                    d = np.lib.format.open_memmap(tmps[1], mode="w+", dtype=np.float64, shape=(self.num_frames, 2))
+                    d[:] = np.nan
+                    d.flush()
+                    os.replace(tmps[1], self.digest_path)
+                except BaseException:
+                    for t in tmps:
+                        t.unlink(missing_ok=True)
+                    raise
         self._open()
 
 
@@ -175,6 +220,8 @@ class FrozenFeatureCache:
         self._call = 0
         self._original = None
         self._w: dict[tuple, torch.Tensor] = {}
+        self._writes_off = False  # the disk filled up under the cache: compute, store nothing more
+        self._warned = False
 
     # ---- set-up ------------------------------------------------------------------
     @classmethod
@@ -187,8 +234,13 @@ class FrozenFeatureCache:
         log.info("%sfrozen-feature cache: %s", log_prefix, why)
         if level is None:
             return None
-        cache = cls(policy, settings.dir, max_bytes=int(settings.max_gb * 2**30), level=level,
-                    resize=policy.config.resize_imgs_with_padding)
+        try:
+            cache = cls(policy, settings.dir, max_bytes=int(settings.max_gb * 2**30), level=level,
+                        resize=policy.config.resize_imgs_with_padding)
+        except OSError as exc:  # a full or read-only disk: the cache is an optimisation, training goes on
+            log.warning("%sfrozen-feature cache: off, cannot write to %s (%s); features are computed",
+                        log_prefix, settings.dir, exc.strerror or exc)
+            return None
         log.info("%sfrozen-feature cache at %s (budget %.1f GiB)", log_prefix, cache.root, settings.max_gb)
         return cache
 
@@ -249,7 +301,34 @@ class FrozenFeatureCache:
         st = self._stores.get(key)
         if st is None:
             st = self._stores[key] = _Store(self.root / precision / fp, camera, n)
+            if st.features is not None:
+                entry = int(np.prod(st.features.shape[1:])) * st.features.itemsize
+                st.writable = self._room(st, self._writable_unallocated(), entry)
         return st
+
+    # ---- disk space ------------------------------------------------------------------
+    def _writable_unallocated(self) -> int:
+        """What the stores open for writing can still take on disk (their files' holes)."""
+        return sum(st.unallocated() for st in self._stores.values() if st.writable and st.features is not None)
+
+    def _room(self, st: _Store, unallocated: int, entry: int, extra: int = 0) -> bool:
+        """Whether the disk holds what this cache can still write into `unallocated` bytes of holes:
+        at most the rest of the budget, each entry's pages rounded up at both ends."""
+        left = max(0, self.max_bytes - self._used_bytes())
+        page = max(4096, os.statvfs(_existing(st.folder)).f_bsize)
+        need = min(unallocated, left + -(-left // max(entry, 1)) * 2 * page) + extra + _FREE_MARGIN
+        free = _free_bytes(st.folder)
+        if need <= free:
+            return True
+        self._warn(f"{_size(free)} free in {st.folder.parent}, {_size(need)} needed for {st.camera}")
+        return False
+
+    def _warn(self, why: str) -> None:
+        # one warning per cache: every later store or batch that does not fit says the same
+        (log.debug if self._warned else log.warning)(
+            "frozen-feature cache: not enough disk space (%s): those features are computed, not stored; free "
+            "space or point feature_cache.dir at a larger disk", why)
+        self._warned = True
 
     def _used_bytes(self) -> int:
         if self._bytes_used is None:
@@ -309,16 +388,39 @@ class FrozenFeatureCache:
     def _save(self, stores, rows, miss, computed: torch.Tensor, digests: torch.Tensor) -> None:
         cpu = computed.detach().cpu()
         np_dtype = _NP_DTYPES.get(cpu.dtype)
-        if np_dtype is None:
+        if np_dtype is None or self._writes_off:
             return
         arr = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy().view(np_dtype)
         entry = int(np.prod(arr.shape[1:])) * arr.itemsize
+        writes = sum(stores[r].writable for r in miss)
+        if not writes or self._used_bytes() + entry > self.max_bytes:
+            return
+        # The stores' space was there when they were opened; something else (checkpoints, other jobs)
+        # may have taken it since. A write into a hole without space is a SIGBUS: check these entries.
+        page = max(4096, os.statvfs(_existing(self.root)).f_bsize)
+        need = writes * (entry + 2 * page) + _FREE_MARGIN
+        free = _free_bytes(self.root)
+        if need > free:
+            self._writes_off = True
+            self._warn(f"{_size(free)} free in {self.root}, {_size(need)} needed for a batch of entries")
+            return
         for j, r in enumerate(miss):
             if self._used_bytes() + entry > self.max_bytes:
                 return
             st, i = stores[r], rows[r][1]
+            if not st.writable:
+                continue
             if st.digests is None:
-                st.create(tuple(arr.shape[1:]), np_dtype)
+                feats, digest_bytes = st.full_bytes(tuple(arr.shape[1:]), np_dtype)
+                if not self._room(st, self._writable_unallocated() + feats, entry, extra=digest_bytes):
+                    st.writable = False
+                    continue
+                try:
+                    st.create(tuple(arr.shape[1:]), np_dtype)
+                except OSError as exc:  # ENOSPC while writing a header (plain writes, not the map)
+                    st.writable = False
+                    self._warn(f"creating {st.feat_path}: {exc.strerror or exc}")
+                    continue
             if st.features.shape[1:] != arr.shape[1:] or st.features.dtype != np_dtype:
                 continue
             was_empty = bool(np.isnan(st.digests[i, 0]))

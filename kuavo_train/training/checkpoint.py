@@ -12,22 +12,105 @@
 
 Every checkpoint is first written into a hidden temporary folder and renamed
 into place, so a crash leaves either the old or the new one, never a half.
+Free space is checked before writing (the bytes needed are estimated from the
+tensors or the source tree), and a disk that fills up anyway is reported as a
+one-line `DiskFullError`; either way the temporary folder is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from kuavo_train.errors import KuavoError
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
 from kuavo_train.training import stock_resume
 
 META_FILE = "kuavo_checkpoint.json"
 TASKS_FILE = "kuavo_tasks.json"
+# Room for what the tensors do not count (configs, processor stats, RNG state, task lists: tens of KB).
+SMALL_FILES_BYTES = 1 << 20
+
+
+class DiskFullError(KuavoError):
+    """Not enough space for a checkpoint; the earlier checkpoints are intact, nothing half-written is left."""
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+
+def _tensors_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
+
+
+def tree_bytes(path) -> int:
+    """Bytes of the files under `path` (symlinks followed, as the copy does)."""
+    if path is None or not Path(path).is_dir():
+        return 0
+    return sum(os.stat(Path(d) / f).st_size for d, _, files in os.walk(path, followlinks=True) for f in files)
+
+
+def checkpoint_bytes(policy, optimizer) -> int:
+    """About what `write_checkpoint` writes: the weights, the optimizer's state tensors, the bundled VLM."""
+    total = _tensors_bytes(policy.state_dict().values())
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():  # accelerate wraps the optimizer
+        total += _tensors_bytes(state.values())
+    name = policy.config.vlm_model_name
+    if vlm_cache.is_embedded(name):
+        total += tree_bytes(vlm_cache.cached_snapshot(name))
+    return total + SMALL_FILES_BYTES
+
+
+def _free_bytes(path: Path) -> int:
+    probe = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+    return shutil.disk_usage(probe).free
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT however it arrives: an OSError, shutil.Error's list, or safetensors' SafetensorError."""
+    for _ in range(8):  # the cause/context chain
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if any(k in text for k in ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_message(dest: Path, needed: int, reason: str = "") -> str:
+    free = _free_bytes(dest.parent)
+    return (f"disk full: cannot write the checkpoint {dest}{reason}: it needs about {_size(needed)}, {_size(free)} "
+            "are free there; free some space (or move run_dir to a larger disk) and rerun: the earlier checkpoints "
+            "are intact")
+
+
+def _ensure_space(dest: Path, needed: int) -> None:
+    if needed > _free_bytes(dest.parent):
+        raise DiskFullError(_disk_full_message(dest, needed))
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(dest: Path, needed: int):
+    """The estimate can be short (or another process fills the disk meanwhile): translate the write error
+    too. Runs after the temporary folder was removed, so the free space shown is what the user has."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        raise DiskFullError(_disk_full_message(dest, needed, " (no space left on device)")) from None
 
 
 def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, optimizer, scheduler, step: int, meta: dict, trained_tasks: list[dict],
@@ -35,33 +118,44 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
     from lerobot.common.train_utils import save_training_state
 
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".tmp-{ckpt_dir.name}-"))
-    try:
-        pretrained = tmp / PRETRAINED_DIR
-        policy.save_pretrained(pretrained)
-        preprocessor.save_pretrained(pretrained)
-        postprocessor.save_pretrained(pretrained)
-        vlm_cache.bundle(policy.config.vlm_model_name, pretrained)
-        (pretrained / TASKS_FILE).write_text(json.dumps({"tasks": trained_tasks}, indent=2) + "\n")
-        if stock is not None:
-            meta = {**meta, "stock_resume": stock_resume.write_train_config(pretrained, policy.config, stock)}
-        save_training_state(tmp, step, optimizer, scheduler)
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
-        replace_dir(tmp, ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    needed = checkpoint_bytes(policy, optimizer)
+    with _disk_full_is_one_line(ckpt_dir, needed):
+        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_space(ckpt_dir, needed)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".tmp-{ckpt_dir.name}-"))
+        try:
+            pretrained = tmp / PRETRAINED_DIR
+            policy.save_pretrained(pretrained)
+            preprocessor.save_pretrained(pretrained)
+            postprocessor.save_pretrained(pretrained)
+            vlm_cache.bundle(policy.config.vlm_model_name, pretrained)
+            (pretrained / TASKS_FILE).write_text(json.dumps({"tasks": trained_tasks}, indent=2) + "\n")
+            if stock is not None:
+                meta = {**meta, "stock_resume": stock_resume.write_train_config(pretrained, policy.config, stock)}
+            save_training_state(tmp, step, optimizer, scheduler)
+            (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+            replace_dir(tmp, ckpt_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return ckpt_dir
 
 
 def copy_checkpoint(src: Path, dest: Path) -> Path:
     """Atomic copy (used for `best` and the numbered periodic checkpoints)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    replace_dir(tmp, dest)
+    dest = Path(dest)
+    needed = tree_bytes(src)
+    with _disk_full_is_one_line(dest, needed):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_space(dest, needed)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+        shutil.rmtree(tmp)
+        try:
+            shutil.copytree(src, tmp)
+            replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return dest
 
 

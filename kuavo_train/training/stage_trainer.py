@@ -22,7 +22,7 @@ import torch
 
 from kuavo_train.config.schema import RunConfig, StageConfig
 from kuavo_train.data.features import FeatureSpace, union_features
-from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout
+from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout, fetch_batches
 from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
@@ -236,7 +236,7 @@ class StageTrainer:
             bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
                        disable=not self._bars(), leave=False, dynamic_ncols=True)
             epoch_loss, epoch_steps, t0 = 0.0, 0, time.perf_counter()
-            for raw in bar:
+            for raw in fetch_batches(bar):  # a damaged image in a worker: its one-line DataError
                 seen += len(raw["task"])
                 if epoch == start_epoch:
                     first_epoch += list(zip(raw["task_id"].tolist(), raw["index"].tolist()))
