@@ -46,7 +46,7 @@ def check_config_files() -> None:
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")
 def main(cfg: DictConfig) -> None:
     from kuavo_train.cli.errors import one_line_errors
-    from kuavo_train.cli.main import quiet
+    from kuavo_train.logs import quiet
     from kuavo_train.config.loading import check_run_dir, to_run_config
     from kuavo_train.training.pipeline import Pipeline
 

@@ -91,3 +91,7 @@ def test_compare_command_tabulates_all_strategies(tmp_path, demo_base, demo_data
         assert acc["n"] == 1 and acc["mean"] > 0
     table = (out / "comparison.md").read_text()
     assert all(f"| {s} |" in table for s in summary) and table in r.stdout
+    # runs made one after another in one process each keep their own train.log
+    logs = {s: (out / "seed0" / s / "train.log").read_text() for s in summary}
+    assert "joint baseline" in logs["joint"]
+    assert all("joint baseline" not in logs[s] and "=== " not in logs[s] for s in ("sequential_spec", "sequential_naive"))

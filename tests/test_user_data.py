@@ -47,6 +47,9 @@ def test_four_stages_from_kuavo_bags(tmp_path, demo_base, kuavo_bag_datasets):
     val = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
     assert {v["task_id"] for v in val if v["stage"] == 4} == {1, 2, 3, 4}
     assert all(np.isfinite(v["loss"]) for v in val)
+    # a log that suits a file: LeRobot's torchcodec traceback (no FFmpeg libraries here) is one line, once
+    log = (run_dir / "train.log").read_text()
+    assert "Traceback" not in log and log.count("LeRobot decodes video with PyAV") <= 1
 
     policy = SmolVLAPolicyWrapper.from_pretrained(run_dir, seed=0)
     first = Path(kuavo_bag_datasets["task1_moving_grasp"])

@@ -21,21 +21,14 @@ import logging
 import sys
 from pathlib import Path
 
+from kuavo_train.logs import quiet
+
 log = logging.getLogger("kuavo_train")
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     quiet()
-
-
-def quiet() -> None:
-    """Keep library chatter out of the user's terminal (the run's own log stays complete)."""
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video", "OpenGL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # LeRobot prints a long traceback when torchcodec lacks FFmpeg and then uses PyAV,
-    # which is fine for the image-stored demo data.
-    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
 
 
 def _run_config(overrides: list[str], config_dir: str | None):

@@ -224,7 +224,8 @@ class RunConfig:
 # ---- conversion + validation ---------------------------------------------
 
 
-def _source_of(path: str) -> str:
+def source_of(path: str) -> str:
+    """The config file a field comes from (before overrides), for error lines."""
     if path.startswith("stages."):
         name = path.split(".")[1]
         return f"configs/policy/tasks/{name}.yaml"
@@ -232,7 +233,7 @@ def _source_of(path: str) -> str:
 
 
 def _fail(path: str, problem: str):
-    raise ConfigError(path, _source_of(path), problem)
+    raise ConfigError(path, source_of(path), problem)
 
 
 def _convert(cls, data: Any, path: str):
@@ -461,7 +462,7 @@ def _warn_unnormalised_replay(cfg: RunConfig) -> None:
     off = [(s, total) for s, total in off if not math.isclose(total, 1.0, abs_tol=1e-4)]
     if off:
         log.warning("config warning: replay shares renormalised to sum to 1: %s",
-                    "; ".join(f"stages.{s.name}.replay_weights sum to {total:g} ({_source_of('stages.' + s.name)}), "
+                    "; ".join(f"stages.{s.name}.replay_weights sum to {total:g} ({source_of('stages.' + s.name)}), "
                               f"used as {_shares(cfg.replay_weights_for(s))}" for s, total in off))
 
 

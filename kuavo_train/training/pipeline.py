@@ -13,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from kuavo_train.config.schema import BASE_FILE, RunConfig, StageConfig
+from kuavo_train.config.schema import BASE_FILE, RunConfig, StageConfig, source_of
 from kuavo_train.data.replay import epoch_quotas
 from kuavo_train.errors import KuavoError
+from kuavo_train.logs import collapse_video_backend_warning
 from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
@@ -63,7 +64,8 @@ def check_instructions(vlm_model_name: str, stages: list[StageConfig], max_lengt
         if r["kept_text"] in seen:
             raise InstructionError(
                 f"config error: stages.{name}.instruction: after truncation to {max_length} tokens it equals the one of "
-                f"{seen[r['kept_text']]}: the model could not tell the tasks apart (raise policy.tokenizer_max_length or reword)"
+                f"{seen[r['kept_text']]}: the model could not tell the tasks apart (raise policy.tokenizer_max_length or reword; "
+                f"in {source_of('stages.' + name)} or its overrides)"
             )
         seen[r["kept_text"]] = name
     return report
@@ -149,8 +151,9 @@ class Pipeline:
         # Several processes (accelerate launch): the main one writes run.json, stats, logs and
         # checkpoints; the others wait at barriers and re-read what it wrote.
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_file = None
         if acc.is_main_process:
-            _log_to_file(self.run_dir / "train.log")
+            log_file = _log_to_file(self.run_dir / "train.log")
             warn_truncated(self.token_report, cfg.policy.tokenizer_max_length)
         else:
             logging.getLogger().setLevel(logging.WARNING)
@@ -192,6 +195,9 @@ class Pipeline:
         finally:
             if writer is not None:
                 writer.close()
+            if log_file is not None:
+                logging.getLogger().removeHandler(log_file)
+                log_file.close()
         return state
 
 
@@ -213,9 +219,15 @@ def _drop_unsaved_validation(run_dir: Path, stage: StageConfig) -> None:
         tmp.replace(path)
 
 
-def _log_to_file(path: Path) -> None:
+def _log_to_file(path: Path) -> logging.Handler | None:
+    """Add the run's train.log to the root logger; returns the handler to remove when the run
+    ends (None when one is attached already), so that runs made one after another in one
+    process (compare, the benchmark) each keep their own log."""
+    collapse_video_backend_warning()
     root = logging.getLogger()
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
-        h = logging.FileHandler(path)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(h)
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return None
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    return h

@@ -1,0 +1,41 @@
+"""Logging set-up shared by the CLI, the spec entry point and the library's pipeline."""
+
+from __future__ import annotations
+
+import logging
+
+NOISY = ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video", "OpenGL")
+VIDEO_BACKEND_LOGGER = "lerobot.utils.import_utils"
+
+
+class _VideoBackendOnce(logging.Filter):
+    """LeRobot logs an 80-line torchcodec traceback each time a video dataset is opened on a
+    machine without FFmpeg's shared libraries, then decodes with PyAV, which works. A run
+    opens datasets dozens of times, so this keeps one line, once per process."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "torchcodec" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args = ("torchcodec cannot be loaded (are FFmpeg's shared libraries installed?): "
+                                   "LeRobot decodes video with PyAV instead"), ()
+        return True
+
+
+def collapse_video_backend_warning() -> None:
+    logger = logging.getLogger(VIDEO_BACKEND_LOGGER)
+    if not any(isinstance(f, _VideoBackendOnce) for f in logger.filters):
+        logger.addFilter(_VideoBackendOnce())
+
+
+def quiet() -> None:
+    """Keep library chatter out of the user's terminal and the run's log."""
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    collapse_video_backend_warning()
