@@ -86,3 +86,154 @@ def test_bad_task_name_is_one_clear_line(tmp_path):
     assert len(err) == 1, r.stderr
     assert err[0].startswith("error: metaworld error: unknown task 'pik-place-v3': did you mean pick-place-v3")
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+# ---- --observation stock: LeRobot's own metaworld env -------------------------------------------
+
+STOCK_TASK = "coffee-button-v3"  # its expert needs ~35 steps: the cheapest recording at stock's 480 px
+STOCK_SEED = 1000  # lerobot-eval's default --seed; the dataset's held-out scene
+
+
+@pytest.fixture(scope="module")
+def stock_smoke(tmp_path_factory):
+    """`--observation stock --smoke` on one task. The success matrix is off: a stock episode is
+    500 steps of 480 px full-quality renders (minutes); the lerobot-eval test runs one."""
+    from kuavo_train.benchmark.metaworld import SMOKE, BenchmarkSpec, run_benchmark
+
+    root = tmp_path_factory.mktemp("metaworld-stock")
+    spec = BenchmarkSpec(tasks=[STOCK_TASK], strategies=["sequential_spec"], seeds=[0], observation="stock",
+                         data_dir=root / "data", out_dir=root / "out", workers=2,
+                         overrides=["evaluation.closed_loop_episodes=0"], **SMOKE)
+    return spec, run_benchmark(spec)
+
+
+def _stock_first_frame(seed: int, size: int):
+    """LeRobot's env after reset(seed): its frame resized as SmolVLA resizes it, and agent_pos
+    (rendered in a forked child: this process later forks renderers and must not own one)."""
+    from kuavo_train.data.metaworld.env import fork_map, resize_like_smolvla
+
+    def one(seeds):
+        from lerobot.envs.metaworld import MetaworldEnv
+
+        env = MetaworldEnv(task=STOCK_TASK, obs_type="pixels_agent_pos")
+        try:
+            obs, _ = env.reset(seed=seeds[0])
+            return [(resize_like_smolvla(obs["pixels"], size), obs["agent_pos"])]
+        finally:
+            env.close()
+
+    return fork_map(one, [seed], 1)[0]
+
+
+def test_stock_observation_data_is_what_lerobots_env_shows(stock_smoke):
+    import numpy as np
+    import torch
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    spec, result = stock_smoke
+    stock = MetaworldEnv(task=STOCK_TASK)  # its facts (MetaWorld itself is built only at reset)
+    root = spec.data_dir / STOCK_TASK
+    meta = json.loads((root / "meta" / "metaworld.json").read_text())
+    instruction = stock.task_description  # "Push a button on the coffee machine"
+    assert meta["observation"] == "stock" and meta["instruction"] == instruction
+    assert meta["horizon"] == stock._max_episode_steps == 500 and meta["camera"] == stock.camera_name
+    assert meta["state_mode"] == "agent" and meta["eval_seeds"] == [STOCK_SEED] == meta["val_seeds"]
+    assert STOCK_SEED not in meta["train_seeds"]
+    ds = LeRobotDataset(f"metaworld/{STOCK_TASK}", root=root)
+    assert set(ds.meta.camera_keys) == {"observation.image"}  # stock's key: no rename map anywhere
+    assert ds.meta.features["observation.state"]["shape"] == (4,)
+    val_start = int(ds.meta.episodes["dataset_from_index"][1])
+    item = ds[val_start]
+    assert item["task"] == instruction and item["observation.image"].shape == (3, 64, 64)
+    # pixel for pixel and exactly: the held-out episode's first frame is stock's own frame of that scene
+    frame, agent_pos = _stock_first_frame(STOCK_SEED, 64)
+    ours = (item["observation.image"].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(ours, frame)
+    assert np.array_equal(item["observation.state"].numpy(), agent_pos.astype(np.float32))
+    # the checkpoint's inputs are stock's features
+    ckpt = json.loads((spec.out_dir / "seed0" / "sequential_spec" / "run.json").read_text())
+    cfg = json.loads((spec.out_dir / "seed0" / "sequential_spec" / ckpt["stages"][STOCK_TASK]["final_checkpoint"]
+                      / "pretrained_model" / "config.json").read_text())
+    assert {k: v["shape"] for k, v in cfg["input_features"].items()} == {"observation.state": [4],
+                                                                         "observation.image": [3, 64, 64]}
+    assert "LeRobot's own `metaworld` env" in result["markdown"]
+
+
+def test_stock_dataset_evaluates_in_lerobots_own_env(stock_smoke):
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    from kuavo_train.data.metaworld import MetaWorldError
+    from kuavo_train.envs import KuavoMetaWorldEnvConfig
+
+    spec, _ = stock_smoke
+    cfg = KuavoMetaWorldEnvConfig(task=STOCK_TASK, dataset_root=str(spec.data_dir / STOCK_TASK))
+    assert cfg.features_map["agent_pos"] == "observation.state" and cfg.features_map["pixels/top"] == "observation.image"
+    vec = cfg.create_envs(1)["kuavo_metaworld"][0]  # MetaWorld is built at the first reset only: no render here
+    try:
+        assert isinstance(vec.env.envs[0], MetaworldEnv)
+        assert list(vec.call("task_description")) == [MetaworldEnv(task=STOCK_TASK).task_description]
+        assert vec.call("_max_episode_steps")[0] == 500
+    finally:
+        vec.close()
+    bad = KuavoMetaWorldEnvConfig(task=STOCK_TASK, dataset_root=str(spec.data_dir / STOCK_TASK), episode_length=15)
+    with pytest.raises(MetaWorldError, match=r"stock observation: .*\(drop --env.episode_length\)$"):
+        bad.create_envs(1)
+
+
+@pytest.mark.slow
+def test_lerobot_eval_metaworld_runs_a_stock_checkpoint_as_we_do(stock_smoke, tmp_path, monkeypatch):
+    """Stock `lerobot-eval --env.type=metaworld` on our stock-mode checkpoint, no rename map, and
+    our evaluation of the same episode: the same scene, observations, instruction and horizon.
+    The policy's noise differs by design: lerobot-eval seeds the RNG once, before building the
+    policy (which draws from it), ours seeds every episode with its seed. So ours starts from
+    the RNG state lerobot-eval has at its first step; then every action, the success and the
+    rewards must be equal. (Slow: stock renders 480 px with shadows and MSAA, twice a step.)"""
+    import torch
+    from conftest import final_pretrained
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import make_policy, make_pre_post_processors
+    from lerobot.utils.random_utils import set_seed
+
+    from kuavo_train.envs.metaworld import stock_config
+    from kuavo_train.evaluation.closed_loop import StockPolicyFn, run_closed_loop
+    from kuavo_train.policy import factory
+
+    spec, _ = stock_smoke
+    ckpt = final_pretrained(spec.out_dir / "seed0" / "sequential_spec", STOCK_TASK)
+    out = tmp_path / "eval"
+    # HF_HOME: the session's (tests/conftest.py), where the tiny VLM of the base is registered
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "lerobot-eval"), f"--policy.path={ckpt}",
+           "--env.type=metaworld", f"--env.task={STOCK_TASK}", "--eval.n_episodes=1", "--eval.batch_size=1",
+           f"--seed={STOCK_SEED}", f"--output_dir={out}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as the child: the same float sums
+        # lerobot-eval's own start: set_seed, then its policy and processors (they draw from the RNG)
+        set_seed(STOCK_SEED)
+        pcfg = PreTrainedConfig.from_pretrained(ckpt)
+        pcfg.pretrained_path = ckpt
+        make_policy(cfg=pcfg, env_cfg=stock_config(STOCK_TASK))
+        make_pre_post_processors(policy_cfg=pcfg, pretrained_path=str(ckpt))
+        at_first_step = torch.get_rng_state()
+        monkeypatch.setattr("lerobot.utils.random_utils.set_seed", lambda seed: torch.set_rng_state(at_first_step))
+        cfg = factory.read_pretrained_config(ckpt)
+        policy = factory.load_policy(ckpt, cfg)
+        pre, post = factory.make_processors(cfg, pretrained_path=ckpt)
+        ours = run_closed_loop(STOCK_TASK, spec.data_dir / STOCK_TASK, StockPolicyFn(policy, pre, post), 1,
+                               start_seed=STOCK_SEED, workers=1)
+        _, err = proc.communicate(timeout=1800)
+    finally:
+        proc.kill()
+        torch.set_num_threads(threads)
+    assert proc.returncode == 0, err[-4000:]
+    info = json.loads((out / "eval_info.json").read_text())
+    (task,) = info["per_task"]
+    stock = task["metrics"]
+    (ep,) = ours["episodes"]
+    assert ours["env"]["type"] == "kuavo_metaworld" and ep["scene_seed"] == STOCK_SEED
+    assert [ep["success"]] == stock["successes"]
+    assert [ep["sum_reward"]] == stock["sum_rewards"] and [ep["max_reward"]] == stock["max_rewards"]

@@ -8,6 +8,10 @@
    `meta/metaworld.json`), then the run's report.
 4. `benchmark.md` / `benchmark.json`: the success matrix per strategy with ACC/BWT/FWT, the
    expert's own success as the ceiling, and compare.py's table over seeds.
+
+`observation="stock"` (`--observation stock`) records LeRobot's own `metaworld` observation
+instead of ours (kuavo_train/data/metaworld/env.py) and evaluates in LeRobot's own env, so
+a number here can stand beside `lerobot-eval --env.type=metaworld` numbers.
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ from kuavo_train.data.metaworld.env import (
     DEFAULT_TASKS,
     HORIZON,
     IMAGE_SIZE,
+    OBSERVATIONS,
     STATE_MODES,
     MetaWorldError,
     SimSettings,
     check_tasks,
     default_workers,
-    image_key,
     instruction_for,
     state_names,
+    stock_env_facts,
 )
 
 log = logging.getLogger(__name__)
@@ -58,10 +63,13 @@ class BenchmarkSpec:
     eval_seeds: int = FULL["eval_seeds"]
     episodes: int = FULL["episodes"]
     epochs: int = FULL["epochs"]
-    state_mode: str = "full"
+    # "ours" or "stock" (LeRobot's metaworld observation). None below: the observation's own
+    # (ours: full state, 200 steps; stock: its 4-dim agent state and its horizon).
+    observation: str = "ours"
+    state_mode: str | None = None
     camera: str = DEFAULT_CAMERA
-    image_size: int = IMAGE_SIZE
-    horizon: int = HORIZON
+    image_size: int = IMAGE_SIZE  # stored image = the policy's input size
+    horizon: int | None = None
     data_dir: Path = Path("data/metaworld")
     out_dir: Path = Path("outputs/metaworld")
     data_seed: int = 0
@@ -74,8 +82,17 @@ class BenchmarkSpec:
     command: str = ""
 
     def sim(self, task: str) -> SimSettings:
-        return SimSettings(task=task, image_size=self.image_size, camera=self.camera, horizon=self.horizon,
-                           state_mode=self.state_mode)
+        if self.observation == "stock":
+            return SimSettings.stock(task, self.image_size)
+        return SimSettings(task=task, image_size=self.image_size, camera=self.camera, horizon=self.horizon or HORIZON,
+                           state_mode=self.state_mode or "full")
+
+    @property
+    def image_key(self) -> str:
+        return self.sim(self.tasks[0]).image_key
+
+    def instruction(self, task: str) -> str:
+        return instruction_for(task, self.observation)
 
 
 def replay_shares(k: int) -> dict[int, float]:
@@ -103,6 +120,20 @@ def check_spec(spec: BenchmarkSpec) -> None:
     bad = [s for s in spec.strategies if s not in STRATEGIES]
     if bad or not spec.strategies:
         raise MetaWorldError(f"metaworld error: unknown strategy {bad[0] if bad else ''!r} (choose from {', '.join(STRATEGIES)})")
+    if spec.observation not in OBSERVATIONS:
+        raise MetaWorldError(f"metaworld error: --observation {spec.observation!r} (choose {', '.join(OBSERVATIONS)})")
+    if spec.observation == "stock":
+        if spec.state_mode not in (None, "agent"):
+            raise MetaWorldError("metaworld error: --observation stock has LeRobot's 4-dim agent state "
+                                 f"(drop --state {spec.state_mode})")
+        stock = {t: stock_env_facts(t) for t in spec.tasks}  # a task LeRobot's env lacks fails here
+        horizon, camera = stock[spec.tasks[0]]["horizon"], stock[spec.tasks[0]]["camera"]
+        if spec.horizon not in (None, horizon) or spec.camera != camera:
+            raise MetaWorldError(f"metaworld error: --observation stock fixes camera {camera} and horizon {horizon} "
+                                 f"(got {spec.camera}, {spec.horizon})")
+        spec.state_mode, spec.horizon = "agent", horizon
+    spec.state_mode = spec.state_mode or "full"
+    spec.horizon = HORIZON if spec.horizon is None else spec.horizon
     if spec.state_mode not in STATE_MODES:
         raise MetaWorldError(f"metaworld error: --state {spec.state_mode!r} (choose {', '.join(STATE_MODES)})")
     for name in ("train_episodes", "eval_seeds", "episodes", "epochs", "workers", "horizon", "threads"):
@@ -133,16 +164,17 @@ def ensure_base(spec: BenchmarkSpec, chunk_size: int, n_action_steps: int) -> Pa
     """The tiny random-weight SmolVLA base, one per (instructions, state layout, camera, sizes)."""
     from kuavo_train.policy.base_model import build_base_model
 
-    instructions = [instruction_for(t) for t in spec.tasks]
-    key = json.dumps([sorted(instructions), spec.state_mode, spec.camera, spec.image_size, chunk_size, n_action_steps,
-                      max_state_dim(spec)])
+    instructions = [spec.instruction(t) for t in spec.tasks]
+    parts = [sorted(instructions), spec.state_mode, spec.camera, spec.image_size, chunk_size, n_action_steps,
+             max_state_dim(spec)]
+    key = json.dumps(parts + ([spec.image_key] if spec.observation == "stock" else []))  # ours keeps its old key
     out = spec.out_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     pretrained = out / "pretrained_model"
     if (pretrained / "model.safetensors").is_file():
         return pretrained
     log.info("building the tiny SmolVLA base in %s", out)
     path = build_base_model(out, instructions=instructions, state_dim=len(state_names(spec.state_mode)), action_dim=4,
-                            camera_keys=(image_key(spec.camera),), image_size=spec.image_size, chunk_size=chunk_size,
+                            camera_keys=(spec.image_key,), image_size=spec.image_size, chunk_size=chunk_size,
                             n_action_steps=n_action_steps, seed=0, max_state_dim=max_state_dim(spec), overwrite=True)
     return path
 
@@ -165,14 +197,16 @@ def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, P
 
     plain = [o for o in spec.overrides if not o.lstrip("+~").startswith("stages.")]
     cfg = compose(["profile=metaworld", f"data_root={spec.data_dir}", f"policy.pretrained_path={base}",
-                   f"policy.max_state_dim={max_state_dim(spec)}", *plain,
+                   f"policy.max_state_dim={max_state_dim(spec)}",
+                   f"evaluation.closed_loop_episodes={spec.episodes}",  # --episodes (an override still wins)
+                   *plain,
                    f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"])
     base_lr = float(cfg.learning_rate.base_lr)
     batch = int(cfg.dataloader.batch_size)
     stages = {}
     for k, task in enumerate(spec.tasks, start=1):
         stages[task] = {
-            "task_id": k, "name": task, "instruction": instruction_for(task), "max_epoch": spec.epochs,
+            "task_id": k, "name": task, "instruction": spec.instruction(task), "max_epoch": spec.epochs,
             "resume_from": "pretrained" if k == 1 else "task", "resume_task_id": None if k == 1 else k - 1,
             "optimizer_lr": base_lr * lr_factor(k), "scheduler_warmup_steps": WARMUP_STEPS, "scheduler_decay_steps": 1,
             "replay_weights": {str(t): w for t, w in replay_shares(k).items()},
@@ -180,7 +214,8 @@ def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, P
         }
     # Cosine decay over each stage's own steps; the joint baseline (which uses stage 1's schedule)
     # decays over all of its steps instead of stopping at stage 1's length.
-    frames = {k: open_task_data(_Stage(k, t, roots[t])).num_train_frames for k, t in enumerate(spec.tasks, start=1)}
+    frames = {k: open_task_data(_Stage(k, t, roots[t], spec.instruction(t))).num_train_frames
+              for k, t in enumerate(spec.tasks, start=1)}
     steps = {k: _stage_steps(frames, k, strategy, batch, spec.epochs) for k in frames}
     for k, task in enumerate(spec.tasks, start=1):
         stages[task]["scheduler_decay_steps"] = steps[k]
@@ -205,10 +240,7 @@ class _Stage:
     task_id: int
     name: str
     root: Path
-
-    @property
-    def instruction(self) -> str:
-        return instruction_for(self.name)
+    instruction: str
 
     @property
     def dataset(self):
@@ -252,6 +284,15 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
     return _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
 
 
+_STOCK_NOTE = (
+    "Observation: LeRobot's own `metaworld` env (corner2 camera moved, 480 px render flipped on both axes, "
+    "4-dim agent_pos, its instructions, 500 steps); demonstrations stored resized to {size} px with SmolVLA's own "
+    "resize; evaluated in LeRobot's env, episode seeds 1000.. (its scenes), every RNG seeded per episode. "
+    "Stock's numbers for a checkpoint: `lerobot-eval --policy.path=<checkpoint>/pretrained_model --env.type=metaworld "
+    "--env.task=<task> --eval.n_episodes={episodes} --eval.batch_size=1` (same scenes; its policy noise is one stream "
+    "seeded once, so single episodes may differ).")
+
+
 def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
@@ -272,6 +313,7 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
         f"Per task: {spec.train_episodes} expert demos, {spec.episodes} held-out seeds evaluated closed loop after every "
         f"stage; {spec.epochs} epochs per stage; state {spec.state_mode} ({len(state_names(spec.state_mode))} dims), "
         f"camera {spec.camera} {spec.image_size} px, horizon {spec.horizon} steps.", "",
+        *([_STOCK_NOTE.format(size=spec.image_size, episodes=spec.episodes), ""] if spec.observation == "stock" else []),
         "| task | instruction | expert success (held-out seeds = ceiling) | expert success (training scenes) |",
         "|---|---|---|---|",
     ]

@@ -169,9 +169,11 @@ def cmd_benchmark(args) -> None:
     for name in sizes:
         if getattr(args, name, None) is not None:
             sizes[name] = getattr(args, name)
+    # stock-observation runs get their own folders (their datasets and models differ from ours)
+    name = "metaworld" + ("-stock" if args.observation == "stock" else "") + ("-smoke" if args.smoke else "")
     spec = BenchmarkSpec(tasks=args.tasks, strategies=args.strategies, seeds=args.seeds, state_mode=args.state,
-                         data_dir=Path(args.data or ("data/metaworld-smoke" if args.smoke else "data/metaworld")),
-                         out_dir=Path(args.out or ("outputs/metaworld-smoke" if args.smoke else "outputs/metaworld")),
+                         observation=args.observation,
+                         data_dir=Path(args.data or f"data/{name}"), out_dir=Path(args.out or f"outputs/{name}"),
                          data_seed=args.data_seed, overrides=list(args.overrides), overwrite_data=args.overwrite_data,
                          command="kuavo-train " + " ".join(sys.argv[1:]), **sizes)
     if args.workers is not None:
@@ -285,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--train-episodes", dest="train_episodes", type=int, default=None, help="expert demos per task (full: 40)")
     bm.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=None, help="held-out seeds stored per task (full: 10)")
     bm.add_argument("--epochs", type=int, default=None, help="epochs per stage (full: see benchmark/metaworld.py FULL)")
-    bm.add_argument("--state", choices=["full", "agent"], default="full",
-                    help="observation.state: the full 39-dim MetaWorld observation or the 4-dim agent state")
+    bm.add_argument("--state", choices=["full", "agent"], default=None,
+                    help="observation.state: the full 39-dim MetaWorld observation (default) or the 4-dim agent state")
+    bm.add_argument("--observation", choices=["ours", "stock"], default="ours",
+                    help="ours (default) or stock: LeRobot's own metaworld env (its camera, flips, 4-dim agent state, "
+                         "instructions, 500 steps), recorded and evaluated in it, comparable with "
+                         "lerobot-eval --env.type=metaworld (default folders data/metaworld-stock, outputs/metaworld-stock)")
     bm.add_argument("--workers", type=int, default=None, help="processes for simulator episodes (default: min(2, CPUs))")
     bm.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1: see BenchmarkSpec.threads)")
     bm.add_argument("--data", default=None, help="dataset folder (default data/metaworld)")

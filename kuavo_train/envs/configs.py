@@ -98,7 +98,9 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
     benchmark dataset, whose `meta/metaworld.json` gives camera, image size, state layout,
     horizon, instruction and held-out seeds (default data/metaworld/<task>). `scenes`: heldout
     (its `eval_seeds`, episode seed mod their number), train, or seed. `camera`, `image_size`,
-    `state_mode` (full | agent), `episode_length`: default the dataset's."""
+    `state_mode` (full | agent), `episode_length`: default the dataset's. A dataset recorded with
+    the stock observation is evaluated in LeRobot's own `metaworld` env (its scene = the episode
+    seed, its fixed camera and horizon, so none of these options applies), with our per-episode seeding."""
 
     task: str = "push-v3"
     fps: int = 80
@@ -111,9 +113,13 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
 
     def __post_init__(self):
         from kuavo_train.data.metaworld.env import state_names
-        from kuavo_train.envs.metaworld import read_metaworld_meta, resolve_settings
+        from kuavo_train.envs.metaworld import is_stock, read_metaworld_meta, resolve_settings, stock_config
 
         meta = read_metaworld_meta(self.root) if self.task else None
+        if is_stock(meta):
+            stock = stock_config(str(self.task))
+            self.features, self.features_map = dict(stock.features), dict(stock.features_map)
+            return
         s = resolve_settings(str(self.task), meta, camera=self.camera, image_size=self.image_size,
                              state_mode=self.state_mode, horizon=self.episode_length)
         self.features, self.features_map = _features([s.camera], s.image_size, len(state_names(s.state_mode)), 4)
@@ -130,8 +136,17 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
                 "image_size": self.image_size, "state_mode": self.state_mode, "episode_length": self.episode_length}
 
     def create_envs(self, n_envs: int, use_async_envs: bool = False):
-        from kuavo_train.envs.metaworld import KuavoMetaWorldEnv
+        from kuavo_train.data.metaworld.env import MetaWorldError
+        from kuavo_train.envs.metaworld import KuavoMetaWorldEnv, is_stock, make_stock_env, read_metaworld_meta
 
+        if is_stock(read_metaworld_meta(self.root)):
+            fixed = {k: v for k, v in (("camera", self.camera), ("image_size", self.image_size),
+                                        ("state_mode", self.state_mode), ("episode_length", self.episode_length)) if v}
+            if fixed or self.scenes == "train":
+                what = f"--env.{next(iter(fixed))}" if fixed else "--env.scenes=train"
+                raise MetaWorldError(f"kuavo_metaworld: {self.root} holds the stock observation: LeRobot's env fixes "
+                                     f"camera, image, state, horizon and scenes (drop {what})")
+            return {self.type: {0: make_stock_env(str(self.task), n_envs, use_async_envs)}}
         return {self.type: {0: _vector_env(functools.partial(KuavoMetaWorldEnv, **self.gym_kwargs), n_envs,
                                            use_async_envs)}}
 

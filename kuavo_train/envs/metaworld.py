@@ -10,6 +10,12 @@ dataset's held-out evaluation seeds (`eval_seeds`), index = seed mod their numbe
 "train" its training seeds; "seed" the episode seed is the MetaWorld scene seed.
 Ends on `info["success"]` (terminated) or at the horizon (truncated); the reward is
 MetaWorld's own dense reward.
+
+A dataset recorded with the stock observation (`"observation": "stock"` in its
+sidecar) is evaluated in LeRobot's own `metaworld` env instead (`make_stock_env`):
+stock's observations, rewards, termination and 500-step horizon, the scene seeded
+with the episode seed as stock does; we only add the episode seed entry that our
+per-episode seeding reads (seeding.py).
 """
 
 from __future__ import annotations
@@ -37,6 +43,63 @@ SCENE_MODES = ("heldout", "train", "seed")
 META_FILE = "metaworld.json"  # kuavo_train/data/metaworld/writer.py
 DEFAULT_DATA_ROOT = Path("data/metaworld")  # where `kuavo-train benchmark metaworld` writes its datasets
 FPS = 80
+
+
+def is_stock(meta: dict | None) -> bool:
+    return (meta or {}).get("observation") == "stock"
+
+
+def stock_config(task: str):
+    """LeRobot's own `--env.type=metaworld` config for a task."""
+    from lerobot.envs.configs import MetaworldEnv
+
+    return MetaworldEnv(task=task)
+
+
+class StockEpisodeSeeds:
+    """LeRobot's metaworld vector env, untouched, plus `EPISODE_KEY` in every observation
+    (episode seed and step, removed by the env preprocessor before the policy sees the batch)
+    and `scene_seed` in the reset info. Not a gymnasium VectorWrapper: stock's asynchronous
+    env is not a VectorEnv, so everything else is forwarded as is."""
+
+    def __init__(self, env):
+        self.env = env
+        self._seeds: list[int | None] = [None] * env.num_envs
+        self._step = 0
+
+    def _with_entry(self, obs: dict) -> dict:
+        return {**obs, EPISODE_KEY: np.stack([encode(s, self._step) for s in self._seeds])}
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        n = self.env.num_envs
+        if seed is None:
+            self._seeds = [None] * n
+        elif isinstance(seed, (int, np.integer)):
+            self._seeds = [int(seed) + i for i in range(n)]  # gymnasium's rule for one seed
+        else:
+            self._seeds = [None if s is None else int(s) for s in seed]
+        self._step = 0
+        # Stock seeds MetaWorld's scene with the episode seed itself.
+        scenes = np.array([-1 if s is None else s for s in self._seeds], dtype=np.int64)
+        return self._with_entry(obs), {**info, "scene_seed": scenes}
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self._step += 1
+        return self._with_entry(obs), reward, terminated, truncated, info
+
+    def __getattr__(self, name):
+        if name == "env":  # not set yet (e.g. during copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+
+def make_stock_env(task: str, n_envs: int, use_async_envs: bool) -> StockEpisodeSeeds:
+    """Stock's vector env for one task, built by stock's own config (`create_envs`)."""
+    envs = stock_config(task).create_envs(n_envs=n_envs, use_async_envs=use_async_envs)
+    (vec,) = [v for group in envs.values() for v in group.values()]
+    return StockEpisodeSeeds(vec)
 
 
 def default_dataset_root(task: str) -> Path:
@@ -82,6 +145,9 @@ class KuavoMetaWorldEnv(gym.Env):
             if meta.get("task") != task:
                 raise MetaWorldError(f"kuavo_metaworld: {root} holds task {meta.get('task')!r}, not {task!r}")
             self.scene_list = [int(s) for s in meta["eval_seeds" if scenes == "heldout" else "train_seeds"]]
+        if is_stock(meta):
+            raise MetaWorldError(f"kuavo_metaworld: {root} was recorded with LeRobot's stock observation: evaluate it "
+                                 "in LeRobot's own env (KuavoMetaWorldEnvConfig builds that one for such a dataset)")
         self.settings = resolve_settings(task, meta, camera=camera, image_size=image_size, state_mode=state_mode,
                                          horizon=episode_length)
         self.sim = MetaWorldSim(self.settings)

@@ -7,6 +7,15 @@ identical in both. Scenes are fully observable (the 39-dim observation carries t
 goal, which the scripted experts need) and drawn from `env.seed(s)`: the raw env
 ignores `reset(seed=...)`.
 
+`observation="stock"` records what LeRobot's own `metaworld` env
+(lerobot/envs/metaworld.py) shows a policy instead: its moved corner2 camera, its
+full-quality render at MetaWorld's default 480 px flipped on both axes, its 4-dim
+`agent_pos`, its instruction and its 500-step horizon, under its keys
+(`observation.image`, `observation.state`). The image is stored resized to the
+policy's input size with SmolVLA's own resize, which the policy applies to the
+480 px frame anyway; closed-loop evaluation of such data runs LeRobot's env itself
+(kuavo_train/envs/metaworld.py).
+
 Rendering happens only in forked worker processes: a process that created an EGL
 context must not fork another renderer, and the parent (which trains) never needs one.
 """
@@ -19,6 +28,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import difflib  # noqa: E402
+import functools  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -37,6 +47,13 @@ HORIZON = 200
 STATE_MODES = ("full", "agent")
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+OBSERVATIONS = ("ours", "stock")
+
+# LeRobot's `metaworld` env, as read in lerobot 0.6.1 (the test compares our frames with its own).
+STOCK_CAMERA = "corner2"
+STOCK_CAMERA_POS = (0.75, 0.075, 0.7)  # it moves corner2 closer to the table
+STOCK_RENDER_SIZE = 480  # it keeps MetaWorld's default render size
+STOCK_IMAGE_KEY = "observation.image"  # its `pixels` is a bare array, so LeRobot names it this
 
 # Our instruction per task (MetaWorld ships none). Tasks that share a scene differ only here.
 INSTRUCTIONS = {
@@ -133,7 +150,26 @@ def check_tasks(tasks) -> list[str]:
     return tasks
 
 
-def instruction_for(task: str) -> str:
+@functools.lru_cache(maxsize=None)
+def stock_env_facts(task: str) -> dict:
+    """What LeRobot's own `metaworld` env uses for a task, read from an instance of it
+    (cheap: it builds MetaWorld only at its first reset)."""
+    require_metaworld()
+    try:
+        from lerobot.envs.metaworld import MetaworldEnv
+    except ImportError as exc:
+        raise MetaWorldError(f"metaworld error: LeRobot's metaworld env cannot be imported ({exc})") from None
+    try:
+        env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
+    except KeyError:
+        raise MetaWorldError(f"metaworld error: LeRobot's metaworld env has no task {task!r} "
+                             "(--observation stock needs one of its tasks)") from None
+    return {"instruction": env.task_description, "horizon": int(env._max_episode_steps), "camera": env.camera_name}
+
+
+def instruction_for(task: str, observation: str = "ours") -> str:
+    if observation == "stock":
+        return stock_env_facts(task)["instruction"]
     return INSTRUCTIONS.get(task) or f"{task.removesuffix('-v3').replace('-', ' ').capitalize()}."
 
 
@@ -151,18 +187,49 @@ def image_key(camera: str) -> str:
 
 @dataclass(frozen=True)
 class SimSettings:
-    """Everything that must match between the data and the evaluation (stored in the sidecar)."""
+    """Everything that must match between the data and the evaluation (stored in the sidecar).
+    `observation`: "ours" or "stock" (LeRobot's metaworld env; see `stock`)."""
 
     task: str
     image_size: int = IMAGE_SIZE
     camera: str = DEFAULT_CAMERA
     horizon: int = HORIZON
     state_mode: str = "full"
+    observation: str = "ours"
 
     @classmethod
     def from_meta(cls, meta: dict) -> "SimSettings":
         return cls(task=meta["task"], image_size=int(meta["image_size"]), camera=meta["camera"],
-                   horizon=int(meta["horizon"]), state_mode=meta["state_mode"])
+                   horizon=int(meta["horizon"]), state_mode=meta["state_mode"],
+                   observation=meta.get("observation", "ours"))  # datasets from before the option are ours
+
+    @classmethod
+    def stock(cls, task: str, image_size: int = IMAGE_SIZE) -> "SimSettings":
+        """LeRobot's metaworld observation of `task`; `image_size`: the stored (policy input) size."""
+        facts = stock_env_facts(task)
+        return cls(task=task, image_size=image_size, camera=facts["camera"], horizon=facts["horizon"],
+                   state_mode="agent", observation="stock")
+
+    @property
+    def image_key(self) -> str:
+        return STOCK_IMAGE_KEY if self.observation == "stock" else image_key(self.camera)
+
+    @property
+    def instruction(self) -> str:
+        return instruction_for(self.task, self.observation)
+
+
+def resize_like_smolvla(frame: np.ndarray, size: int) -> np.ndarray:
+    """An HWC uint8 frame resized to size x size exactly as SmolVLA resizes its input images
+    (LeRobot's `resize_with_pad` on [0, 1] floats), rounded back to uint8."""
+    if frame.shape[0] == size and frame.shape[1] == size:
+        return frame
+    import torch
+    from lerobot.policies.common.vla_utils import resize_with_pad
+
+    img = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255.0
+    out = resize_with_pad(img, size, size, pad_value=0)
+    return (out[0].permute(1, 2, 0).clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
 
 
 class MetaWorldSim:
@@ -173,18 +240,26 @@ class MetaWorldSim:
         from metaworld.policies import ENV_POLICY_MAP
 
         s = self.settings = settings
-        env = ALL_V3_ENVIRONMENTS[s.task](render_mode="rgb_array", camera_name=s.camera, width=s.image_size, height=s.image_size)
+        self.stock = s.observation == "stock"
+        if self.stock:
+            # Stock renders at MetaWorld's default size with its default quality; only the camera moves.
+            env = ALL_V3_ENVIRONMENTS[s.task](render_mode="rgb_array", camera_name=STOCK_CAMERA)
+            env.model.cam_pos[env.model.camera(STOCK_CAMERA).id] = STOCK_CAMERA_POS
+        else:
+            env = ALL_V3_ENVIRONMENTS[s.task](render_mode="rgb_array", camera_name=s.camera, width=s.image_size,
+                                              height=s.image_size)
         env._partially_observable = False  # the goal is in the observation (the experts read it)
         del env.sawyer_observation_space  # cached for the hidden-goal layout; recomputed on access
         env._freeze_rand_vec = False  # a new scene at every reset ...
         env.seeded_rand_vec = True  # ... drawn from env.seed(s)
         env._set_task_called = True  # we set the scene by seed instead of a benchmark Task
         env.max_path_length = s.horizon + 1  # our own cap ends the episode first
-        m = env.model
-        # Fast, deterministic llvmpipe rendering (~10x faster): no shadows, reflections or MSAA.
-        m.light_castshadow[:] = 0
-        m.mat_reflectance[:] = 0
-        m.vis.quality.offsamples = 0
+        if not self.stock:
+            m = env.model
+            # Fast, deterministic llvmpipe rendering (~10x faster): no shadows, reflections or MSAA.
+            m.light_castshadow[:] = 0
+            m.mat_reflectance[:] = 0
+            m.vis.quality.offsamples = 0
         self.env = env
         self.expert = ENV_POLICY_MAP[s.task]()
         self.fps = int(round(1.0 / env.dt))
@@ -194,8 +269,12 @@ class MetaWorldSim:
     def observation(self) -> dict:
         s = self.settings
         state = self.raw if s.state_mode == "full" else self.raw[:4]
-        image = self.env.render()[::-1].copy()  # MuJoCo's offscreen image is upside down for these cameras
-        return {STATE_KEY: np.asarray(state, dtype=np.float32), image_key(s.camera): image}
+        if self.stock:
+            # Stock flips both axes (a mirror image, upright); the policy then resizes the frame.
+            image = resize_like_smolvla(self.env.render()[::-1, ::-1], s.image_size)
+        else:
+            image = self.env.render()[::-1]  # MuJoCo's offscreen image is upside down for these cameras
+        return {STATE_KEY: np.asarray(state, dtype=np.float32), s.image_key: image.copy()}
 
     def reset(self, seed: int) -> dict:
         self.env.seed(int(seed))

@@ -11,6 +11,10 @@ rate on them (the ceiling).
 
 All tasks draw scenes from the SAME seeds, so tasks of one MetaWorld scene
 (push / pick-place) see identical object and goal placements.
+
+With the stock observation (`SimSettings.observation == "stock"`) the held-out
+seeds are the episode seeds our evaluation and `lerobot-eval` use by default
+(1000, 1001, ...): LeRobot's env takes the episode seed as the scene seed.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ import numpy as np
 from kuavo_train.data.generated import made_with
 from kuavo_train.data.metaworld.env import (
     ACTION_KEY,
+    OBSERVATIONS,
     STATE_KEY,
     STATE_MODES,
+    STOCK_CAMERA_POS,
+    STOCK_RENDER_SIZE,
     MetaWorldError,
     MetaWorldSim,
     SimSettings,
     check_tasks,
     fork_map,
-    image_key,
-    instruction_for,
     run_episode,
     state_names,
 )
@@ -46,7 +51,15 @@ GENERATOR_VERSION = 1
 EVAL_SEED_OFFSET = 1_000_000  # held-out seeds never overlap training seeds
 
 
-def scene_seeds(seed: int, count: int, split: str) -> list[int]:
+def stock_eval_start() -> int:
+    from kuavo_train.evaluation.closed_loop import EVAL_START_SEED
+
+    return EVAL_START_SEED
+
+
+def scene_seeds(seed: int, count: int, split: str, observation: str = "ours") -> list[int]:
+    if observation == "stock" and split == "eval":
+        return [stock_eval_start() + i for i in range(count)]
     base = int(np.random.default_rng([int(seed), 7]).integers(0, 10_000_000))
     return [{"train": 0, "eval": EVAL_SEED_OFFSET}[split] + base + i for i in range(count)]
 
@@ -56,8 +69,8 @@ def features(settings: SimSettings) -> dict:
     return {
         STATE_KEY: {"dtype": "float32", "shape": (len(names),), "names": names},
         ACTION_KEY: {"dtype": "float32", "shape": (4,), "names": ["dx", "dy", "dz", "grip"]},
-        image_key(settings.camera): {"dtype": "image", "shape": (settings.image_size, settings.image_size, 3),
-                                     "names": ["height", "width", "channels"]},
+        settings.image_key: {"dtype": "image", "shape": (settings.image_size, settings.image_size, 3),
+                             "names": ["height", "width", "channels"]},
     }
 
 
@@ -77,14 +90,22 @@ def expert_episodes(settings: SimSettings, seeds: list[int], workers: int) -> li
 
 
 def _params(settings: SimSettings, num_train: int, num_eval: int, seed: int) -> dict:
-    return {**dataclasses.asdict(settings), "instruction": instruction_for(settings.task), "seed": seed,
-            "num_train_episodes": num_train, "num_eval_seeds": num_eval, "generator_version": GENERATOR_VERSION}
+    params = {**dataclasses.asdict(settings), "instruction": settings.instruction, "seed": seed,
+              "num_train_episodes": num_train, "num_eval_seeds": num_eval, "generator_version": GENERATOR_VERSION}
+    if settings.observation == "ours":
+        del params["observation"]  # datasets written before the option still match
+    return params
 
 
 def _check(num_train: int, num_eval: int, settings: SimSettings) -> None:
     for name, v in (("train episodes", num_train), ("evaluation seeds", num_eval)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise MetaWorldError(f"metaworld error: {name} must be an integer >= 1 (got {v!r})")
+    if settings.observation not in OBSERVATIONS:
+        raise MetaWorldError(f"metaworld error: observation {settings.observation!r} (choose {', '.join(OBSERVATIONS)})")
+    if settings.observation == "stock" and settings != SimSettings.stock(settings.task, settings.image_size):
+        raise MetaWorldError("metaworld error: the stock observation fixes camera, state and horizon "
+                             f"(got {settings}; build it with SimSettings.stock)")
     if settings.state_mode not in STATE_MODES:
         raise MetaWorldError(f"metaworld error: state mode {settings.state_mode!r} (choose {', '.join(STATE_MODES)})")
     if not 16 <= settings.image_size <= 512:
@@ -111,7 +132,8 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
         raise MetaWorldError(f"metaworld error: {dest} exists with other contents (pass --overwrite-data to regenerate it)")
     t0 = time.time()
     # Training demos: try candidate seeds in order until enough expert successes.
-    candidates = scene_seeds(seed, 5 * num_train_episodes + 20, "train")
+    eval_seeds = scene_seeds(seed, num_eval_seeds, "eval", settings.observation)
+    candidates = [s for s in scene_seeds(seed, 5 * num_train_episodes + 20, "train") if s not in eval_seeds]
     train, attempted, succeeded, pos = [], 0, 0, 0
     while len(train) < num_train_episodes:
         need = num_train_episodes - len(train)
@@ -126,7 +148,6 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
             if ep["success"] and len(train) < num_train_episodes:
                 train.append(ep)
     # Held-out scenes: every evaluation seed is tried; the expert's successes become the val split.
-    eval_seeds = scene_seeds(seed, num_eval_seeds, "eval")
     held = expert_episodes(settings, eval_seeds, workers)
     val = [ep for ep in held if ep["success"]]
     if not val:
@@ -140,7 +161,7 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
         fps = int(round(1.0 / 0.0125))  # MetaWorld steps at 80 Hz (frame_skip 5 x 2.5 ms)
         ds = LeRobotDataset.create(repo_id=f"metaworld/{settings.task}", fps=fps, features=features(settings), root=root,
                                    robot_type="sawyer", use_videos=False)
-        instruction = instruction_for(settings.task)
+        instruction = settings.instruction
         for ep in train + val:
             for obs, action in ep["frames"]:
                 ds.add_frame({**obs, ACTION_KEY: action, "task": instruction})
@@ -159,7 +180,7 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
             "metaworld_version": version("metaworld"),
             "mujoco_version": version("mujoco"),
             "fps": fps,
-            "render": {"shadows": False, "reflections": False, "offsamples": 0, "image_flipped_upright": True},
+            "render": _render_meta(settings),
             "train_seeds": [ep["seed"] for ep in train],
             "train_attempts": attempted,
             "train_expert_successes": succeeded,
@@ -182,6 +203,17 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
         log.info("dataset %s: %d train + %d held-out episodes (expert: %d/%d training scenes, %d/%d held-out), %.0f s",
                  dest, len(train), len(val), succeeded, attempted, len(val), len(held), time.time() - t0)
     return dest
+
+
+def _render_meta(settings: SimSettings) -> dict:
+    if settings.observation == "stock":
+        from importlib.metadata import version
+
+        return {"env": "lerobot.envs.metaworld.MetaworldEnv", "lerobot_version": version("lerobot"),
+                "camera": settings.camera, "camera_pos": list(STOCK_CAMERA_POS), "render_size": STOCK_RENDER_SIZE,
+                "quality": "MetaWorld's defaults", "flipped_axes": [0, 1], "resized_to": settings.image_size,
+                "resize": "SmolVLA's resize_with_pad (bilinear), as the policy resizes the 480 px frame"}
+    return {"shadows": False, "reflections": False, "offsamples": 0, "image_flipped_upright": True}
 
 
 def read_meta(root) -> dict:
