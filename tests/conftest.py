@@ -12,39 +12,71 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Runs share one frozen-feature cache folder per test session, never the user's.
 os.environ["KUAVO_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="kuavo-test-features-")
 
+import pickle  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_NAMES = ["task1_moving_grasp", "task2_weighing", "task3_placement", "task4_sorting"]
 
 
+def shared(tmp_path_factory, name: str, build):
+    """`build(folder)`'s value, built once per test session even with several pytest-xdist workers.
+
+    The first worker that asks builds it under a file lock in the folder all workers share;
+    the others wait and reuse it. Per-worker session fixtures would repeat minutes of data
+    generation and training in every worker. Tests must not modify what this returns
+    (copy it first)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder; each worker's own is popen-gw<N> under it
+    folder = base / f"shared-{name}"
+    value_file = folder / ".value.pickle"
+    with FileLock(str(folder) + ".lock"):
+        if not value_file.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir(parents=True)
+            value = build(folder)
+            value_file.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(value_file.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory) -> Path:
     """The embedded base (tiny random SmolVLA), chunk 10 / 5 action steps like the demo profile."""
-    from kuavo_train.config.loading import load_run_config
-    from kuavo_train.policy.base_model import build_base_model
 
-    cfg = load_run_config(["profile=demo"])
-    out = tmp_path_factory.mktemp("base") / "base"
-    return build_base_model(
-        out,
-        instructions=[s.instruction for s in cfg.ordered_stages()],
-        chunk_size=cfg.policy.chunk_size,
-        n_action_steps=cfg.policy.n_action_steps,
-        seed=0,
-    )
+    def build(folder: Path) -> Path:
+        from kuavo_train.config.loading import load_run_config
+        from kuavo_train.policy.base_model import build_base_model
+
+        cfg = load_run_config(["profile=demo"])
+        return build_base_model(
+            folder / "base",
+            instructions=[s.instruction for s in cfg.ordered_stages()],
+            chunk_size=cfg.policy.chunk_size,
+            n_action_steps=cfg.policy.n_action_steps,
+            seed=0,
+        )
+
+    return shared(tmp_path_factory, "demo_base", build)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """Small demo-world datasets for the four tasks: 3 training + 2 held-out episodes each."""
-    from kuavo_train.data.demo_world import write_demo_world
 
-    root = tmp_path_factory.mktemp("datasets") / "datasets"
-    write_demo_world(root, tasks=TASK_NAMES, num_train_episodes=3, num_val_episodes=2, seed=0, image_size=64)
-    return root
+    def build(folder: Path) -> Path:
+        from kuavo_train.data.demo_world import write_demo_world
+
+        write_demo_world(folder / "datasets", tasks=TASK_NAMES, num_train_episodes=3, num_val_episodes=2, seed=0,
+                         image_size=64)
+        return folder / "datasets"
+
+    return shared(tmp_path_factory, "demo_data", build)
 
 
 def tiny_overrides(run_dir: Path, demo_base: Path, demo_data: Path, *extra: str) -> list[str]:
@@ -79,10 +111,12 @@ def full_run(tmp_path_factory, demo_base, demo_data):
     from kuavo_train.config.loading import load_run_config
     from kuavo_train.training.pipeline import Pipeline
 
-    run_dir = tmp_path_factory.mktemp("run") / "run"
-    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data, *FULL_RUN_EXTRA))
-    Pipeline(cfg).run()
-    return cfg, run_dir
+    def build(folder: Path) -> Path:
+        Pipeline(load_run_config(tiny_overrides(folder / "run", demo_base, demo_data, *FULL_RUN_EXTRA))).run()
+        return folder / "run"
+
+    run_dir = shared(tmp_path_factory, "full_run", build)
+    return load_run_config(tiny_overrides(run_dir, demo_base, demo_data, *FULL_RUN_EXTRA)), run_dir
 
 
 def final_pretrained(run_dir: Path, name: str) -> Path:
@@ -123,24 +157,28 @@ def bag_topic_map(task: str):
 @pytest.fixture(scope="session")
 def kuavo_bags(tmp_path_factory) -> dict:
     """{task: [SyntheticBag, ...]}: realistic synthetic Kuavo recordings, seeds 0..4."""
-    from kuavo_train.data.rosbag.synthetic import write_synthetic_bag
+    def build(root: Path) -> dict:
+        from kuavo_train.data.rosbag.synthetic import write_synthetic_bag
 
-    root = tmp_path_factory.mktemp("kuavo_bags")
-    return {task: [write_synthetic_bag(root / task / f"{task}_{i:02d}.bag", task=task, hand_kind=hand, only_arm=only_arm,
-                                       n_frames=BAG_HEAD_FRAMES, seed=i) for i in range(BAG_EPISODES)]
-            for task, (hand, only_arm) in BAG_TASKS.items()}
+        return {task: [write_synthetic_bag(root / task / f"{task}_{i:02d}.bag", task=task, hand_kind=hand,
+                                           only_arm=only_arm, n_frames=BAG_HEAD_FRAMES, seed=i) for i in range(BAG_EPISODES)]
+                for task, (hand, only_arm) in BAG_TASKS.items()}
+
+    return shared(tmp_path_factory, "kuavo_bags", build)
 
 
 @pytest.fixture(scope="session")
 def kuavo_bag_datasets(tmp_path_factory, kuavo_bags) -> dict:
     """{task: dataset root}: the four tasks' bags converted to LeRobot v3.0 (video), repo_id kuavo/<task>."""
-    from kuavo_train.data.rosbag.convert import convert_bags
+    def build(out: Path) -> dict:
+        from kuavo_train.data.rosbag.convert import convert_bags
 
-    out = tmp_path_factory.mktemp("kuavo_bag_datasets")
-    roots = {}
-    for task, bags in kuavo_bags.items():
-        result = convert_bags([b.path for b in bags], out / task, bag_topic_map(task), repo_id=f"kuavo/{task}",
-                              progress=False)
-        assert not result.failures, result.failures
-        roots[task] = result.out
-    return roots
+        roots = {}
+        for task, bags in kuavo_bags.items():
+            result = convert_bags([b.path for b in bags], out / task, bag_topic_map(task), repo_id=f"kuavo/{task}",
+                                  progress=False)
+            assert not result.failures, result.failures
+            roots[task] = result.out
+        return roots
+
+    return shared(tmp_path_factory, "kuavo_bag_datasets", build)
