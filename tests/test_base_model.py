@@ -8,10 +8,15 @@ import sys
 
 from conftest import REPO
 
+# Stock loading is strict=False (it only logs key problems): compare with the file ourselves.
 STOCK_LOAD = """
-import sys
+import sys, torch
+from safetensors.torch import load_file
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 p = SmolVLAPolicy.from_pretrained(sys.argv[1])
+saved, loaded = load_file(sys.argv[1] + "/model.safetensors"), p.state_dict()
+print("keys", "equal" if saved.keys() == loaded.keys() else sorted(saved.keys() ^ loaded.keys())[:5])
+print("values", "equal" if all(torch.equal(saved[k], loaded[k]) for k in saved.keys() & loaded.keys()) else "differ")
 print("params", sum(x.numel() for x in p.parameters()))
 """
 
@@ -30,6 +35,7 @@ def test_stock_lerobot_loads_a_moved_copy(demo_base, tmp_path):
     r = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(moved)], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-1500:]
+    assert "keys equal" in r.stdout and "values equal" in r.stdout, r.stdout
     assert "params 17" in r.stdout  # 1.7 M parameters
 
 

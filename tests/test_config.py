@@ -132,3 +132,30 @@ def test_state_dim_above_max_dim(python_exe, tmp_path, demo_data, demo_base):
 def test_episode_range_beyond_dataset(python_exe, tmp_path, demo_data, demo_base):
     msg = _data_error(python_exe, tmp_path, demo_base, demo_data, "stages.task2_weighing.dataset.train_episodes=[0,99]")
     assert "stages.task2_weighing.dataset.train_episodes" in msg and "exceeds" in msg
+
+
+def test_instructions_identical_after_truncation_are_refused(tmp_path, demo_data, demo_base):
+    """Checked with the embedded base's tokenizer (the real SmolVLM tokenizer needs the hub): task 3's
+    instruction is cut at 48 tokens, so one that differs only after that point reads the same to the model."""
+    from conftest import task_instruction
+
+    from kuavo_train.policy.factory import read_pretrained_config
+    from kuavo_train.training.pipeline import InstructionError, Pipeline, check_instructions
+
+    task3 = task_instruction("task3_placement")
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data,
+                                         f"stages.task4_sorting.instruction='{task3}, then wave'"))
+    with pytest.raises(InstructionError) as e:
+        Pipeline(cfg).run()
+    msg = str(e.value)
+    assert "\n" not in msg and "stages.task4_sorting.instruction" in msg and "task3_placement" in msg, msg
+    assert f"after truncation to {cfg.policy.tokenizer_max_length} tokens" in msg
+    assert "in configs/policy/tasks/task4_sorting.yaml or its overrides" in msg
+    assert not run_dir.exists()
+    # Control: also cut, but different within the kept tokens, so it is accepted.
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data,
+                                         f"stages.task4_sorting.instruction='Then wave. {task3}'"))
+    report = check_instructions(read_pretrained_config(demo_base).vlm_model_name, cfg.ordered_stages(),
+                                cfg.policy.tokenizer_max_length)
+    assert not report["task4_sorting"]["kept"] and not report["task3_placement"]["kept"]

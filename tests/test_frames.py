@@ -62,18 +62,27 @@ def test_episode_order_task_override_and_index_array(demo_data):
     assert item["task"] == "do it" and int(item["task_id"]) == 3
 
 
+def _same_batches(xs, ys):
+    assert len(xs) == len(ys) > 1
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert (x[k] == y[k]) if isinstance(x[k], list) else torch.equal(x[k], y[k]), k
+
+
 def test_workers_and_cache_give_the_same_batches(demo_data):
     from torch.utils.data import DataLoader
 
     plain = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[0, 1], chunk_size=5, camera_keys=CAMS)
-    cached = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[0, 1], chunk_size=5, camera_keys=CAMS, image_cache=16)
     a = list(DataLoader(plain, batch_size=7, num_workers=0))
-    b = list(DataLoader(plain, batch_size=7, num_workers=2))
-    c = list(DataLoader(cached, batch_size=7)) + list(DataLoader(cached, batch_size=7))
-    for x, y, z in zip(a, b, c):
-        for k in x:
-            assert (x[k] == y[k]) if isinstance(x[k], list) else torch.equal(x[k], y[k])
-            assert (x[k] == z[k]) if isinstance(x[k], list) else torch.equal(x[k], z[k])
+    _same_batches(list(DataLoader(plain, batch_size=7, num_workers=2)), a)
+    for size in (True, 16):  # room for every image, and a small one that evicts
+        cached = ChunkedFrameDataset(REPO_ID, _root(demo_data), episodes=[0, 1], chunk_size=5, camera_keys=CAMS,
+                                     image_cache=size)
+        # Pass 1 fills the image cache, pass 2 reads from it (num_workers=0: the same object): both must equal `a`.
+        _same_batches(list(DataLoader(cached, batch_size=7)), a)
+        assert len(cached._images) == (len(cached) * len(CAMS) if size is True else size)
+        _same_batches(list(DataLoader(cached, batch_size=7)), a)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -5,6 +5,8 @@ the lr schedule, and kill-and-resume matching an uninterrupted run."""
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -46,6 +48,8 @@ def test_validation_log_covers_tasks_so_far_on_held_out_data(full_run):
 
 
 def test_stock_lerobot_loads_every_stage(full_run):
+    """Every weight of every stage's file, no key missing or extra (stock loading is strict=False and
+    would only log them). The model cache is this session's; tests/test_stock_load.py starts empty."""
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -53,8 +57,33 @@ def test_stock_lerobot_loads_every_stage(full_run):
     for name in TASK_NAMES:
         path = final_pretrained(run_dir, name)
         policy = SmolVLAPolicy.from_pretrained(str(path))
+        saved, loaded = load_file(str(path / "model.safetensors")), policy.state_dict()
+        assert saved.keys() == loaded.keys(), (name, sorted(saved.keys() ^ loaded.keys())[:5])
+        assert all(torch.equal(saved[k], loaded[k]) for k in saved), name
         pre, post = make_pre_post_processors(policy.config, pretrained_path=str(path))
         assert policy.config.chunk_size == 10 and pre is not None and post is not None
+
+
+def test_step_counts_and_replay_mix_follow_the_epoch_definition(full_run):
+    """run.json's steps and realised mix against the README's definition, counted from the datasets'
+    own episode lengths: an epoch = every training frame of task k once + replay, round(n_k / w_k)
+    samples, batch_size-sized batches (drop_last)."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+    from kuavo_train.data.task_data import open_task_data
+
+    cfg, run_dir = full_run
+    state = json.loads((run_dir / "run.json").read_text())
+    assert cfg.dataloader.drop_last
+    for stage in cfg.ordered_stages():
+        meta = LeRobotDatasetMetadata(stage.dataset.repo_id, root=stage.dataset.root)
+        train_eps = list(open_task_data(stage).train_episodes)
+        frames = sum(int(meta.episodes[e]["length"]) for e in train_eps)
+        w = cfg.replay_weights_for(stage)
+        samples = round(frames / (w[stage.task_id] / sum(w.values())))
+        rec = state["stages"][stage.name]
+        assert rec["total_steps"] == samples // cfg.dataloader.batch_size * stage.max_epoch, stage.name
+        assert rec["replay_mix"][stage.name] == frames and sum(rec["replay_mix"].values()) == samples, rec["replay_mix"]
 
 
 def _processor_stats(path: Path) -> dict:
@@ -136,17 +165,16 @@ def test_validation_is_deterministic(full_run):
     assert a != c
 
 
-def test_rerun_skips_complete_stages(full_run, python_exe):
-    cfg, run_dir = full_run
+def test_rerun_skips_complete_stages(full_run, python_exe, tmp_path):
+    cfg, shared_dir = full_run
+    run_dir = tmp_path / "run"  # a copy: the shared run is read by other workers meanwhile
+    shutil.copytree(shared_dir, run_dir)
     before = (run_dir / "run.json").read_text()
-    r = subprocess.run([python_exe, *SPEC_SCRIPT, *_overrides_of(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    overrides = tiny_overrides(run_dir, Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA)
+    r = subprocess.run([python_exe, *SPEC_SCRIPT, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("is complete already: skipped") == 4
     assert json.loads((run_dir / "run.json").read_text())["stages"] == json.loads(before)["stages"]
-
-
-def _overrides_of(cfg):
-    return tiny_overrides(Path(cfg.run_dir), Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
@@ -181,17 +209,67 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
     assert [(r["epoch"], r["task_id"], r["loss"]) for r in va] == [(r["epoch"], r["task_id"], r["loss"]) for r in vb]
 
 
+def _by_hand(R, higher_is_better):
+    """ACC, BWT, FWT of a (T+1) x T matrix as the README defines them (signs flipped when lower is better)."""
+    T, sign = len(R[0]), (1 if higher_is_better else -1)
+    acc = sum(R[T]) / T
+    bwt = sign * sum(R[T][j] - R[j + 1][j] for j in range(T - 1)) / (T - 1)
+    fwt = sign * sum(R[j][j] - R[0][j] for j in range(1, T)) / (T - 1)
+    return acc, bwt, fwt
+
+
 def test_run_report_has_every_matrix_row_and_metric(full_run):
-    """The shared run's report: rows 0..4 of every measured matrix, metrics, figures."""
+    """The shared run's report: rows 0..4 of every measured matrix, metrics equal to the README's
+    formulas on those rows (and printed in report.md), figures that are real images."""
+    import matplotlib.image
+
     _, run_dir = full_run
     report = json.loads((run_dir / "report.json").read_text())
     assert report["task_names"] == TASK_NAMES
+    md = (run_dir / "report.md").read_text()
     for m in ("val_loss", "action_error"):
         rows = report["matrices"][m]
         assert len(rows) == 5 and all(len(r) == 4 and all(v is not None for v in r) for r in rows)
-        assert set(report["metrics"][m]) >= {"acc", "bwt", "fwt", "forgetting"}
+        assert report["directions"][m] is False  # lower is better for losses and errors
+        met = report["metrics"][m]
+        acc, bwt, fwt = _by_hand(rows, higher_is_better=False)
+        assert (met["acc"], met["bwt"], met["fwt"]) == (pytest.approx(acc), pytest.approx(bwt), pytest.approx(fwt))
+        assert f"| {acc:.3f} | {bwt:.3f} | {fwt:.3f} |" in md, m  # the metrics row as printed
+        assert f"| after stage 4 | {' | '.join(f'{v:.3f}' for v in rows[4])} |" in md
     assert "success" not in report["matrices"]  # no closed-loop episodes in the tiny run
     assert report["versions"]["lerobot"] == "0.6.1" and report["seed"] == 42
     for png in ("heatmap_val_loss.png", "heatmap_action_error.png", "validation_curves.png"):
-        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "after stage 4" in (run_dir / "report.md").read_text()
+        data = (run_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
+        img = matplotlib.image.imread(run_dir / png)
+        assert img.ndim == 3 and min(img.shape[:2]) > 100 and float(img[..., :3].std()) > 0.01, png  # not blank
+        assert f"]({png})" in md, png
+    assert set(report["figures"].values()) >= {"heatmap_val_loss.png", "heatmap_action_error.png", "validation_curves.png"}
+
+
+def test_truncated_instruction_is_warned_at_training_start(full_run):
+    # the embedded tiny tokenizer cuts task 3's instruction (58 tokens > 48); the log shows what is kept
+    cfg, run_dir = full_run
+    line = next(l for l in (run_dir / "train.log").read_text().splitlines() if "instruction of task3_placement has" in l)
+    assert f"the tokenizer keeps {cfg.policy.tokenizer_max_length}" in line and "'Pick up a bottle" in line
+
+
+def test_bf16_stage_trains_with_finite_losses_and_its_own_cache_entries(tmp_path, demo_base, demo_data, python_exe):
+    """`policy.mixed_precision=bf16` through the CLI (accelerate's autocast, in a process of its own:
+    accelerate allows one precision per process): a tiny stage 1 trains, losses stay finite, and
+    its cached features go to the bf16 folder of the cache only."""
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "features"
+    overrides = tiny_overrides(run_dir, demo_base, demo_data, "task=tasks/task1_moving_grasp", "policy.mixed_precision=bf16",
+                               "evaluation.after_each_stage=false", f"feature_cache.dir={cache_dir}")
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "train", *overrides], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["config"]["policy"]["mixed_precision"] == "bf16"
+    assert state["stages"]["task1_moving_grasp"]["status"] == "complete"
+    epochs = re.findall(r"stage 1 epoch \d+/\d+: (\d+) steps, mean loss (\S+),", (run_dir / "train.log").read_text())
+    assert epochs and all(int(n) > 0 and math.isfinite(float(loss)) for n, loss in epochs), epochs
+    val = [json.loads(l)["loss"] for l in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert val and all(math.isfinite(v) for v in val)
+    precisions = {p.name for p in cache_dir.glob("*/*") if p.is_dir()}
+    assert precisions == {"autocast-bfloat16"}, precisions

@@ -1,5 +1,7 @@
 """The replay sampler: shares keyed by task id, exact quotas, seeded and reproducible."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -7,26 +9,54 @@ from kuavo_train.config.loading import load_run_config
 from kuavo_train.data.replay import ProportionalReplaySampler, epoch_quotas
 
 
-def realised_mix(sampler: ProportionalReplaySampler, epochs: int) -> dict[int, float]:
-    draws = np.concatenate([sampler.plan(e) for e in range(epochs)])
-    tasks = np.array([sampler.task_of(int(i)) for i in draws])
-    return {t: float(np.mean(tasks == t)) for t in sampler.task_ids}, len(draws)
+def realised_counts(sampler: ProportionalReplaySampler, epoch: int) -> dict[int, int]:
+    tasks = [sampler.task_of(int(i)) for i in sampler.plan(epoch)]
+    return {t: tasks.count(t) for t in sampler.task_ids}
 
 
 @pytest.mark.parametrize("stage_name", ["task2_weighing", "task3_placement", "task4_sorting"])
-def test_realised_mix_matches_config_over_10000_draws(stage_name):
+@pytest.mark.parametrize("current_size", [700, 333])
+def test_every_epoch_realises_the_exact_quotas(stage_name, current_size):
+    """Per epoch, not on average: n_k frames of task k and round(n_k / w_k) samples in all, each earlier
+    task getting its share of that total rounded to a neighbouring integer (never further off)."""
     cfg = load_run_config()
     stage = cfg.stages[stage_name]
     weights = cfg.replay_weights_for(stage)
-    # Unequal task sizes, and task ids NOT equal to list positions + 1 offsets.
-    sizes = {1: 700, 2: 350, 3: 512, 4: 260}
+    # Unequal task sizes; task 1 is smaller than some of its replay quotas (it cycles).
+    sizes = {1: 90, 2: 350, 3: 512, 4: 260, stage.task_id: current_size}
     ids = sorted(weights)
-    sampler = ProportionalReplaySampler(ids, [sizes[t] for t in ids], weights, current_task=stage.task_id, seed=0, stage=stage.task_id)
-    epochs = -(-10_000 // len(sampler))
-    mix, n = realised_mix(sampler, epochs)
-    assert n >= 10_000
-    for t, w in weights.items():
-        assert abs(mix[t] - w) < 0.02, (t, mix[t], w)
+    sampler = ProportionalReplaySampler(ids, [sizes[t] for t in ids], weights, current_task=stage.task_id, seed=0,
+                                        stage=stage.task_id)
+    # Exact rational shares, so "whole quota" below is decided without float noise.
+    exact = {t: Fraction(w).limit_denominator(10**6) for t, w in weights.items()}
+    share = {t: w / sum(exact.values()) for t, w in exact.items()}
+    total = round(current_size / share[stage.task_id])
+    for epoch in range(5):
+        counts = realised_counts(sampler, epoch)
+        assert sum(counts.values()) == total == len(sampler)
+        assert counts[stage.task_id] == current_size
+        for t in ids:
+            ideal = total * share[t]
+            assert abs(counts[t] - ideal) < 1, (epoch, t, counts[t], float(ideal))
+            if ideal.denominator == 1:
+                assert counts[t] == ideal, (epoch, t, counts[t], ideal)
+
+
+def test_sequential_step_count_by_hand():
+    """Optimizer steps of a sequential_spec run, counted from the README's definition of an epoch
+    (round(n_k / w_k) samples, whole batches only with drop_last) without the sampler's own code."""
+    from kuavo_train.training.joint import sequential_total_steps
+
+    cfg = load_run_config(["profile=demo"])
+    batch = cfg.dataloader.batch_size
+    assert cfg.dataloader.drop_last
+    for sizes in ({1: 400, 2: 333, 3: 250, 4: 517}, {1: 40, 2: 40, 3: 40, 4: 40}, {1: 9000, 2: 8000, 3: 7000, 4: 6000}):
+        expected = 0
+        for s in cfg.ordered_stages():
+            w = cfg.replay_weights_for(s)
+            own_share = w[s.task_id] / sum(w.values())
+            expected += (round(sizes[s.task_id] / own_share) // batch) * s.max_epoch
+        assert sequential_total_steps(cfg, sizes) == expected, sizes
 
 
 def test_epoch_covers_every_current_task_frame_once():
