@@ -237,3 +237,24 @@ def test_lerobot_eval_metaworld_runs_a_stock_checkpoint_as_we_do(stock_smoke, tm
     assert ours["env"]["type"] == "kuavo_metaworld" and ep["scene_seed"] == STOCK_SEED
     assert [ep["success"]] == stock["successes"]
     assert [ep["sum_reward"]] == stock["sum_rewards"] and [ep["max_reward"]] == stock["max_rewards"]
+
+
+def test_the_wrapper_drives_a_stock_observation_checkpoint(stock_smoke):
+    """Stock's single camera key (observation.image) at stock's render size, as `kuavo-train infer`
+    feeds it from LeRobot's env; a size check on request still refuses it in one line."""
+    import numpy as np
+
+    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper, WrapperInputError
+
+    spec, _ = stock_smoke
+    run_dir = spec.out_dir / "seed0" / "sequential_spec"
+    instruction = json.loads((spec.data_dir / STOCK_TASK / "meta" / "metaworld.json").read_text())["instruction"]
+    obs = {"observation.image": np.full((480, 480, 3), 128, np.uint8), "observation.state": np.zeros(4, np.float32),
+           "task": instruction}
+    wrapper = SmolVLAPolicyWrapper.from_pretrained(run_dir, strict_image_size=False, seed=0)
+    assert wrapper.camera_keys == ["observation.image"]
+    action = np.asarray(wrapper.select_action(obs))
+    assert action.shape[-1] == 4 and np.isfinite(action).all()
+    strict = SmolVLAPolicyWrapper.from_pretrained(run_dir, seed=0)
+    with pytest.raises(WrapperInputError, match=r"observation.image: expected 64x64 images .* got 480x480"):
+        strict.select_action(obs)

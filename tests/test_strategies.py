@@ -7,16 +7,15 @@ import pytest
 from conftest import TASK_NAMES
 
 from kuavo_train.config.loading import load_run_config
-from kuavo_train.data.replay import ProportionalReplaySampler
 from kuavo_train.training.joint import JOINT_STAGE, joint_plan, sequential_total_steps
 
 
 def _spec_steps_by_hand(cfg, sizes):
+    """The README's epoch (round(n_k / w_k) samples, whole batches), not the sampler's own count."""
     total = 0
     for s in cfg.ordered_stages():
         w = cfg.replay_weights_for(s)
-        sampler = ProportionalReplaySampler(sorted(w), [sizes[t] for t in sorted(w)], w, current_task=s.task_id, seed=0, stage=s.task_id)
-        total += (len(sampler) // cfg.dataloader.batch_size) * s.max_epoch
+        total += (round(sizes[s.task_id] / (w[s.task_id] / sum(w.values()))) // cfg.dataloader.batch_size) * s.max_epoch
     return total
 
 

@@ -123,5 +123,7 @@ def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED) -> d
 
     state = RunState.load_existing(run_dir)
     stages = sorted(state.data.get("config", {}).get("stages", {}).values(), key=lambda s: s["task_id"])
-    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir))
+    # the simulator renders at its own size (LeRobot's metaworld env: 480 px, for runs recorded
+    # with --observation stock); the policy resizes as in training, as lerobot-eval does
+    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir, strict_image_size=False))
     return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes, start_seed=seed) for s in stages}

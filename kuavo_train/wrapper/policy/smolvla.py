@@ -112,7 +112,9 @@ class SmolVLAPolicyWrapper:
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._warned: set[str] = set()
         cfg = policy.config
-        self.camera_keys = [k for k, f in cfg.input_features.items() if k.startswith(IMAGES_KEY + ".")]
+        # every visual input: ours are observation.images.<camera>; a checkpoint trained on
+        # LeRobot's single-camera envs (benchmark --observation stock) has observation.image
+        self.camera_keys = list(cfg.image_features)
         self.state_dim = int(cfg.input_features[STATE_KEY].shape[0])
         self.action_dim = int(cfg.output_features["action"].shape[0])
         self._by_instruction = {t["instruction"]: t for t in tasks}
@@ -247,7 +249,7 @@ class SmolVLAPolicyWrapper:
         return t
 
     def _camera_inputs(self, obs: Mapping) -> dict[str, object]:
-        per_camera = {k: v for k, v in obs.items() if k.startswith(IMAGES_KEY + ".")}
+        per_camera = {k: v for k, v in obs.items() if k.startswith(IMAGES_KEY + ".") or k in self.camera_keys}
         if IMAGES_KEY in obs:
             if per_camera:
                 raise WrapperInputError(f"{IMAGES_KEY}: give images either as {IMAGES_KEY} or as per-camera keys, not both")
