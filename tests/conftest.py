@@ -182,3 +182,38 @@ def kuavo_bag_datasets(tmp_path_factory, kuavo_bags) -> dict:
         return roots
 
     return shared(tmp_path_factory, "kuavo_bag_datasets", build)
+
+
+class FakeHub:
+    """A local stand-in for the model hub that counts the connections it gets and drops each one
+    at once: set `HF_ENDPOINT=hub.url` for a subprocess that must never ask a hub (one that
+    cannot be reached would be waited on and retried for minutes)."""
+
+    def __enter__(self):
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        return self
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.server.close()

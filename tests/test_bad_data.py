@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, final_pretrained, tiny_overrides
+from conftest import REPO, FakeHub, final_pretrained, tiny_overrides
 
 from kuavo_train.config.loading import load_run_config
 from kuavo_train.errors import KuavoError
@@ -218,42 +218,16 @@ def test_damaged_run_in_the_infer_command(python_exe, full_run, tmp_path):
 
 def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoint, tmp_path):
     """The README snippet, run as written without HF_HUB_OFFLINE on an empty model cache: the tiny
-    VLM is bundled, so no hub is ever asked (a hub that cannot be reached would be waited on and
-    retried for minutes). The hub here is a local socket that counts the connections it gets."""
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    server.settimeout(0.2)
-    connections, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            connections.append(conn)
-            conn.close()  # a dead hub: connection dropped at once
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    VLM is bundled, so no hub is ever asked."""
     code = ("from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper; "
             f"p = SmolVLAPolicyWrapper.from_pretrained({str(checkpoint)!r}); print(len(p.instructions))")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1",
-               HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}")
-    try:
+    with FakeHub() as hub:
+        env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", HF_ENDPOINT=hub.url)
         r = subprocess.run([python_exe, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "4"
-    assert connections == [], f"{len(connections)} connection(s) to the hub"
+    assert hub.connections == 0, f"{hub.connections} connection(s) to the hub"
 
 
 def test_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_a_loadable_last(full_run, tmp_path):

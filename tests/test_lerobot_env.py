@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, final_pretrained
+from conftest import REPO, FakeHub, final_pretrained
 
 LEROBOT_EVAL = Path(sys.executable).parent / "lerobot-eval"
 TASK = "task1_moving_grasp"
@@ -72,6 +72,30 @@ def test_the_plugin_distribution_is_what_lerobot_imports():
     assert sys.modules["lerobot_env_kuavo"]
     assert EnvConfig.get_choice_class("kuavo_demo").__name__ == "KuavoDemoEnvConfig"
     assert EnvConfig.get_choice_class("kuavo_metaworld").__name__ == "KuavoMetaWorldEnvConfig"
+
+
+def test_lerobot_eval_takes_a_copied_checkpoint_on_a_fresh_machine(full_run, demo_data, tmp_path):
+    """A stage checkpoint copied elsewhere, an empty model cache, HF_HUB_OFFLINE unset: the plugin
+    registers the checkpoint's bundled tiny VLM, so stock lerobot-eval loads and runs it without
+    ever asking a hub."""
+    import shutil
+
+    _, run_dir = full_run
+    ckpt = tmp_path / "copied" / "pretrained_model"
+    shutil.copytree(final_pretrained(run_dir, "task4_sorting"), ckpt)
+    out = tmp_path / "eval"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    cmd = [str(LEROBOT_EVAL), f"--policy.path={ckpt}", "--env.type=kuavo_demo", f"--env.task={TASK}",
+           f"--env.dataset_root={demo_data / TASK}", "--env.episode_length=5", "--eval.n_episodes=1",
+           "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={out}"]
+    with FakeHub() as hub:
+        env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_ENDPOINT=hub.url, OMP_NUM_THREADS="1",
+                   TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (task,) = json.loads((out / "eval_info.json").read_text())["per_task"]
+    assert len(task["metrics"]["successes"]) == 1
+    assert hub.connections == 0, f"{hub.connections} connection(s) to the hub"
 
 
 def test_lerobot_eval_and_our_closed_loop_agree_on_the_demo_world(full_run, demo_data, tmp_path, one_thread):
