@@ -75,7 +75,8 @@ def _existing(path: Path) -> Path:
     return next((p for p in [path, *path.parents] if p.exists()), Path("/"))
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would, once its folders are made)."""
     return shutil.disk_usage(_existing(path)).free
 
 
@@ -317,7 +318,7 @@ class FrozenFeatureCache:
         left = max(0, self.max_bytes - self._used_bytes())
         page = max(4096, os.statvfs(_existing(st.folder)).f_bsize)
         need = min(unallocated, left + -(-left // max(entry, 1)) * 2 * page) + extra + _FREE_MARGIN
-        free = _free_bytes(st.folder)
+        free = free_bytes(st.folder)
         if need <= free:
             return True
         self._warn(f"{_size(free)} free in {st.folder.parent}, {_size(need)} needed for {st.camera}")
@@ -399,7 +400,7 @@ class FrozenFeatureCache:
         # may have taken it since. A write into a hole without space is a SIGBUS: check these entries.
         page = max(4096, os.statvfs(_existing(self.root)).f_bsize)
         need = writes * (entry + 2 * page) + _FREE_MARGIN
-        free = _free_bytes(self.root)
+        free = free_bytes(self.root)
         if need > free:
             self._writes_off = True
             self._warn(f"{_size(free)} free in {self.root}, {_size(need)} needed for a batch of entries")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kuavo_train.errors import KuavoError
 from kuavo_train.policy import vlm_cache
+from kuavo_train.policy.feature_cache import free_bytes
 from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
 from kuavo_train.training import stock_resume
 
@@ -68,11 +69,6 @@ def checkpoint_bytes(policy, optimizer) -> int:
     return total + SMALL_FILES_BYTES
 
 
-def _free_bytes(path: Path) -> int:
-    probe = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
-    return shutil.disk_usage(probe).free
-
-
 def _disk_full(exc: BaseException | None) -> bool:
     """ENOSPC / EDQUOT however it arrives: an OSError, shutil.Error's list, or safetensors' SafetensorError."""
     for _ in range(8):  # the cause/context chain
@@ -88,14 +84,14 @@ def _disk_full(exc: BaseException | None) -> bool:
 
 
 def _disk_full_message(dest: Path, needed: int, reason: str = "") -> str:
-    free = _free_bytes(dest.parent)
+    free = free_bytes(dest.parent)
     return (f"disk full: cannot write the checkpoint {dest}{reason}: it needs about {_size(needed)}, {_size(free)} "
             "are free there; free some space (or move run_dir to a larger disk) and rerun: the earlier checkpoints "
             "are intact")
 
 
 def _ensure_space(dest: Path, needed: int) -> None:
-    if needed > _free_bytes(dest.parent):
+    if needed > free_bytes(dest.parent):
         raise DiskFullError(_disk_full_message(dest, needed))
 
 
