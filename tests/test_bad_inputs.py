@@ -56,6 +56,7 @@ BAD_VALUES = [
     (["optimizer.betas=[0.9,1.0]"], "optimizer.betas: each must be in [0, 1), got [0.9, 1.0]", BASE_FILE),
     (["optimizer.eps=0"], "optimizer.eps: must be > 0, got 0.0", BASE_FILE),
     (["optimizer.eps=-1e-8"], "optimizer.eps: must be > 0, got -1e-08", BASE_FILE),
+    (["evaluation.closed_loop_batch_size=0"], "evaluation.closed_loop_batch_size: must be > 0, got 0", BASE_FILE),
 ]
 
 

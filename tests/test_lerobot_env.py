@@ -20,7 +20,8 @@ def _start_lerobot_eval(out_dir: Path, *args: str) -> subprocess.Popen:
     """Real lerobot-eval in a subprocess, offline, one torch thread (it runs while we compute ours)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl",
            "TOKENIZERS_PARALLELISM": "false"}  # HF_HOME: the session's, where the tiny VLM is registered
-    cmd = [str(LEROBOT_EVAL), *args, "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={out_dir}"]
+    batch = [] if any(a.startswith("--eval.batch_size=") for a in args) else ["--eval.batch_size=1"]
+    cmd = [str(LEROBOT_EVAL), *args, *batch, "--policy.device=cpu", f"--output_dir={out_dir}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -99,6 +100,8 @@ def test_lerobot_eval_takes_a_copied_checkpoint_on_a_fresh_machine(full_run, dem
 
 
 def test_lerobot_eval_and_our_closed_loop_agree_on_the_demo_world(full_run, demo_data, tmp_path, one_thread):
+    """Batches of two episodes (the policy acts on both at once) and a last partial batch, which
+    both sides run whole and cut."""
     from kuavo_train.evaluation.closed_loop import StockPolicyFn, WrapperPolicyFn, run_closed_loop
     from kuavo_train.policy import factory
     from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
@@ -107,17 +110,18 @@ def test_lerobot_eval_and_our_closed_loop_agree_on_the_demo_world(full_run, demo
     ckpt = final_pretrained(run_dir, "task4_sorting")
     out = tmp_path / "eval"
     proc = _start_lerobot_eval(out, f"--policy.path={ckpt}", "--env.type=kuavo_demo", f"--env.task={TASK}",
-                               f"--env.dataset_root={demo_data / TASK}", "--eval.n_episodes=2", f"--seed={SEED}")
+                               f"--env.dataset_root={demo_data / TASK}", "--eval.n_episodes=3", "--eval.batch_size=2",
+                               f"--seed={SEED}")
 
     # the forgetting matrix's path: stock policy + the checkpoint's processors
     cfg = factory.read_pretrained_config(ckpt)
     policy = factory.load_policy(ckpt, cfg)
     pre, post = factory.make_processors(cfg, pretrained_path=ckpt)
-    matrix = run_closed_loop(TASK, demo_data / TASK, StockPolicyFn(policy, pre, post), 2, start_seed=SEED)
-    assert [e["seed"] for e in matrix["episodes"]] == [SEED, SEED + 1]
+    matrix = run_closed_loop(TASK, demo_data / TASK, StockPolicyFn(policy, pre, post), 3, start_seed=SEED, batch_size=2)
+    assert [e["seed"] for e in matrix["episodes"]] == [SEED, SEED + 1, SEED + 2]
     # `kuavo-train infer`'s path: the deployment wrapper
-    infer = run_closed_loop(TASK, demo_data / TASK, WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(ckpt)), 2,
-                            start_seed=SEED)
+    infer = run_closed_loop(TASK, demo_data / TASK, WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(ckpt)), 3,
+                            start_seed=SEED, batch_size=2)
     # the episode seed decides the noise too: seed 9 replays seed 7's scene with other noise
     short = {"episode_length": 20}
     a, b = (run_closed_loop(TASK, demo_data / TASK, StockPolicyFn(policy, pre, post), 1, start_seed=s,
@@ -125,7 +129,7 @@ def test_lerobot_eval_and_our_closed_loop_agree_on_the_demo_world(full_run, demo
     assert a["scene_seed"] == b["scene_seed"] and a["sum_reward"] != b["sum_reward"]
 
     stock = _lerobot_eval_result(proc, out)
-    assert len(stock["successes"]) == 2
+    assert len(stock["successes"]) == 3
     assert all(r > 0 for r in stock["max_rewards"])  # the dense progress reward makes the comparison sensitive
     _same(_per_episode(matrix), stock)
     _same(_per_episode(infer), stock)

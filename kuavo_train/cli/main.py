@@ -94,16 +94,27 @@ def ensure_demo_inputs(cfg) -> None:
             seed=cfg.seed,
             overwrite=True,
         )
-    missing = [s.name for s in cfg.ordered_stages() if not (Path(s.dataset.root) / "meta" / "info.json").is_file()]
-    if missing:
-        log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(missing), cfg.data_root)
+    from kuavo_train.data.demo_world.writer import META_FILE, generation_params
+    from kuavo_train.data.generated import made_with
+
+    # Missing, or written by the demo world with other settings (e.g. an older, smaller default):
+    # (re)generated. A folder the demo world did not write is never overwritten (the writer refuses).
+    roots = {s.name: Path(s.dataset.root) for s in cfg.ordered_stages()}
+    ours = {n: (r / "meta" / META_FILE).is_file() for n, r in roots.items()}
+    stale = [n for n, r in roots.items()
+             if not (r / "meta" / "info.json").is_file()
+             or (ours[n] and not made_with(r, META_FILE, generation_params(n, d.num_train_episodes, d.num_val_episodes,
+                                                                              d.seed, d.image_size)))]
+    if stale:
+        log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(stale), cfg.data_root)
         write_demo_world(
             Path(cfg.data_root),
-            tasks=missing,
+            tasks=stale,
             num_train_episodes=d.num_train_episodes,
             num_val_episodes=d.num_val_episodes,
             seed=d.seed,
             image_size=d.image_size,
+            overwrite=all(ours[n] or not roots[n].exists() for n in stale),
         )
 
 
@@ -133,21 +144,29 @@ def _after_training(cfg) -> None:
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
     evaluate_run(cfg)
-    _print_infer(Path(cfg.run_dir), cfg.evaluation.closed_loop_episodes or 10)
+    _print_infer(Path(cfg.run_dir), cfg.evaluation.closed_loop_episodes or 10, cfg.evaluation.closed_loop_batch_size)
     print(f"report: {Path(cfg.run_dir) / 'report.md'} (matrices and metrics in report.json, figures *.png)")
 
 
-def _print_infer(run_dir: Path, episodes: int) -> None:
+def _print_infer(run_dir: Path, episodes: int, batch_size: int = 1) -> None:
     from kuavo_train.evaluation.closed_loop import infer_run
 
-    results = infer_run(run_dir, episodes=episodes)
-    print(f"final model of {run_dir}, closed loop in its simulator ({episodes} held-out scenes per task):")
+    results = infer_run(run_dir, episodes=episodes, batch_size=batch_size)
+    print(f"final model of {run_dir}, closed loop in its simulator ({episodes} held-out scenes per task, "
+          f"{min(batch_size, episodes)} at a time):")
     for name, rate in results.items():
         print(f"  {name:<22} " + ("no simulator for this dataset" if rate is None else f"success {rate:.0%}"))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def cmd_infer(args) -> None:
-    _print_infer(Path(args.run), args.episodes)
+    _print_infer(Path(args.run), args.episodes, args.batch_size)
 
 
 def cmd_compare(args) -> None:
@@ -264,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("infer", help="closed-loop success of a run's final model in the demo world")
     i.set_defaults(fn=cmd_infer)
     i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")
-    i.add_argument("--episodes", type=int, default=10, help="held-out scenes per task")
+    i.add_argument("--episodes", type=_positive_int, default=10, help="held-out scenes per task")
+    i.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="episodes stepped together (lerobot-eval's --eval.batch_size; other noise, same scenes)")
     c = add("compare", cmd_compare, "run sequential_spec, sequential_naive and joint and tabulate them")
     # comma-separated, so that Hydra overrides may follow the options
     c.add_argument("--strategies", type=lambda v: v.split(","), default=["sequential_spec", "sequential_naive", "joint"],

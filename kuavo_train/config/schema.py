@@ -151,6 +151,9 @@ class LoggingSettings:
 class EvaluationSettings:
     after_each_stage: bool = True
     closed_loop_episodes: int = 0
+    # Episodes stepped together in one vector env, the policy acting on the whole batch
+    # (lerobot-eval's --eval.batch_size, which gives the same per-episode results).
+    closed_loop_batch_size: int = 1
     action_error_episodes: int = 20
 
 
@@ -368,6 +371,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("feature_cache.max_gb", f"must be >= 0, got {cfg.feature_cache.max_gb}")
     if cfg.dataloader.num_workers < 0:
         _fail("dataloader.num_workers", "must be >= 0")
+    if cfg.evaluation.closed_loop_batch_size <= 0:
+        _fail("evaluation.closed_loop_batch_size", f"must be > 0, got {cfg.evaluation.closed_loop_batch_size}")
     if p.resize_imgs_with_padding is not None and min(p.resize_imgs_with_padding) <= 0:
         _fail("policy.resize_imgs_with_padding", f"sizes must be > 0, got {list(p.resize_imgs_with_padding)}")
     o = cfg.optimizer

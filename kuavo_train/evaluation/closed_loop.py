@@ -4,10 +4,10 @@ Episodes run through the same environments stock `lerobot-eval` uses
 (`--env.type=kuavo_demo` / `kuavo_metaworld`, kuavo_train/envs/) with the same seeding:
 episode seeds `start_seed`, `start_seed`+1, ... (default 1000, lerobot-eval's default
 `--seed`), episode seed s -> held-out scene s mod their number, and every RNG seeded with
-s when the episode starts. So a success rate printed here equals what
+the batch's first seed when its episodes start. So a success rate printed here equals what
 
     lerobot-eval --policy.path=<checkpoint>/pretrained_model --env.type=kuavo_demo --env.task=<task> \
-        --env.dataset_root=<dataset> --eval.n_episodes=<episodes> --eval.batch_size=1 --seed=<start_seed>
+        --env.dataset_root=<dataset> --eval.n_episodes=<episodes> --eval.batch_size=<batch> --seed=<start_seed>
 
 prints for the same checkpoint, episode by episode.
 
@@ -86,36 +86,43 @@ class WrapperPolicyFn:
 
 
 def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
-                    start_seed: int = EVAL_START_SEED, workers: int | None = None, env_options: dict | None = None) -> dict:
-    """Episodes with seeds start_seed .. start_seed+episodes-1; per-episode seed, scene, success, rewards, steps.
+                    start_seed: int = EVAL_START_SEED, batch_size: int = 1, workers: int | None = None,
+                    env_options: dict | None = None) -> dict:
+    """Episodes with seeds start_seed .. start_seed+episodes-1, `batch_size` at a time in one vector
+    env (lerobot-eval's --eval.batch_size); per-episode seed, scene, success, rewards, steps.
     `env_options`: other env options (`--env.<name>`), e.g. {"episode_length": 20}.
 
-    MetaWorld episodes run in forked worker processes (a process that rendered must not fork
-    another renderer, and the training process never renders); each episode is seeded on its
+    MetaWorld batches run in forked worker processes (a process that rendered must not fork
+    another renderer, and the training process never renders); each batch is seeded on its
     own, so the outcome does not depend on the number of workers."""
     from kuavo_train.envs.rollout import run_episodes
 
     cfg = env_config_for(task_name, dataset_root, **(env_options or {}))
-    seeds = [int(start_seed) + i for i in range(int(episodes))]
+    episodes, bs = int(episodes), max(1, min(int(batch_size), int(episodes) or 1))
+    seeds = [int(start_seed) + i for i in range(episodes)]
     if cfg.type == "kuavo_metaworld":
         from kuavo_train.data.metaworld.env import default_workers, fork_map
 
-        results = fork_map(lambda part: run_episodes(cfg, policy_fn, part), seeds, workers or default_workers())
+        batches = [seeds[i : i + bs] for i in range(0, len(seeds), bs)]
+        results = fork_map(lambda part: [r for b in part for r in run_episodes(cfg, policy_fn, b, bs)], batches,
+                           workers or default_workers())
     else:
-        results = run_episodes(cfg, policy_fn, seeds)
+        results = run_episodes(cfg, policy_fn, seeds, bs)
     return {"success_rate": float(np.mean([r["success"] for r in results])) if results else float("nan"),
-            "episodes": results, "env": {"type": cfg.type, "task": cfg.task, "dataset_root": str(dataset_root)}}
+            "episodes": results, "batch_size": bs,
+            "env": {"type": cfg.type, "task": cfg.task, "dataset_root": str(dataset_root)}}
 
 
 def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
-                 start_seed: int = EVAL_START_SEED) -> float | None:
+                 start_seed: int = EVAL_START_SEED, batch_size: int = 1) -> float | None:
     """Success rate over `episodes` seeded episodes on held-out scenes (None without a simulator)."""
     if episodes <= 0 or not has_simulator(dataset_root):
         return None
-    return float(run_closed_loop(task_name, dataset_root, policy_fn, episodes, start_seed=start_seed)["success_rate"])
+    return float(run_closed_loop(task_name, dataset_root, policy_fn, episodes, start_seed=start_seed,
+                                 batch_size=batch_size)["success_rate"])
 
 
-def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED) -> dict[str, float | None]:
+def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batch_size: int = 1) -> dict[str, float | None]:
     """Closed-loop success per task of a run's final model, through the deployment wrapper
     (episode seeds `seed`, `seed`+1, ...: the same episodes as the forgetting matrix and lerobot-eval)."""
     from kuavo_train.training.run_state import RunState
@@ -126,4 +133,5 @@ def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED) -> d
     # the simulator renders at its own size (LeRobot's metaworld env: 480 px, for runs recorded
     # with --observation stock); the policy resizes as in training, as lerobot-eval does
     fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir, strict_image_size=False))
-    return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes, start_seed=seed) for s in stages}
+    return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes, start_seed=seed, batch_size=batch_size)
+            for s in stages}

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 EVAL_FILE = "evaluation.json"
 FRAMES_PER_EPISODE = 10
-DIRECTIONS = {"val_loss": False, "action_error": False, "action_error_normalized": False, "success": True}
+# The report's order: what the robot does first, then how close its actions are.
+DIRECTIONS = {"success": True, "val_loss": False, "action_error": False, "action_error_normalized": False}
 
 
 def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, TaskData], stats, space):
@@ -103,7 +104,8 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
         out["action_error"].append(mae)
         out["action_error_normalized"].append(nmae)
         out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post),
-                                           cfg.evaluation.closed_loop_episodes))
+                                           cfg.evaluation.closed_loop_episodes,
+                                           batch_size=cfg.evaluation.closed_loop_batch_size))
     return out
 
 
