@@ -133,27 +133,19 @@ def test_existing_dataset_with_other_parameters_is_not_overwritten(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_make_demo_regenerates_its_own_stale_data_and_leaves_other_data_alone(tmp_path, demo_base):
-    """`make demo` on an outputs/demo of an older default (fewer held-out scenes): the demo
-    world's own datasets are regenerated with the current settings; a dataset it did not write
-    (no demo_world.json) is left exactly as it was."""
+
+def test_make_demo_warns_when_existing_data_has_fewer_held_out_scenes_and_never_rewrites_it(tmp_path, demo_base, caplog):
+    """Data of an older, smaller default (or `make-data` with other sizes) is the user's: kept
+    byte for byte, with one warning that scenes will be revisited."""
     from kuavo_train.cli.main import ensure_demo_inputs
     from kuavo_train.config.loading import load_run_config
 
-    small = dict(num_train_episodes=1, num_val_episodes=1, image_size=32, seed=0)
-    write_demo_world(tmp_path, tasks=TASK_NAMES[:3], **small)
-    user = tmp_path / "task4_sorting"
-    (user / "meta").mkdir(parents=True)
-    (user / "meta" / "info.json").write_text('{"users": "own data"}')
+    write_demo_world(tmp_path, tasks=TASK_NAMES, num_train_episodes=1, num_val_episodes=1, image_size=32, seed=0)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     cfg = load_run_config(["profile=demo", f"data_root={tmp_path}", f"policy.pretrained_path={demo_base}",
-                           "demo.num_train_episodes=1", "demo.num_val_episodes=2", "demo.image_size=32"])
-    before = (tmp_path / TASK_NAMES[0] / "meta" / "demo_world.json").read_text()
-    ensure_demo_inputs(cfg)
-    for task in TASK_NAMES[:3]:
-        assert len(load_scene_seeds(tmp_path / task, "val")) == 2
-    assert (tmp_path / TASK_NAMES[0] / "meta" / "demo_world.json").read_text() != before
-    assert sorted(p.name for p in user.rglob("*")) == ["info.json", "meta"]
-    assert (user / "meta" / "info.json").read_text() == '{"users": "own data"}'
-    stamp = (tmp_path / TASK_NAMES[0] / "meta" / "demo_world.json").stat().st_mtime_ns
-    ensure_demo_inputs(cfg)  # now current: nothing is rewritten
-    assert (tmp_path / TASK_NAMES[0] / "meta" / "demo_world.json").stat().st_mtime_ns == stamp
+                           "evaluation.closed_loop_episodes=2"])
+    with caplog.at_level("WARNING", logger="kuavo_train"):
+        ensure_demo_inputs(cfg)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    warned = [r.getMessage() for r in caplog.records if "held-out scenes for 2 closed-loop episodes" in r.getMessage()]
+    assert len(warned) == len(TASK_NAMES), warned

@@ -94,28 +94,28 @@ def ensure_demo_inputs(cfg) -> None:
             seed=cfg.seed,
             overwrite=True,
         )
-    from kuavo_train.data.demo_world.writer import META_FILE, generation_params
-    from kuavo_train.data.generated import made_with
-
-    # Missing, or written by the demo world with other settings (e.g. an older, smaller default):
-    # (re)generated. A folder the demo world did not write is never overwritten (the writer refuses).
-    roots = {s.name: Path(s.dataset.root) for s in cfg.ordered_stages()}
-    ours = {n: (r / "meta" / META_FILE).is_file() for n, r in roots.items()}
-    stale = [n for n, r in roots.items()
-             if not (r / "meta" / "info.json").is_file()
-             or (ours[n] and not made_with(r, META_FILE, generation_params(n, d.num_train_episodes, d.num_val_episodes,
-                                                                              d.seed, d.image_size)))]
-    if stale:
-        log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(stale), cfg.data_root)
+    missing = [s.name for s in cfg.ordered_stages() if not (Path(s.dataset.root) / "meta" / "info.json").is_file()]
+    if missing:
+        log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(missing), cfg.data_root)
         write_demo_world(
             Path(cfg.data_root),
-            tasks=stale,
+            tasks=missing,
             num_train_episodes=d.num_train_episodes,
             num_val_episodes=d.num_val_episodes,
             seed=d.seed,
             image_size=d.image_size,
-            overwrite=all(ours[n] or not roots[n].exists() for n in stale),
         )
+    # Existing datasets are the user's (e.g. `make-data` with other sizes) and never rewritten; an
+    # older, smaller default only means fewer distinct held-out scenes than evaluated episodes.
+    from kuavo_train.data.demo_world.writer import load_scene_seeds
+
+    episodes = cfg.evaluation.closed_loop_episodes
+    for s in cfg.ordered_stages():
+        if (Path(s.dataset.root) / "meta" / "demo_world.json").is_file() and \
+                0 < len(scenes := load_scene_seeds(s.dataset.root)) < episodes:
+            log.warning("%s has %d held-out scenes for %d closed-loop episodes: scenes are revisited with other "
+                        "noise (`make clean-demo` regenerates the demo data with %d)", s.dataset.root, len(scenes),
+                        episodes, d.num_val_episodes)
 
 
 def cmd_train(args) -> None:
