@@ -107,11 +107,11 @@ def ensure_demo_inputs(cfg) -> None:
         )
     # Existing datasets are the user's (e.g. `make-data` with other sizes) and never rewritten; an
     # older, smaller default only means fewer distinct held-out scenes than evaluated episodes.
-    from kuavo_train.data.demo_world.writer import load_scene_seeds
+    from kuavo_train.data.demo_world.writer import META_FILE, load_scene_seeds
 
     episodes = cfg.evaluation.closed_loop_episodes
     for s in cfg.ordered_stages():
-        if (Path(s.dataset.root) / "meta" / "demo_world.json").is_file() and \
+        if (Path(s.dataset.root) / "meta" / META_FILE).is_file() and \
                 0 < len(scenes := load_scene_seeds(s.dataset.root)) < episodes:
             log.warning("%s has %d held-out scenes for %d closed-loop episodes: scenes are revisited with other "
                         "noise (`make clean-demo` regenerates the demo data with %d)", s.dataset.root, len(scenes),

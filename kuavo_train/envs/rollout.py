@@ -40,7 +40,7 @@ def _successes(info: dict, n: int) -> list[bool]:
     return [bool(v) for v in arr] if arr.size == n else [bool(arr.any())] * n
 
 
-def run_batch(vec_env, env_preprocessor, env_postprocessor, policy_fn, seeds: list[int | None]) -> list[dict]:
+def run_batch(vec_env, env_preprocessor, env_postprocessor, policy_fn, seeds: list[int]) -> list[dict]:
     """One rollout of the vector env's B episodes (seeds: one per env)."""
     from lerobot.envs import preprocess_observation
     from lerobot.envs.utils import NEW_ROLLOUT_OPTION
@@ -49,8 +49,7 @@ def run_batch(vec_env, env_preprocessor, env_postprocessor, policy_fn, seeds: li
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} environments")
     policy_fn.reset()
-    reset_seeds = None if all(s is None for s in seeds) else list(seeds)
-    obs, info = vec_env.reset(seed=reset_seeds, options={NEW_ROLLOUT_OPTION: True})
+    obs, info = vec_env.reset(seed=list(seeds), options={NEW_ROLLOUT_OPTION: True})
     scenes = np.asarray(info.get("scene_seed") if isinstance(info, dict) and "scene_seed" in info else [None] * n,
                         dtype=object).reshape(-1)
     max_steps = int(vec_env.call("_max_episode_steps")[0])

@@ -58,7 +58,7 @@ def expert_episode(task: str, scene_seed: int, image_size: int) -> list[tuple[di
     return frames if w.success else None
 
 
-def generation_params(task, num_train, num_val, seed, image_size) -> dict:
+def _params(task, num_train, num_val, seed, image_size) -> dict:
     t = TASKS_BY_NAME[task]
     return {"task": task, "task_id": t.task_id, "instruction": t.instruction, "seed": seed, "image_size": image_size,
             "num_train_episodes": num_train, "num_val_episodes": num_val, "generator_version": GENERATOR_VERSION}
@@ -93,7 +93,7 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
     _check_inputs(out_dir, [task], num_train_episodes, num_val_episodes, image_size)
     out_dir = Path(out_dir)
     dest = out_dir / task
-    params = generation_params(task, num_train_episodes, num_val_episodes, seed, image_size)
+    params = _params(task, num_train_episodes, num_val_episodes, seed, image_size)
     if dest.exists() and not overwrite:
         if made_with(dest, META_FILE, params):
             return dest
@@ -142,7 +142,7 @@ def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_v
     _check_inputs(out_dir, tasks, num_train_episodes, num_val_episodes, image_size)
     for task in tasks:
         dest = Path(out_dir) / task
-        if dest.exists() and not overwrite and not made_with(dest, META_FILE, generation_params(task, num_train_episodes, num_val_episodes, seed, image_size)):
+        if dest.exists() and not overwrite and not made_with(dest, META_FILE, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
             raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
     return [write_task_dataset(out_dir, t, num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes,
                                seed=seed, image_size=image_size, overwrite=overwrite) for t in tasks]
