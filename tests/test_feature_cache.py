@@ -185,17 +185,19 @@ def test_fp32_and_bf16_entries_are_kept_apart(demo_base, demo_data, tmp_path):
     assert not torch.equal(ref_fp32[0], ref_bf16[0])  # the precisions really differ
 
 
-def _cache_summary(train_log: Path, stage: int) -> tuple[int, int]:
-    """(hits, misses) of a stage, from the summary line the stage trainer logs at its end."""
-    m = re.search(rf"stage {stage} frozen-feature cache: ([\d,]+) hits, ([\d,]+) misses", train_log.read_text())
+def _cache_summary(train_log: Path, stage: int) -> tuple[int, int, int, str]:
+    """(hits, misses, frames not decoded, level) of a stage, from the summary line the stage trainer logs at its end."""
+    m = re.search(rf"stage {stage} frozen-feature cache: ([\d,]+) hits, ([\d,]+) misses .*?, ([\d,]+) frames not decoded "
+                  r"at the (\w+) level", train_log.read_text())
     assert m, f"no cache summary for stage {stage} in {train_log}"
-    return int(m[1].replace(",", "")), int(m[2].replace(",", ""))
+    return int(m[1].replace(",", "")), int(m[2].replace(",", "")), int(m[3].replace(",", "")), m[4]
 
 
 def test_stage_with_cache_trains_like_stage_without(tmp_path, demo_base, demo_data, caplog):
-    """A whole stage 1 (two epochs, validation after each) with the cache on, in a folder of its own, and
-    the same stage with it off: the on-run must really serve features (hits), and the validation losses
-    must agree within the README's tolerance."""
+    """A whole stage 1 (two epochs, validation after each) with the cache on (its default: the prefix level,
+    frames already cached not decoded), in a folder of its own, and the same stage with it off: the on-run
+    must really serve entries (hits, undecoded frames), and the validation losses and trained weights must
+    agree within the README's tolerance."""
     from conftest import FULL_RUN_EXTRA
 
     from kuavo_train.config.loading import load_run_config
@@ -210,8 +212,10 @@ def test_stage_with_cache_trains_like_stage_without(tmp_path, demo_base, demo_da
         with caplog.at_level(logging.INFO, logger="kuavo_train"):  # the INFO lines go to train.log, as in the CLI
             Pipeline(cfg).run()
         runs[cache] = run_dir
-    hits, misses = _cache_summary(runs["on"] / "train.log", 1)
+    hits, misses, undecoded, level = _cache_summary(runs["on"] / "train.log", 1)
+    assert level == "prefix"  # the default level for train_expert_only
     assert hits > 0 and misses > 0, (hits, misses)  # computed in epoch 1, served afterwards
+    assert undecoded > 0  # and in epoch 2 the loader decoded no image of a frame already cached
     off_log = (runs["off"] / "train.log").read_text()
     assert "stage 1: frozen-feature cache: off (feature_cache.enabled=false)" in off_log
     assert not re.search(r"stage 1 frozen-feature cache: \d", off_log)  # nothing served there
@@ -225,8 +229,16 @@ def test_stage_with_cache_trains_like_stage_without(tmp_path, demo_base, demo_da
     torch.testing.assert_close(torch.tensor([v for _, v in with_cache], dtype=torch.float64),
                                torch.tensor([v for _, v in without], dtype=torch.float64), **TOL)
     # The trained weights too: the validation loss of this tiny random model hardly depends on the
-    # image features (scaling them by 10% moves it by ~1e-5), the weights trained on them do.
+    # image features (scaling them by 10% moves it by ~1e-5), the weights trained on them do. The
+    # prefix level's matmuls have other shapes than stock's, so gradients differ in their last bits,
+    # and AdamW (update ~ m / sqrt(v)) magnifies that where a gradient is near zero: after 16 steps a
+    # few elements differ by ~1e-6. Bound: each tensor's largest difference between the runs is under
+    # 1% of how far training moved that tensor.
     on, off = (load_file(str(final_pretrained(runs[c], TASK) / "model.safetensors")) for c in ("on", "off"))
+    init = load_file(str(demo_base / "model.safetensors"))
     assert on.keys() == off.keys()
     for k in on:
-        torch.testing.assert_close(on[k], off[k], **TOL, msg=lambda m, k=k: f"trained weight {k}: {m}")
+        diff = float((on[k] - off[k]).abs().max())
+        moved = float((off[k] - init[k]).abs().max()) if k in init and init[k].shape == off[k].shape else 0.0
+        assert diff <= 1e-2 * moved + 1e-7, f"trained weight {k}: runs differ by {diff:.3g}, training moved it {moved:.3g}"
+    assert any(float((off[k] - init[k]).abs().max()) > 1e-4 for k in off if k in init)  # it did train

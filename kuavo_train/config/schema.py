@@ -162,6 +162,9 @@ class FeatureCacheSettings:
     enabled: bool = True
     dir: str = "outputs/feature_cache"
     max_gb: float = 20.0
+    prefix: bool = True
+    prefix_max_gb: float = 50.0
+    verify_digest: bool = False
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("dataloader.batch_size", "must be > 0")
     if not cfg.feature_cache.max_gb >= 0:
         _fail("feature_cache.max_gb", f"must be >= 0, got {cfg.feature_cache.max_gb}")
+    if not cfg.feature_cache.prefix_max_gb >= 0:
+        _fail("feature_cache.prefix_max_gb", f"must be >= 0, got {cfg.feature_cache.prefix_max_gb}")
     if cfg.dataloader.num_workers < 0:
         _fail("dataloader.num_workers", "must be >= 0")
     if cfg.evaluation.closed_loop_batch_size <= 0:

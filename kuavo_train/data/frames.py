@@ -53,11 +53,17 @@ class VectorLayout:
 ROW_GROUP_CACHE = 4  # row groups of image bytes kept per (file, camera) in each process
 
 
+# Column of a sample whose images were not decoded (zero placeholders): `cached_frames(task_id, index)`
+# said the model's cache holds all its image features (kuavo_train/policy/feature_cache.py).
+NOT_DECODED_KEY = "frame_not_decoded"
+
+
 class ChunkedFrameDataset(torch.utils.data.Dataset):
     def __init__(self, repo_id: str, root, *, episodes: list[int], chunk_size: int, camera_keys: list[str],
                  state_key: str = "observation.state", action_key: str = "action", task: str | None = None,
                  task_id: int = 0, image_cache: bool | int = False, camera_map: dict[str, str] | None = None,
-                 state_layout: VectorLayout | None = None, action_layout: VectorLayout | None = None):
+                 state_layout: VectorLayout | None = None, action_layout: VectorLayout | None = None,
+                 cached_frames=None):
         import pyarrow.parquet as pq
         from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
@@ -117,6 +123,8 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
             self._dim_mask = torch.from_numpy(~action_layout.mask())
         self._item_ep = np.repeat(np.arange(len(self._ep_bounds)), [b - a for a, b in self._ep_bounds])
         self._image_cache_size = (1024 if image_cache is True else int(image_cache)) if image_cache else 0
+        self.cached_frames = cached_frames
+        self._placeholders = {out: _chw_shape(self.meta.features[key]) for out, key in self.camera_map.items()}
         self._reset_process_state()
 
     # Per-process state (open files, caches) is rebuilt after pickling into a DataLoader worker.
@@ -232,10 +240,24 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
         }
         if self._dim_mask is not None:
             item[DIM_PAD_KEY] = self._dim_mask.clone()
+        if self.cached_frames is not None:
+            skip = bool(self.cached_frames(self.task_id, int(d["index"][i])))
+            item[NOT_DECODED_KEY] = torch.tensor(skip)
+            if skip:
+                for out_key, shape in self._placeholders.items():
+                    item[out_key] = torch.zeros(shape)
+                return item
         frames = self._video_frames(i) if self.video_keys else {}
         for out_key, key in self.camera_map.items():
             item[out_key] = frames[key] if key in self.video_keys else self._image(i, key)
         return item
+
+
+def _chw_shape(feature: dict) -> tuple[int, int, int]:
+    """(channels, height, width) of a camera feature, whose metadata names its axes."""
+    shape, names = feature["shape"], feature.get("names") or ["height", "width", "channels"]
+    axes = dict(zip(names, shape))
+    return (int(axes.get("channels", axes.get("channel", 3))), int(axes["height"]), int(axes["width"]))
 
 
 def fetch_batches(loader):

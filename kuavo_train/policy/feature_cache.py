@@ -57,6 +57,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kuavo_train.data.frames import NOT_DECODED_KEY
+from kuavo_train.errors import KuavoError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -93,18 +96,24 @@ def _unallocated(path: Path) -> int:
     return max(0, st.st_size - st.st_blocks * 512)
 
 
+class CacheEntryLost(KuavoError):
+    pass
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
     stored: int = 0
     bytes_stored: int = 0
+    undecoded: int = 0  # rows whose images the loader did not decode
 
     def summary(self) -> str:
         total = self.hits + self.misses
         rate = 100.0 * self.hits / total if total else 0.0
         return (f"{self.hits:,} hits, {self.misses:,} misses ({rate:.1f}% served from cache), "
-                f"{self.stored:,} entries stored ({self.bytes_stored / 2**20:.1f} MiB)")
+                f"{self.stored:,} entries stored ({self.bytes_stored / 2**20:.1f} MiB), "
+                f"{self.undecoded:,} frames not decoded")
 
 
 def cache_level(policy) -> tuple[str | None, str]:
@@ -147,15 +156,59 @@ def dataset_fingerprint(root: str | Path) -> str:
     return h.hexdigest()[:24]
 
 
-class _Store:
-    """One camera of one dataset at one precision: features [N, T, D] + digests [N, 2]."""
+def store_slug(camera: str) -> str:
+    return camera.replace("/", "_")
 
-    def __init__(self, folder: Path, camera: str, num_frames: int):
-        self.folder, self.camera, self.num_frames = folder, camera, num_frames
+
+def precision_name(device: torch.device | str) -> str:
+    """The folder of the entries a forward on `device` reads and writes: its autocast precision."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return f"autocast-{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"
+    return "none"
+
+
+class CachedFrames:
+    """Whether all of a frame's camera features are stored: then the loader need not decode its images.
+
+    The dataset fingerprint and the frame index already fix the images, so such a frame is served by
+    its key alone (`feature_cache.verify_digest: false`, the default). Picklable into DataLoader
+    workers, which see the main process's new entries through the shared memory maps."""
+
+    def __init__(self, digest_files: dict[int, list[Path]]):
+        self.digest_files = digest_files  # task id -> one digests file per camera
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {"digest_files": self.digest_files}
+
+    def __setstate__(self, state):
+        self.__init__(state["digest_files"])
+
+    def __call__(self, task_id: int, index: int) -> bool:
+        files = self.digest_files.get(int(task_id))
+        if not files:
+            return False
+        for f in files:
+            d = self._maps.get(f)
+            if d is None:
+                if not f.is_file():
+                    return False
+                d = self._maps[f] = np.load(f, mmap_mode="r")
+            if np.isnan(d[index, 0]):
+                return False
+        return True
+
+
+class _Store:
+    """One camera of one dataset at one precision: features [N, T, D] + digests [N, digest_width]."""
+
+    def __init__(self, folder: Path, camera: str, num_frames: int, digest_width: int = 2):
+        self.folder, self.camera, self.num_frames, self.digest_width = folder, camera, num_frames, digest_width
         self.features = None
         self.digests = None
         self.writable = True  # False once the disk cannot hold what it may still store
-        slug = camera.replace("/", "_")
+        slug = store_slug(camera)
         self.feat_path = folder / f"{slug}.features.npy"
         self.digest_path = folder / f"{slug}.digests.npy"
         if self.digest_path.is_file():
@@ -172,7 +225,7 @@ class _Store:
     def full_bytes(self, shape_td, np_dtype) -> tuple[int, int]:
         """(features, digests) file sizes."""
         feats = self.num_frames * int(np.prod(shape_td)) * np.dtype(np_dtype).itemsize
-        return _NPY_HEADER + feats, _NPY_HEADER + self.num_frames * 2 * 8
+        return _NPY_HEADER + feats, _NPY_HEADER + self.num_frames * self.digest_width * 8
 
     def create(self, shape_td: tuple[int, int], np_dtype) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +237,7 @@ class _Store:
                 try:
                     np.lib.format.open_memmap(tmps[0], mode="w+", dtype=np_dtype, shape=(self.num_frames, *shape_td)).flush()
                     os.replace(tmps[0], self.feat_path)
-                    d = np.lib.format.open_memmap(tmps[1], mode="w+", dtype=np.float64, shape=(self.num_frames, 2))
+                    d = np.lib.format.open_memmap(tmps[1], mode="w+", dtype=np.float64, shape=(self.num_frames, self.digest_width))
                     d[:] = np.nan
                     d.flush()
                     os.replace(tmps[1], self.digest_path)
@@ -198,17 +251,18 @@ class _Store:
 class FrozenFeatureCache:
     """Serve frozen image features by (dataset, frame, camera); see the module docstring."""
 
+    DIGEST_WIDTH = 2
+
     def __init__(self, policy, root: str | Path, *, max_bytes: int, level: str, resize=None):
         self.policy = policy
         self.level = level
         self.max_bytes = int(max_bytes)
         self.stats = CacheStats()
         self._vlm_expert = policy.model.vlm_with_expert
-        vlm = self._vlm_expert.get_vlm_model()
-        frozen = [vlm.vision_model] + ([vlm.connector] if level == "connector" else [])
+        frozen = self._frozen(level)
         self._frozen_modules = frozen
         key = {"format": FORMAT_VERSION, "level": level, "weights": _hash_modules(frozen),
-               "resize": list(resize) if resize is not None else None}
+               "resize": list(resize) if resize is not None else None, **self._key_extra()}
         self.namespace = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.root = Path(root) / self.namespace
         self.root.mkdir(parents=True, exist_ok=True)
@@ -217,12 +271,21 @@ class FrozenFeatureCache:
         self._stores: dict[tuple, _Store] = {}
         self._bytes_used: int | None = None
         self._rows: list[tuple[int, int]] | None = None
+        self._trusted: list[bool] = []
         self._cameras: list[str] = []
         self._call = 0
         self._original = None
         self._w: dict[tuple, torch.Tensor] = {}
         self._writes_off = False  # the disk filled up under the cache: compute, store nothing more
         self._warned = False
+
+    def _frozen(self, level: str) -> list:
+        """The modules whose weights the entries depend on."""
+        vlm = self._vlm_expert.get_vlm_model()
+        return [vlm.vision_model] + ([vlm.connector] if level == "connector" else [])
+
+    def _key_extra(self) -> dict:
+        return {}
 
     # ---- set-up ------------------------------------------------------------------
     @classmethod
@@ -263,10 +326,14 @@ class FrozenFeatureCache:
             del self._vlm_expert.embed_image  # drop the instance attribute: the class method shows again
             self._original = None
 
+    def summary(self) -> str:
+        return f"{self.stats.summary()} at the {self.level} level"
+
     # ---- one forward ---------------------------------------------------------------
     @contextlib.contextmanager
-    def serving(self, task_ids, indices, model_batch: dict):
-        """Around one `policy.forward(model_batch)` whose rows are frames `indices` of tasks `task_ids`."""
+    def serving(self, task_ids, indices, model_batch: dict, not_decoded=None):
+        """Around one `policy.forward(model_batch)` whose rows are frames `indices` of tasks `task_ids`.
+        `not_decoded[r]`: the loader left row r's images undecoded (`CachedFrames`); serve them by key."""
         tids = [int(t) for t in task_ids]
         idx = [int(i) for i in indices]
         unknown = sorted({t for t in tids if t not in self._datasets})
@@ -276,15 +343,20 @@ class FrozenFeatureCache:
         present = [k for k in cfg.image_features if k in model_batch]
         missing = [k for k in cfg.image_features if k not in model_batch][: cfg.empty_cameras]
         self._rows, self._cameras, self._call = list(zip(tids, idx)), present + missing, 0
+        self._trusted = [bool(x) for x in not_decoded] if not_decoded is not None else [False] * len(tids)
+        self.stats.undecoded += sum(self._trusted)
         try:
             yield self
         finally:
             self._rows = None
 
     def _precision(self, device: torch.device) -> str:
-        if torch.is_autocast_enabled(device.type):
-            return f"autocast-{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"
-        return "none"
+        return precision_name(device)
+
+    def cached_frames(self, precision: str, cameras: dict[int, list[str]]) -> CachedFrames:
+        """The loader's test for frames whose features of all their task's `cameras` are stored at `precision`."""
+        return CachedFrames({t: [self.root / precision / fp / f"{store_slug(c)}.digests.npy" for c in cameras[t]]
+                             for t, (fp, _) in self._datasets.items() if t in cameras})
 
     def _digest(self, images: torch.Tensor) -> torch.Tensor:
         flat = images.detach().flatten(1)
@@ -301,7 +373,7 @@ class FrozenFeatureCache:
         key = (precision, fp, camera)
         st = self._stores.get(key)
         if st is None:
-            st = self._stores[key] = _Store(self.root / precision / fp, camera, n)
+            st = self._stores[key] = _Store(self.root / precision / fp, camera, n, self.DIGEST_WIDTH)
             if st.features is not None:
                 entry = int(np.prod(st.features.shape[1:])) * st.features.itemsize
                 st.writable = self._room(st, self._writable_unallocated(), entry)
@@ -360,11 +432,21 @@ class FrozenFeatureCache:
         camera = self._cameras[self._call]
         self._call += 1
         precision = self._precision(image.device)
-        digests = self._digest(image)
+        trusted = self._trusted
+        digests = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
+        check = [r for r, t in enumerate(trusted) if not t]
+        if check:
+            digests[check] = self._digest(image[check])
         stores = [self._store(precision, t, camera) for t, _ in rows]
-        hit = [st.digests is not None and np.array_equal(st.digests[i], digests[r].numpy())
+        hit = [st.digests is not None and (not np.isnan(st.digests[i, 0]) if trusted[r]
+                                           else np.array_equal(st.digests[i], digests[r].numpy()))
                for r, (st, (_, i)) in enumerate(zip(stores, rows))]
         miss = [r for r, h in enumerate(hit) if not h]
+        lost = [rows[r] for r in miss if trusted[r]]
+        if lost:
+            raise CacheEntryLost(f"feature cache: the {camera} features of frame {lost[0][1]} (task {lost[0][0]}) were "
+                                 f"stored when the loader skipped decoding it, and are gone now (was {self.root} "
+                                 "deleted during training?); run the command again to resume")
         computed = None
         if miss:
             with torch.no_grad():
@@ -438,4 +520,4 @@ def serving(cache: FrozenFeatureCache | None, raw_batch: dict, model_batch: dict
     """`cache.serving(...)` for a loader batch (its task_id + index columns), or a no-op without a cache."""
     if cache is None:
         return contextlib.nullcontext()
-    return cache.serving(raw_batch["task_id"], raw_batch["index"], model_batch)
+    return cache.serving(raw_batch["task_id"], raw_batch["index"], model_batch, raw_batch.get(NOT_DECODED_KEY))

@@ -29,7 +29,8 @@ from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
 from kuavo_train.policy import factory
-from kuavo_train.policy.feature_cache import FrozenFeatureCache, serving
+from kuavo_train.policy.feature_cache import precision_name, serving
+from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
 from kuavo_train.training.joint import JOINT_STAGE, steps_per_epoch as count_steps_per_epoch
 from kuavo_train.training.run_state import RunState
@@ -62,7 +63,7 @@ class StageResult:
 
 
 def make_task_dataset(task: TaskData, episodes, chunk_size: int, space: FeatureSpace | None = None,
-                      stats=None) -> ChunkedFrameDataset:
+                      stats=None, cached_frames=None) -> ChunkedFrameDataset:
     """A task's samples in the run's union state/action space (padded with the union mean, masked)."""
     layouts = {}
     if space is not None and not space.is_uniform():
@@ -81,6 +82,7 @@ def make_task_dataset(task: TaskData, episodes, chunk_size: int, space: FeatureS
         task_id=task.task_id,
         state_layout=layouts.get(STATE_KEY),
         action_layout=layouts.get(ACTION_KEY),
+        cached_frames=cached_frames,
     )
 
 
@@ -163,7 +165,7 @@ class StageTrainer:
         pcfg = self.policy_config(source)
         policy = factory.load_policy(last / factory.PRETRAINED_DIR if resuming else source, pcfg)
         preprocessor, postprocessor = factory.make_processors(pcfg, stats=self.stats)
-        cache = FrozenFeatureCache.create(policy, cfg.feature_cache, log_prefix=f"stage {stage.task_id}: ")
+        cache = create_cache(policy, cfg.feature_cache, log_prefix=f"stage {stage.task_id}: ")
         trainable, total = factory.count_parameters(policy)
         log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g, from %s%s",
                  stage.task_id, stage.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
@@ -174,8 +176,19 @@ class StageTrainer:
             weights = {t: w / total_w for t, w in sorted(stage.replay_weights.items())}
         else:
             weights = cfg.replay_weights_for(stage)
-        train_sets = [make_task_dataset(self.tasks[t], self.tasks[t].train_episodes, pcfg.chunk_size, self.space, self.stats)
-                      for t in sorted(weights)]
+        cached_frames = None
+        if cache is not None:
+            for t in {*weights, *range(1, stage.task_id + 1)}:
+                cache.register_dataset(t, self.tasks[t].root)
+            cache.attach()
+            if not cfg.feature_cache.verify_digest:
+                # Frames whose image features are all cached are not decoded (their content is fixed by
+                # the dataset fingerprint); the entries of the precision the training steps run in.
+                with self.acc.autocast():
+                    precision = precision_name(self.acc.device)
+                cached_frames = cache.cached_frames(precision, {t: list(self.tasks[t].policy_cameras) for t in weights})
+        train_sets = [make_task_dataset(self.tasks[t], self.tasks[t].train_episodes, pcfg.chunk_size, self.space,
+                                        self.stats, cached_frames) for t in sorted(weights)]
         sampler = ProportionalReplaySampler(
             sorted(weights), [len(d) for d in train_sets], weights,
             current_task=stage.task_id, seed=cfg.seed, stage=stage.task_id,
@@ -191,10 +204,6 @@ class StageTrainer:
             prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None,
             persistent_workers=dl.persistent_workers and dl.num_workers > 0,
         )
-        if cache is not None:
-            for t in {*weights, *range(1, stage.task_id + 1)}:
-                cache.register_dataset(t, self.tasks[t].root)
-            cache.attach()
         mix = {self.tasks[t].name: q for t, q in sampler.quotas.items()}
         log.info("stage %d replay mix per epoch (samples): %s", stage.task_id, mix)
         steps_per_epoch = count_steps_per_epoch(len(sampler), dl.batch_size, dl.drop_last, self.acc.num_processes)
@@ -290,7 +299,7 @@ class StageTrainer:
         final = self.ckpt_dir / "last"
         sharding = self._sharding(seen, first_epoch)
         if cache is not None:
-            log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.stats.summary())
+            log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.summary())
             cache.detach()
         if self.main:
             self.run_state.update_stage(stage.name, status="complete", **sharding,
