@@ -1,4 +1,4 @@
-"""Training step at full SmolVLA size: stock LeRobot vs ours (frozen-feature cache), + bf16.
+"""Training step at full SmolVLA size: stock LeRobot vs our two cache levels, + bf16.
 
     .venv/bin/python benchmarks/bench_full_size_step.py [--batch-sizes 1 2] [--steps 3] [--threads 2]
 
@@ -10,10 +10,14 @@ SmolVLA's defaults (`freeze_vision_encoder`, `train_expert_only`), three
 A step is: LeRobot preprocessor -> `policy.forward` -> backward -> grad clip ->
 AdamW step, on a new frame each step, exactly as in training. Variants:
 - stock: that step, nothing else;
-- ours: the same step with our frozen-feature cache, measured on a second
-  pass over the frames (what every epoch after the first and every replayed
-  frame costs); the first pass, which also fills the cache, is reported too;
-- stock-bf16 / ours-bf16: the same under torch.autocast(bfloat16), as
+- vision: the same step with the frozen-feature cache at the vision-output
+  level (image features served), measured on a second pass over the frames
+  (what every epoch after the first and every replayed frame costs); the
+  first pass, which also fills the cache, is reported too;
+- prefix: the same with the prefix cache (every VLM layer's keys and values
+  of the image and language tokens served; the state token and the action
+  expert run live), as training runs it by default with `train_expert_only`;
+- *-bf16: the same under torch.autocast(bfloat16), as
   `policy.mixed_precision=bf16` runs it.
 Each variant runs in its own process (so its peak RSS is its own), one after
 the other in the same invocation; only the ratios printed at the end mean
@@ -56,6 +60,7 @@ def child(args) -> dict:
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     from kuavo_train.policy.feature_cache import FrozenFeatureCache, cache_level, serving
+    from kuavo_train.policy.prefix_cache import PrefixCache
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,10 +99,13 @@ def child(args) -> dict:
         return out
 
     cache = None
-    if args.variant.startswith("ours"):
+    if args.variant.split("-")[0] in ("vision", "prefix"):
         level, why = cache_level(policy)
         cache = FrozenFeatureCache(policy, args.cache_dir, max_bytes=64 * 2**30, level=level,
                                    resize=cfg.resize_imgs_with_padding)
+        if args.variant.startswith("prefix"):
+            cache = PrefixCache(policy, args.cache_dir, max_bytes=64 * 2**30, resize=cfg.resize_imgs_with_padding,
+                                fallback=cache)
         cache.register(1, f"bench-b{b}-{args.variant}", frames)
         cache.attach()
     bf16 = args.variant.endswith("bf16")
@@ -122,8 +130,21 @@ def child(args) -> dict:
         "variant": args.variant, "batch": b, "parameters": total, "trainable": sum(p.numel() for p in params),
         "build_s": build_s, "first_pass_s": first_pass, "step_s": second_pass,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "cache": cache.stats.summary() if cache else None,
+        "cache": cache.summary() if cache else None,
+        "entry_bytes": _entry_bytes(args.cache_dir, f"bench-b{b}-{args.variant}") if cache else None,
     }
+
+
+def _entry_bytes(cache_dir: str, fingerprint: str) -> dict:
+    """Bytes per frame of each store (camera or prefix) of this variant's dataset."""
+    import numpy as np
+
+    out = {}
+    for f in Path(cache_dir).rglob(f"{fingerprint}/*.features.npy"):
+        arr = np.load(f, mmap_mode="r")
+        level = "prefix" if f.name.startswith("prefix-") else "vision"
+        out[level] = out.get(level, 0) + int(np.prod(arr.shape[1:])) * arr.itemsize
+    return out
 
 
 def main() -> None:
@@ -131,7 +152,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per pass")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["stock", "ours", "stock-bf16", "ours-bf16"])
+    ap.add_argument("--variants", nargs="+", default=["stock", "vision", "prefix", "stock-bf16", "vision-bf16", "prefix-bf16"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
@@ -162,7 +183,9 @@ def main() -> None:
                 print(f"batch {b} {variant:>10}: step {statistics.median(r['step_s']):6.2f} s "
                       f"(first pass {statistics.median(r['first_pass_s']):6.2f} s), peak RSS {r['peak_rss_gib']:.2f} GiB, "
                       f"{r['parameters']:,} parameters ({r['trainable']:,} trainable)"
-                      + (f"; cache: {r['cache']}" if r["cache"] else ""), flush=True)
+                      + (f"; cache: {r['cache']}; bytes per frame: "
+                         + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(r["entry_bytes"].items()))
+                         if r["cache"] else ""), flush=True)
         print(f"\nratios (stock step time / variant step time; {args.threads} threads, median of {args.steps} steps):")
         for b in args.batch_sizes:
             base = statistics.median(results[("stock", b)]["step_s"])
@@ -170,7 +193,8 @@ def main() -> None:
                 if (variant, b) in results and variant != "stock":
                     r = results[(variant, b)]
                     print(f"  batch {b}: {variant:>10} {base / statistics.median(r['step_s']):5.2f}x"
-                          + (f"   (first pass {base / statistics.median(r['first_pass_s']):4.2f}x)" if variant.startswith("ours") else ""))
+                          + (f"   (first pass {base / statistics.median(r['first_pass_s']):4.2f}x)"
+                             if not variant.startswith("stock") else ""))
 
 
 if __name__ == "__main__":

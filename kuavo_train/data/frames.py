@@ -244,8 +244,9 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
             skip = bool(self.cached_frames(self.task_id, int(d["index"][i])))
             item[NOT_DECODED_KEY] = torch.tensor(skip)
             if skip:
+                zero = torch.zeros(())
                 for out_key, shape in self._placeholders.items():
-                    item[out_key] = torch.zeros(shape)
+                    item[out_key] = zero.expand(shape)  # no memory of its own: collation writes the batch once
                 return item
         frames = self._video_frames(i) if self.video_keys else {}
         for out_key, key in self.camera_map.items():

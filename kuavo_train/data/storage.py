@@ -12,8 +12,10 @@ import shutil
 from pathlib import Path
 
 def copy_as_video(src: str | Path, dst: str | Path, *, episodes: list[int], repo_id: str | None = None,
-                  state_key: str = "observation.state", action_key: str = "action") -> Path:
-    """Write episodes `episodes` of dataset `src` to `dst`: cameras as video, plus state and action."""
+                  state_key: str = "observation.state", action_key: str = "action",
+                  size: tuple[int, int] | None = None) -> Path:
+    """Write episodes `episodes` of dataset `src` to `dst`: cameras as video (resized to `size` = (height,
+    width) if given, e.g. to a real camera's resolution), plus state and action."""
     import torch
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -25,6 +27,9 @@ def copy_as_video(src: str | Path, dst: str | Path, *, episodes: list[int], repo
     feats = {k: dict(info["features"][k]) for k in [state_key, action_key, *cams]}
     for k in cams:
         feats[k]["dtype"] = "video"
+        if size is not None:
+            feats[k]["shape"] = [int(size[0]), int(size[1]), 3]
+            feats[k]["names"] = ["height", "width", "channels"]
     shutil.rmtree(dst, ignore_errors=True)
     out = LeRobotDataset.create(repo_id or f"local/{dst.name}", fps=info["fps"], features=feats, root=dst,
                                 use_videos=True, robot_type=info.get("robot_type"))
@@ -33,7 +38,12 @@ def copy_as_video(src: str | Path, dst: str | Path, *, episodes: list[int], repo
                                      state_key=state_key, action_key=action_key)
         for i in range(len(frames)):
             item = frames[i]
-            row = {k: item[k].permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy() for k in cams}
+            images = {k: item[k] for k in cams}
+            if size is not None:
+                images = {k: torch.nn.functional.interpolate(v[None], size=tuple(size), mode="bilinear",
+                                                             align_corners=False)[0].clamp(0, 1)
+                          for k, v in images.items()}
+            row = {k: v.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy() for k, v in images.items()}
             row[state_key] = item[state_key].numpy()
             row[action_key] = item[action_key][0].numpy()
             row["task"] = item["task"]
