@@ -103,20 +103,29 @@ def test_loss_and_gradients_equal_stock(demo_base, demo_data, tmp_path, expert_o
     assert "embed_image" not in vars(policy.model.vlm_with_expert)
 
 
-def test_a_changed_image_is_recomputed_not_served(demo_base, demo_data, tmp_path):
-    policy = _policy(demo_base)
-    root, pre, ds = _data(demo_data, policy)
-    raw = _batch(ds, [0, 1])
-    cache = _cache(policy, root, tmp_path)
-    _loss_and_grads(policy, pre, raw, cache)
+def one_pixel_changed(policy, raw) -> dict:
+    """`raw` with one pixel of its first frame changed: same keys, other content."""
     cam = next(iter(policy.config.image_features))
     changed = dict(raw)
     changed[cam] = raw[cam].clone()
-    changed[cam][0, :, 10, 10] = 1.0 - changed[cam][0, :, 10, 10]  # one pixel of one frame, same key
+    changed[cam][0, :, 10, 10] = 1.0 - changed[cam][0, :, 10, 10]
+    return changed
+
+
+def check_recomputed(policy, pre, cache, changed: dict, rows: int):
+    """`changed` (frames already served, other content) gives stock's loss and gradients, `rows` recomputed."""
     ref = _loss_and_grads(policy, pre, changed)
     before = cache.stats.misses
     _assert_same(_loss_and_grads(policy, pre, changed, cache), ref)
-    assert cache.stats.misses == before + 1
+    assert cache.stats.misses == before + rows
+
+
+def test_a_changed_image_is_recomputed_not_served(demo_base, demo_data, tmp_path):
+    policy = _policy(demo_base)
+    root, pre, ds = _data(demo_data, policy)
+    raw, cache = _batch(ds, [0, 1]), _cache(policy, root, tmp_path)
+    _loss_and_grads(policy, pre, raw, cache)
+    check_recomputed(policy, pre, cache, one_pixel_changed(policy, raw), rows=1)
 
 
 def test_other_weights_or_data_never_share_entries(demo_base, demo_data, tmp_path):
@@ -136,15 +145,21 @@ def test_other_weights_or_data_never_share_entries(demo_base, demo_data, tmp_pat
     assert fp == dataset_fingerprint(root)
 
 
-def test_budget_limits_what_is_stored_not_what_is_right(demo_base, demo_data, tmp_path):
-    policy = _policy(demo_base)
-    root, pre, ds = _data(demo_data, policy)
-    raw = _batch(ds, [0, 1, 2])
+def check_nothing_stored_all_exact(policy, pre, raw, make_cache):
+    """A cache with no budget (`make_cache()`, made after stock's reference ran), two passes over `raw`:
+    stock's loss and gradients each time, nothing stored or served at its level. Returns the cache."""
     ref = _loss_and_grads(policy, pre, raw)
-    cache = _cache(policy, root, tmp_path, max_bytes=0)
+    cache = make_cache()
     for _ in range(2):
         _assert_same(_loss_and_grads(policy, pre, raw, cache), ref)
     assert cache.stats.stored == 0 and cache.stats.hits == 0
+    return cache
+
+
+def test_budget_limits_what_is_stored_not_what_is_right(demo_base, demo_data, tmp_path):
+    policy = _policy(demo_base)
+    root, pre, ds = _data(demo_data, policy)
+    check_nothing_stored_all_exact(policy, pre, _batch(ds, [0, 1, 2]), lambda: _cache(policy, root, tmp_path, max_bytes=0))
 
 
 def test_trained_vision_encoder_turns_it_off_with_a_reason(demo_base, caplog):

@@ -11,7 +11,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_feature_cache import TOL, _assert_same, _batch, _data, _loss_and_grads, _policy
+from test_feature_cache import (_assert_same, _batch, _data, _loss_and_grads, _policy, check_nothing_stored_all_exact,
+                                check_recomputed, one_pixel_changed)
 
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -93,31 +94,15 @@ def test_a_changed_image_or_instruction_is_recomputed_not_served(demo_base, demo
     raw = _batch(ds, [0, 1])
     cache = _prefix_cache(policy, root, tmp_path)
     _loss_and_grads(policy, pre, raw, cache)
-    cam = next(iter(policy.config.image_features))
-    changed = dict(raw)
-    changed[cam] = raw[cam].clone()
-    changed[cam][0, :, 10, 10] = 1.0 - changed[cam][0, :, 10, 10]  # one pixel of one frame, same key
-    ref = _loss_and_grads(policy, pre, changed)
-    before = cache.stats.misses
-    _assert_same(_loss_and_grads(policy, pre, changed, cache), ref)
-    assert cache.stats.misses == before + 1
-    other = dict(raw)
-    other["task"] = ["put it somewhere else"] * 2  # same frames, another instruction
-    ref = _loss_and_grads(policy, pre, other)
-    before = cache.stats.misses
-    _assert_same(_loss_and_grads(policy, pre, other, cache), ref)
-    assert cache.stats.misses == before + 2
+    check_recomputed(policy, pre, cache, one_pixel_changed(policy, raw), rows=1)
+    check_recomputed(policy, pre, cache, {**raw, "task": ["put it somewhere else"] * 2}, rows=2)  # another instruction
 
 
 def test_over_budget_computes_exactly_from_the_level_below(demo_base, demo_data, tmp_path):
     policy = _policy(demo_base)
     root, pre, ds = _data(demo_data, policy)
-    raw = _batch(ds, [0, 1, 2])
-    ref = _loss_and_grads(policy, pre, raw)
-    cache = _prefix_cache(policy, root, tmp_path, max_bytes=0)
-    for _ in range(2):
-        _assert_same(_loss_and_grads(policy, pre, raw, cache), ref)
-    assert cache.stats.stored == 0 and cache.stats.hits == 0
+    cache = check_nothing_stored_all_exact(policy, pre, _batch(ds, [0, 1, 2]),
+                                           lambda: _prefix_cache(policy, root, tmp_path, max_bytes=0))
     assert cache.fallback.stats.hits == 3 * len(policy.config.image_features)  # the second pass: image features served
 
 

@@ -272,6 +272,7 @@ class FrozenFeatureCache:
         self._bytes_used: int | None = None
         self._rows: list[tuple[int, int]] | None = None
         self._trusted: list[bool] = []
+        self._batch: dict | None = None
         self._cameras: list[str] = []
         self._call = 0
         self._original = None
@@ -339,16 +340,21 @@ class FrozenFeatureCache:
         unknown = sorted({t for t in tids if t not in self._datasets})
         if unknown:
             raise KeyError(f"feature cache: no dataset registered for task id(s) {unknown}")
-        cfg = self.policy.config
-        present = [k for k in cfg.image_features if k in model_batch]
-        missing = [k for k in cfg.image_features if k not in model_batch][: cfg.empty_cameras]
-        self._rows, self._cameras, self._call = list(zip(tids, idx)), present + missing, 0
+        self._rows, self._cameras, self._call = list(zip(tids, idx)), self._store_names(model_batch), 0
+        self._batch = model_batch
         self._trusted = [bool(x) for x in not_decoded] if not_decoded is not None else [False] * len(tids)
         self.stats.undecoded += sum(self._trusted)
         try:
             yield self
         finally:
-            self._rows = None
+            self._rows, self._batch = None, None
+
+    def _store_names(self, model_batch: dict) -> list[str]:
+        """The stores a forward of `model_batch` reads, in call order: one per camera image."""
+        cfg = self.policy.config
+        present = [k for k in cfg.image_features if k in model_batch]
+        missing = [k for k in cfg.image_features if k not in model_batch][: cfg.empty_cameras]
+        return present + missing
 
     def _precision(self, device: torch.device) -> str:
         return precision_name(device)
@@ -452,21 +458,26 @@ class FrozenFeatureCache:
             with torch.no_grad():
                 computed = self._compute(image[miss])
         hits = [r for r, h in enumerate(hit) if h]
-        if computed is not None:
-            out = torch.empty((len(rows), *computed.shape[1:]), dtype=computed.dtype, device=image.device)
-            out[miss] = computed
-        else:
-            st = stores[0]
-            out = torch.empty((len(rows), *st.features.shape[1:]), dtype=_TORCH_DTYPES[st.features.dtype.type],
-                              device=image.device)
-        if hits:
-            t = torch.from_numpy(np.stack([stores[r].features[rows[r][1]] for r in hits]))
-            out[hits] = (t.view(torch.bfloat16) if out.dtype == torch.bfloat16 else t).to(out.device)
+        out = self._assemble(stores, rows, miss, hits, computed, image.device)
         if miss:
             self._save(stores, rows, miss, computed, digests)
         self.stats.hits += len(hits)
         self.stats.misses += len(miss)
         return self._finish(out)
+
+    def _assemble(self, stores, rows, miss, hits, computed: torch.Tensor | None, device) -> torch.Tensor:
+        """The batch's entries: rows `miss` from `computed`, rows `hits` read from their stores."""
+        if computed is not None:
+            out = torch.empty((len(rows), *computed.shape[1:]), dtype=computed.dtype, device=device)
+            out[miss] = computed
+        else:
+            st = stores[0]
+            out = torch.empty((len(rows), *st.features.shape[1:]), dtype=_TORCH_DTYPES[st.features.dtype.type],
+                              device=device)
+        if hits:
+            t = torch.from_numpy(np.stack([stores[r].features[rows[r][1]] for r in hits]))
+            out[hits] = (t.view(torch.bfloat16) if out.dtype == torch.bfloat16 else t).to(out.device)
+        return out
 
     def _save(self, stores, rows, miss, computed: torch.Tensor, digests: torch.Tensor) -> None:
         cpu = computed.detach().cpu()

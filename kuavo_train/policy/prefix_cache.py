@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from kuavo_train.policy.feature_cache import _TORCH_DTYPES, FrozenFeatureCache
+from kuavo_train.policy.feature_cache import FrozenFeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ class PrefixCache(FrozenFeatureCache):
     def __init__(self, policy, root, *, max_bytes: int, resize=None, fallback: FrozenFeatureCache | None = None):
         super().__init__(policy, root, max_bytes=max_bytes, level="prefix", resize=resize)
         self.fallback = fallback
-        self._batch = None
         vwe = self._vlm_expert
         self._layers = vwe.num_vlm_layers
         self._kv_width = vwe.num_key_value_heads * vwe.vlm.config.text_config.head_dim
@@ -123,24 +122,10 @@ class PrefixCache(FrozenFeatureCache):
         # (say, another instruction) can then still be computed.
         return self.fallback.cached_frames(precision, cameras) if self.fallback is not None else None
 
-    @contextlib.contextmanager
-    def serving(self, task_ids, indices, model_batch: dict, not_decoded=None):
-        tids = [int(t) for t in task_ids]
-        idx = [int(i) for i in indices]
-        unknown = sorted({t for t in tids if t not in self._datasets})
-        if unknown:
-            raise KeyError(f"feature cache: no dataset registered for task id(s) {unknown}")
-        cfg = self.policy.config
-        cameras = [k for k in cfg.image_features if k in model_batch]
+    def _store_names(self, model_batch: dict) -> list[str]:
         # One store per camera set: the same frame seen through other cameras is another prefix.
-        store = "prefix-" + hashlib.sha256("\n".join(cameras).encode()).hexdigest()[:12]
-        self._rows, self._cameras, self._batch = list(zip(tids, idx)), [store], model_batch
-        self._trusted = [bool(x) for x in not_decoded] if not_decoded is not None else [False] * len(tids)
-        self.stats.undecoded += sum(self._trusted)
-        try:
-            yield self
-        finally:
-            self._rows, self._batch = None, None
+        cameras = [k for k in self.policy.config.image_features if k in model_batch]
+        return ["prefix-" + hashlib.sha256("\n".join(cameras).encode()).hexdigest()[:12]]
 
     # ---- one forward ---------------------------------------------------------------
     def _forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None):
@@ -195,16 +180,7 @@ class PrefixCache(FrozenFeatureCache):
         if miss:
             computed = self._compute_entries(images, img_masks, lang_tokens, lang_masks, state, miss)
             computed = F.pad(computed, (0, 0, 0, extra))  # pad tokens: zero keys and values, pad flag 0
-        if computed is not None:
-            out = torch.empty((len(rows), *computed.shape[1:]), dtype=computed.dtype, device=state.device)
-            out[miss] = computed
-        else:
-            st = stores[0]
-            out = torch.empty((len(rows), *st.features.shape[1:]), dtype=_TORCH_DTYPES[st.features.dtype.type],
-                              device=state.device)
-        if hits:
-            t = torch.from_numpy(np.stack([stores[r].features[rows[r][1]] for r in hits]))
-            out[hits] = (t.view(torch.bfloat16) if out.dtype == torch.bfloat16 else t).to(out.device)
+        out = self._assemble(stores, rows, miss, hits, computed, state.device)
         # An undecoded row has no image digest to store with its entry: computed (from the image
         # features below), not stored.
         stored = [r for r in miss if not trusted[r]]
