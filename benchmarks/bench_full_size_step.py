@@ -1,6 +1,7 @@
 """Training step at full SmolVLA size: stock LeRobot vs our two cache levels, + bf16.
 
     .venv/bin/python benchmarks/bench_full_size_step.py [--batch-sizes 1 2] [--steps 3] [--threads 2]
+                                                        [--device cpu|cuda] [--shape full|tiny]
 
 The model is the real `SmolVLAPolicy` on a locally generated config shaped like
 SmolVLM2-500M (450,046,176 parameters, random weights, no download), with
@@ -21,7 +22,10 @@ AdamW step, on a new frame each step, exactly as in training. Variants:
   `policy.mixed_precision=bf16` runs it.
 Each variant runs in its own process (so its peak RSS is its own), one after
 the other in the same invocation; only the ratios printed at the end mean
-something on a shared machine.
+something on a shared machine. On `--device cuda` the peak is the GPU's
+allocated memory and each step is synchronized before it is timed.
+`--shape tiny` (the embedded tiny backbone, 64 px) only checks that the script
+runs (`benchmarks/gpu.sh --quick`).
 """
 
 from __future__ import annotations
@@ -43,11 +47,18 @@ STATE_DIM = ACTION_DIM = 16
 CHUNK = 50
 
 
-def build_vlm(out_dir: Path) -> str:
-    from kuavo_train.policy import vlm_cache
-    from kuavo_train.policy.tiny_vlm import SMOLVLM2_500M_SHAPE, write_tiny_vlm
+def shape(name: str):
+    """(backbone spec, resize px, camera (height, width)) of a benchmark size."""
+    from kuavo_train.policy.tiny_vlm import SMOLVLM2_500M_SHAPE, TinyVLMSpec
 
-    write_tiny_vlm(out_dir, ["pick up the object and place it on the target"], SMOLVLM2_500M_SHAPE)
+    return {"full": (SMOLVLM2_500M_SHAPE, 512, (480, 640)), "tiny": (TinyVLMSpec(), 64, (48, 64))}[name]
+
+
+def build_vlm(out_dir: Path, size: str) -> str:
+    from kuavo_train.policy import vlm_cache
+    from kuavo_train.policy.tiny_vlm import write_tiny_vlm
+
+    write_tiny_vlm(out_dir, ["pick up the object and place it on the target"], shape(size)[0])
     return vlm_cache.register(out_dir)
 
 
@@ -64,16 +75,19 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    _, px, (h, w) = shape(args.shape)
+    cuda = args.device.startswith("cuda")
     cfg = SmolVLAConfig(
         input_features={
             "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-            **{k: PolicyFeature(type=FeatureType.VISUAL, shape=(3, 480, 640)) for k in CAMERAS},
+            **{k: PolicyFeature(type=FeatureType.VISUAL, shape=(3, h, w)) for k in CAMERAS},
         },
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
-        vlm_model_name=args.vlm, load_vlm_weights=False, device="cpu", push_to_hub=False, chunk_size=CHUNK,
+        vlm_model_name=args.vlm, load_vlm_weights=False, device=args.device, push_to_hub=False, chunk_size=CHUNK,
+        resize_imgs_with_padding=(px, px),
     )
     t0 = time.perf_counter()
-    policy = SmolVLAPolicy(cfg)
+    policy = SmolVLAPolicy(cfg).to(args.device)
     build_s = time.perf_counter() - t0
     total = sum(p.numel() for p in policy.parameters())
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -85,7 +99,7 @@ def child(args) -> dict:
     b = args.batch_size
     frames = b * args.steps
     rng = np.random.default_rng(0)
-    images = {k: torch.from_numpy(rng.integers(0, 256, (frames, 3, 480, 640), dtype=np.uint8)) for k in CAMERAS}
+    images = {k: torch.from_numpy(rng.integers(0, 256, (frames, 3, h, w), dtype=np.uint8)) for k in CAMERAS}
 
     def raw_batch(step):
         rows = list(range(step * b, (step + 1) * b))
@@ -110,16 +124,22 @@ def child(args) -> dict:
         cache.attach()
     bf16 = args.variant.endswith("bf16")
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     def step(i):
         raw = raw_batch(i)
+        sync()
         t = time.perf_counter()
         batch = pre(dict(raw))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), serving(cache, raw, batch):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16), serving(cache, raw, batch):
             loss, _ = policy.forward(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
     policy.train()
@@ -130,6 +150,7 @@ def child(args) -> dict:
         "variant": args.variant, "batch": b, "parameters": total, "trainable": sum(p.numel() for p in params),
         "build_s": build_s, "first_pass_s": first_pass, "step_s": second_pass,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "cache": cache.summary() if cache else None,
         "entry_bytes": _entry_bytes(args.cache_dir, f"bench-b{b}-{args.variant}") if cache else None,
     }
@@ -153,6 +174,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per pass")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["stock", "vision", "prefix", "stock-bf16", "vision-bf16", "prefix-bf16"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    ap.add_argument("--shape", choices=["full", "tiny"], default="full")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
@@ -167,12 +190,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kuavo-bench-") as tmp:
         os.environ.setdefault("HF_HOME", str(Path(tmp) / "hf"))
-        vlm = build_vlm(Path(tmp) / "vlm")
+        vlm = build_vlm(Path(tmp) / "vlm", args.shape)
         results = {}
         for b in args.batch_sizes:
             for variant in args.variants:
                 cmd = [sys.executable, __file__, "--child", "--variant", variant, "--batch-size", str(b),
                        "--steps", str(args.steps), "--threads", str(args.threads), "--vlm", vlm,
+                       "--device", args.device, "--shape", args.shape,
                        "--cache-dir", str(Path(tmp) / "cache")]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -180,13 +204,16 @@ def main() -> None:
                     sys.exit(f"{variant} batch {b} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(line[7:])
                 results[(variant, b)] = r
-                print(f"batch {b} {variant:>10}: step {statistics.median(r['step_s']):6.2f} s "
-                      f"(first pass {statistics.median(r['first_pass_s']):6.2f} s), peak RSS {r['peak_rss_gib']:.2f} GiB, "
+                step_s = statistics.median(r["step_s"])
+                gpu = f", peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+                print(f"batch {b} {variant:>10}: step {step_s:6.3f} s ({1 / step_s:6.2f} steps/s; "
+                      f"first pass {statistics.median(r['first_pass_s']):6.3f} s), peak RSS {r['peak_rss_gib']:.2f} GiB{gpu}, "
                       f"{r['parameters']:,} parameters ({r['trainable']:,} trainable)"
                       + (f"; cache: {r['cache']}; bytes per frame: "
                          + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(r["entry_bytes"].items()))
                          if r["cache"] else ""), flush=True)
-        print(f"\nratios (stock step time / variant step time; {args.threads} threads, median of {args.steps} steps):")
+        print(f"\nratios (stock fp32 step time / variant step time; {args.device}, {args.threads} threads, "
+              f"median of {args.steps} steps):")
         for b in args.batch_sizes:
             base = statistics.median(results[("stock", b)]["step_s"])
             for variant in args.variants:
