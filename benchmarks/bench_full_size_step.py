@@ -70,8 +70,9 @@ def child(args) -> dict:
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    from kuavo_train.policy.feature_cache import FrozenFeatureCache, cache_level, serving
-    from kuavo_train.policy.prefix_cache import PrefixCache
+    from kuavo_train.config.schema import FeatureCacheSettings
+    from kuavo_train.policy.feature_cache import serving
+    from kuavo_train.policy.prefix_cache import create_cache
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,12 +115,9 @@ def child(args) -> dict:
 
     cache = None
     if args.variant.split("-")[0] in ("vision", "prefix"):
-        level, why = cache_level(policy)
-        cache = FrozenFeatureCache(policy, args.cache_dir, max_bytes=64 * 2**30, level=level,
-                                   resize=cfg.resize_imgs_with_padding)
-        if args.variant.startswith("prefix"):
-            cache = PrefixCache(policy, args.cache_dir, max_bytes=64 * 2**30, resize=cfg.resize_imgs_with_padding,
-                                fallback=cache)
+        # The cache training makes, at the variant's level.
+        cache = create_cache(policy, FeatureCacheSettings(dir=args.cache_dir, max_gb=64, prefix_max_gb=64,
+                                                          prefix=args.variant.startswith("prefix")))
         cache.register(1, f"bench-b{b}-{args.variant}", frames)
         cache.attach()
     bf16 = args.variant.endswith("bf16")

@@ -39,7 +39,7 @@ def video_copy(src: Path, episodes: int, size: tuple[int, int]) -> Path:
     return copy_as_video(src, dst, episodes=list(range(episodes)), repo_id=f"bench/{dst.name}", size=size)
 
 
-def all_cached(root: Path, cams: list[str], frames: int, folder: Path):
+def all_cached(cams: list[str], frames: int, folder: Path):
     """A `CachedFrames` over cache stores that hold every frame of every camera."""
     from kuavo_train.policy.feature_cache import CachedFrames, _Store
 
@@ -85,7 +85,7 @@ def main() -> None:
     import tempfile
 
     cache_dir = Path(tempfile.mkdtemp(prefix="kuavo-bench-loader-"))
-    cached = all_cached(root, cams, info["total_frames"], cache_dir)
+    cached = all_cached(cams, info["total_frames"], cache_dir)
     for chunk in args.chunks:
         stock = LeRobotDataset(repo_id, root=root, delta_timestamps={"action": [i / fps for i in range(chunk)]})
         ours = ChunkedFrameDataset(repo_id, root, episodes=episodes, chunk_size=chunk, camera_keys=cams)

@@ -21,14 +21,11 @@ from kuavo_train.policy.feature_cache import FrozenFeatureCache, cache_level
 from kuavo_train.policy.prefix_cache import PrefixCache, create_cache
 
 
-def _prefix_cache(policy, root, tmp_path, max_bytes=2**30, fallback=True):
-    vision = None
-    if fallback:
-        level, _ = cache_level(policy)
-        vision = FrozenFeatureCache(policy, tmp_path / "cache", max_bytes=2**30, level=level,
-                                    resize=policy.config.resize_imgs_with_padding)
-    cache = PrefixCache(policy, tmp_path / "cache", max_bytes=max_bytes,
-                        resize=policy.config.resize_imgs_with_padding, fallback=vision)
+def _prefix_cache(policy, root, tmp_path, max_bytes=2**30):
+    """The cache training makes (prefix level over the vision level), with a prefix budget of `max_bytes`."""
+    cache = create_cache(policy, FeatureCacheSettings(dir=str(tmp_path / "cache"), max_gb=1.0,
+                                                      prefix_max_gb=max_bytes / 2**30))
+    assert isinstance(cache, PrefixCache) and cache.max_bytes == max_bytes and cache.fallback is not None
     cache.register_dataset(1, root)
     cache.attach()
     return cache

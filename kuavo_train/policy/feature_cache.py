@@ -374,6 +374,23 @@ class FrozenFeatureCache:
             self._w[k] = w
         return (flat.to(torch.float64) @ w).cpu()
 
+    def _image_digests(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """[B, 2]: each decoded row's digest of its image tensors `parts` (each [B, ...]); NaN for the rows
+        the loader left undecoded, whose frame key fixes their images."""
+        out = torch.full((len(self._trusted), 2), float("nan"), dtype=torch.float64)
+        check = [r for r, t in enumerate(self._trusted) if not t]
+        if check:
+            out[check] = self._digest(torch.cat([p[check].flatten(1).to(torch.float64) for p in parts], dim=1))
+        return out
+
+    def _hits(self, stores, digests: torch.Tensor) -> list[bool]:
+        """Whether each row's stored entry is served: all its digest columns match; for an undecoded row,
+        the entry exists and the columns after the image digest (2) match (none at the vision level)."""
+        return [st.digests is not None and (
+                    not np.isnan(st.digests[i, 0]) and np.array_equal(st.digests[i, 2:], digests[r, 2:].numpy())
+                    if trusted else np.array_equal(st.digests[i], digests[r].numpy()))
+                for r, (st, (_, i), trusted) in enumerate(zip(stores, self._rows, self._trusted))]
+
     def _store(self, precision: str, task_id: int, camera: str) -> _Store:
         fp, n = self._datasets[task_id]
         key = (precision, fp, camera)
@@ -438,17 +455,11 @@ class FrozenFeatureCache:
         camera = self._cameras[self._call]
         self._call += 1
         precision = self._precision(image.device)
-        trusted = self._trusted
-        digests = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
-        check = [r for r, t in enumerate(trusted) if not t]
-        if check:
-            digests[check] = self._digest(image[check])
+        digests = self._image_digests([image])
         stores = [self._store(precision, t, camera) for t, _ in rows]
-        hit = [st.digests is not None and (not np.isnan(st.digests[i, 0]) if trusted[r]
-                                           else np.array_equal(st.digests[i], digests[r].numpy()))
-               for r, (st, (_, i)) in enumerate(zip(stores, rows))]
+        hit = self._hits(stores, digests)
         miss = [r for r, h in enumerate(hit) if not h]
-        lost = [rows[r] for r in miss if trusted[r]]
+        lost = [rows[r] for r in miss if self._trusted[r]]
         if lost:
             raise CacheEntryLost(f"feature cache: the {camera} features of frame {lost[0][1]} (task {lost[0][0]}) were "
                                  f"stored when the loader skipped decoding it, and are gone now (was {self.root} "

@@ -161,19 +161,10 @@ class PrefixCache(FrozenFeatureCache):
         tokens = F.pad(lang_tokens * lang_masks, (0, extra))
         # Two digests: the images (not for rows the loader left undecoded, whose frame fixes them) and the
         # instruction (always: the same frame may be trained with another instruction).
-        trusted = self._trusted
-        digests = torch.full((len(rows), 4), float("nan"), dtype=torch.float64)
-        check = [r for r, t in enumerate(trusted) if not t]
-        if check:
-            digests[check, :2] = self._digest(torch.cat([img[check].flatten(1).to(torch.float64) for img in images]
-                                                        + [torch.stack(img_masks, 1)[check].to(torch.float64)], dim=1))
-        digests[:, 2:] = self._digest(torch.cat([tokens.to(torch.float64), F.pad(lang_masks, (0, extra)).to(torch.float64)],
-                                                dim=1))
+        digests = torch.cat([self._image_digests([*images, torch.stack(img_masks, 1)]),
+                             self._digest(torch.cat([tokens, F.pad(lang_masks, (0, extra))], dim=1))], dim=1)
         stores = [self._store(precision, t, store_name) for t, _ in rows]
-        hit = [st.digests is not None and (
-            not np.isnan(st.digests[i, 0]) and np.array_equal(st.digests[i, 2:], digests[r, 2:].numpy()) if trusted[r]
-            else np.array_equal(st.digests[i], digests[r].numpy()))
-            for r, (st, (_, i)) in enumerate(zip(stores, rows))]
+        hit = self._hits(stores, digests)
         miss = [r for r, h in enumerate(hit) if not h]
         hits = [r for r, h in enumerate(hit) if h]
         computed = None
@@ -183,9 +174,9 @@ class PrefixCache(FrozenFeatureCache):
         out = self._assemble(stores, rows, miss, hits, computed, state.device)
         # An undecoded row has no image digest to store with its entry: computed (from the image
         # features below), not stored.
-        stored = [r for r in miss if not trusted[r]]
-        if stored:
-            self._save(stores, rows, stored, computed[[miss.index(r) for r in stored]], digests)
+        keep = [j for j, r in enumerate(miss) if not self._trusted[r]]
+        if keep:
+            self._save(stores, rows, [miss[j] for j in keep], computed[keep], digests)
         self.stats.hits += len(hits)
         self.stats.misses += len(miss)
         pad = out[..., -1] > 0.5
