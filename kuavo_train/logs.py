@@ -39,3 +39,9 @@ def quiet() -> None:
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     collapse_video_backend_warning()
+
+
+def quiet_worker() -> None:
+    """`quiet()` for a helper process: its parent already says whether torchcodec loads."""
+    quiet()
+    logging.getLogger(VIDEO_BACKEND_LOGGER).setLevel(logging.ERROR)

@@ -73,6 +73,20 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
     assert a["observation.state"] != c["observation.state"]
 
 
+def test_two_writer_processes_write_what_one_writes(tmp_path):
+    import pyarrow.parquet as pq
+
+    kw = dict(tasks=["task3_placement", "task4_sorting"], num_train_episodes=2, num_val_episodes=1, image_size=32, seed=3)
+    one = write_demo_world(tmp_path / "one", **kw)
+    two = write_demo_world(tmp_path / "two", workers=2, **kw)
+    assert [p.name for p in two] == ["task3_placement", "task4_sorting"]
+    for a, b in zip(one, two):
+        rel = "data/chunk-000/file-000.parquet"
+        assert pq.read_table(a / rel).to_pydict() == pq.read_table(b / rel).to_pydict()
+        assert (a / "meta" / "demo_world.json").read_text() == (b / "meta" / "demo_world.json").read_text()
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".tmp")]
+
+
 def test_tasks_1_and_2_share_scenes_and_differ_in_behaviour():
     w1, w2 = KuavoDemoWorld("task1_moving_grasp"), KuavoDemoWorld("task2_weighing")
     o1, o2 = w1.reset(5), w2.reset(5)

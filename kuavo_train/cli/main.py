@@ -69,15 +69,23 @@ def cmd_make_data(args) -> None:
         seed=args.seed if args.seed is not None else d.seed,
         image_size=d.image_size,
         overwrite=args.overwrite,
+        workers=_data_workers(),
     )
     for p in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(f"dataset: {p}")
 
 
+def _data_workers() -> int:
+    """Processes that write demo datasets at once: one per core, at most two (rendering and
+    LeRobot's writer are single-threaded Python)."""
+    import os
+
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def ensure_demo_inputs(cfg) -> None:
     """Build the embedded base and the demo datasets if they are not there yet."""
     from kuavo_train.data.demo_world import write_demo_world
-    from kuavo_train.policy.base_model import build_base_model
 
     d = cfg.demo
     if d is None:
@@ -104,6 +112,7 @@ def ensure_demo_inputs(cfg) -> None:
             num_val_episodes=d.num_val_episodes,
             seed=d.seed,
             image_size=d.image_size,
+            workers=_data_workers(),
         )
     # Existing datasets are the user's (e.g. `make-data` with other sizes) and never rewritten; an
     # older, smaller default only means fewer distinct held-out scenes than evaluated episodes.
@@ -129,22 +138,43 @@ def cmd_train(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    import time
+
     from kuavo_train.config.loading import check_run_dir
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
     check_run_dir(cfg.run_dir)
+    t0 = time.perf_counter()
     ensure_demo_inputs(cfg)
+    t1 = time.perf_counter()
     Pipeline(cfg).run()
+    t2 = time.perf_counter()
     _after_training(cfg)
+    t3 = time.perf_counter()
+    print(f"demo wall time {_minutes(t3 - t0)}: base and datasets {_minutes(t1 - t0)}, stages with their "
+          f"forgetting-matrix rows {_minutes(t2 - t1)} (each row's time is in train.log), report {_minutes(t3 - t2)}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def _after_training(cfg) -> None:
-    """The report of the run, then the final model closed loop through the deployment wrapper."""
+    """The report of the run, ending with its final model's closed-loop success per task."""
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
-    evaluate_run(cfg)
-    _print_infer(Path(cfg.run_dir), cfg.evaluation.closed_loop_episodes or 10, cfg.evaluation.closed_loop_batch_size)
+    report = evaluate_run(cfg)
+    rows = report["matrices"].get("success")
+    if rows:
+        # The last row of the success matrix: the final model on the same seeded held-out episodes
+        # `kuavo-train infer` runs through the deployment wrapper (they agree episode by episode),
+        # so they are not run a second time.
+        episodes = cfg.evaluation.closed_loop_episodes
+        print(f"final model of {cfg.run_dir}, closed loop in its simulator ({episodes} held-out scenes per task; "
+              f"`kuavo-train infer --run {cfg.run_dir}` runs them through the deployment wrapper):")
+        for name, rate in zip(report["task_names"], rows[-1]):
+            print(f"  {name:<22} " + ("no simulator for this dataset" if rate is None else f"success {rate:.0%}"))
     print(f"report: {Path(cfg.run_dir) / 'report.md'} (matrices and metrics in report.json, figures *.png)")
 
 

@@ -58,6 +58,26 @@ ROW_GROUP_CACHE = 4  # row groups of image bytes kept per (file, camera) in each
 NOT_DECODED_KEY = "frame_not_decoded"
 
 
+_META: dict[tuple, object] = {}
+
+
+def _metadata(repo_id: str, root: Path):
+    """LeRobot's metadata of a dataset, read once per process while its info.json is unchanged.
+
+    Reading it parses every episode's record (over a second for a demo dataset), and one run opens
+    each dataset many times: every stage, replay and evaluation row. LeRobot has no such memo."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+    try:
+        st = (root / "meta" / "info.json").stat()
+    except OSError:
+        return LeRobotDatasetMetadata(repo_id, root=root)  # LeRobot's own error for a missing dataset
+    key = (repo_id, str(root.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _META:
+        _META[key] = LeRobotDatasetMetadata(repo_id, root=root)
+    return _META[key]
+
+
 class ChunkedFrameDataset(torch.utils.data.Dataset):
     def __init__(self, repo_id: str, root, *, episodes: list[int], chunk_size: int, camera_keys: list[str],
                  state_key: str = "observation.state", action_key: str = "action", task: str | None = None,
@@ -65,10 +85,9 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
                  state_layout: VectorLayout | None = None, action_layout: VectorLayout | None = None,
                  cached_frames=None):
         import pyarrow.parquet as pq
-        from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
         self.repo_id, self.root = repo_id, Path(root)
-        self.meta = LeRobotDatasetMetadata(repo_id, root=self.root)
+        self.meta = _metadata(repo_id, self.root)
         self.chunk_size, self.camera_keys = int(chunk_size), list(camera_keys)
         # output key -> dataset key (renamed cameras); by default each camera keeps its name
         self.camera_map = dict(camera_map) if camera_map else {k: k for k in self.camera_keys}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -121,9 +122,10 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
         if str(row) in ev["rows"]:
             continue
         log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"stage {row}")
+        t0 = time.perf_counter()
         ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space)
         write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
-        log.info("%s", format_row(row, ev["rows"][str(row)], tasks))
+        log.info("%s (%.0f s)", format_row(row, ev["rows"][str(row)], tasks), time.perf_counter() - t0)
     return ev
 
 

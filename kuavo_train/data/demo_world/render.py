@@ -3,11 +3,13 @@
 The head camera looks down on the whole table; each wrist camera looks down on
 a window around its hand that widens with the hand's height, with the claw's
 fingers drawn at the image edges (closed fingers meet in the middle). Drawing is
-a handful of array slice assignments per camera: a 64 px frame costs tens of
-microseconds, so generating thousands of demonstrations takes seconds.
+a handful of array slice assignments per camera: three 64 px cameras cost under a
+millisecond.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -91,18 +93,33 @@ def scene_primitives(w) -> list[tuple]:
 
 def draw(size: int, view: tuple[float, float, float], prims, background=TABLE) -> np.ndarray:
     """Rasterise rectangles into a (size, size, 3) uint8 image of the window center +- half."""
-    cx, cy, half = view
+    cx, cy, half = (float(v) for v in view)
     img = np.empty((size, size, 3), dtype=np.uint8)
     img[:] = background
     scale = size / (2 * half)
     ox, oy = cx - half, cy - half
+    # Python floats and math.floor/ceil: the same pixels as numpy's, several times faster per
+    # rectangle (closed-loop evaluation renders three cameras per step of every episode).
     for x0, y0, x1, y1, color in prims:
-        px0, px1 = int(np.floor((x0 - ox) * scale)), int(np.ceil((x1 - ox) * scale))
-        py0, py1 = int(np.floor((y0 - oy) * scale)), int(np.ceil((y1 - oy) * scale))
+        px0, px1 = math.floor((float(x0) - ox) * scale), math.ceil((float(x1) - ox) * scale)
+        py0, py1 = math.floor((float(y0) - oy) * scale), math.ceil((float(y1) - oy) * scale)
         if px1 <= 0 or py1 <= 0 or px0 >= size or py0 >= size:
             continue
         img[max(py0, 0) : min(py1, size), max(px0, 0) : min(px1, size)] = color
     return img
+
+
+def camera_views(w) -> list[tuple[float, float, float, bool]]:
+    """(center x, center y, half width, image rotated 180 degrees) of head_cam_h, wrist_cam_l, wrist_cam_r."""
+    from kuavo_train.data.demo_world.world import LEFT, RIGHT
+
+    views = [(0.5, 0.5, 0.5, False)]
+    for arm in (LEFT, RIGHT):
+        x, y, z = w.q[arm : arm + 3]
+        # turned around: the left wrist sees the scene rotated
+        turned = arm == LEFT and w.task.scene_family == "rack" and w.q[LEFT + 3] > 0.6
+        views.append((x, y, 0.12 + 0.6 * z, bool(turned)))
+    return views
 
 
 def render_views(w) -> list[np.ndarray]:
@@ -111,17 +128,17 @@ def render_views(w) -> list[np.ndarray]:
 
     size = w.image_size
     prims = scene_primitives(w)
-    images = [draw(size, (0.5, 0.5, 0.5), prims)]
-    for arm in (LEFT, RIGHT):
-        x, y, z = w.q[arm : arm + 3]
-        img = draw(size, (x, y, 0.12 + 0.6 * z), prims, background=(70, 70, 74))
+    (head, *wrists) = camera_views(w)
+    images = [draw(size, head[:3], prims)]
+    for arm, (x, y, half, turned) in zip((LEFT, RIGHT), wrists):
+        img = draw(size, (x, y, half), prims, background=(70, 70, 74))
         # claw fingers at the edges: open = at the border, closed = meeting in the middle
         gap = size // 2 - 2 if w.q[arm + 7] <= 0.5 else 3
         f = max(size // 16, 1)
         mid = size // 2
         img[mid - f : mid + f, max(mid - gap - f, 0) : mid - gap] = COLORS["finger"]
         img[mid - f : mid + f, mid + gap : min(mid + gap + f, size)] = COLORS["finger"]
-        if arm == LEFT and w.task.scene_family == "rack" and w.q[LEFT + 3] > 0.6:
-            img = img[::-1, ::-1].copy()  # turned around: the wrist sees the scene rotated
+        if turned:
+            img = img[::-1, ::-1].copy()
         images.append(img)
     return images

@@ -136,16 +136,31 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
 
 
 def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_val_episodes: int = 8, seed: int = 0,
-                     image_size: int = 64, overwrite: bool = False) -> list[Path]:
-    """One dataset per task; every input is checked before anything is written."""
+                     image_size: int = 64, overwrite: bool = False, workers: int = 1) -> list[Path]:
+    """One dataset per task; every input is checked before anything is written.
+
+    `workers` > 1 writes tasks in that many processes at once (each task's dataset is independent
+    and written into its own temp folder, so a failure still leaves no half-written dataset)."""
     tasks = list(tasks) if tasks is not None else [t.name for t in DEMO_TASKS]
     _check_inputs(out_dir, tasks, num_train_episodes, num_val_episodes, image_size)
     for task in tasks:
         dest = Path(out_dir) / task
         if dest.exists() and not overwrite and not made_with(dest, META_FILE, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
             raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
-    return [write_task_dataset(out_dir, t, num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes,
-                               seed=seed, image_size=image_size, overwrite=overwrite) for t in tasks]
+    kw = dict(num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes, seed=seed,
+              image_size=image_size, overwrite=overwrite)
+    workers = max(1, min(int(workers), len(tasks)))
+    if workers == 1:
+        return [write_task_dataset(out_dir, t, **kw) for t in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kuavo_train.logs import quiet_worker
+
+    # spawn: the caller may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker) as pool:
+        futures = [pool.submit(write_task_dataset, out_dir, t, **kw) for t in tasks]
+        return [f.result() for f in futures]
 
 
 def load_scene_seeds(root, split: str = "val") -> list[int]:
