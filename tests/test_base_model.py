@@ -55,7 +55,56 @@ def test_embedded_default_goes_offline_by_itself(tmp_path):
     """Without HF_HUB_OFFLINE in the environment the demo commands must not wait on a hub."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
-    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "build-base", "--out", str(tmp_path / "base")],
+    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "build-base", "--out", str(tmp_path / "base"),
+                        "demo.pretrain_vision_steps=5", "demo.pretrain_skill_steps=3", "demo.pretrain_episodes_per_skill=1"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-1500:]
+    info = json.loads((tmp_path / "base" / "base_info.json").read_text())
+    pre = info["pretraining"]
+    assert pre["vision"]["steps"] == 5 and pre["skills_training"]["steps"] == 3 and len(pre["skills"]) == 14
     assert "Retrying" not in r.stderr + r.stdout and (tmp_path / "base" / "pretrained_model" / "model.safetensors").is_file()
+
+
+def test_pretraining_set_is_not_the_tasks_data():
+    from kuavo_train.data.demo_world.pretraining import SKILLS, skill_seeds
+    from kuavo_train.data.demo_world.tasks import DEMO_TASKS
+    from kuavo_train.data.demo_world.writer import scene_seeds
+
+    task_scenes = {s for t in DEMO_TASKS for split in ("train", "val") for s in scene_seeds(t.name, 0, 500, split)}
+    skill_scenes = {s for i in range(len(SKILLS)) for s in skill_seeds(i, 0, 500)}
+    assert not task_scenes & skill_scenes
+    assert not {t.instruction for t in DEMO_TASKS} & {s.instruction for s in SKILLS}
+
+
+def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
+    from kuavo_train.policy.base_model import build_base_model
+    from kuavo_train.training.pretrain import demo_world_pretraining
+
+    kw = dict(instructions=[s.instruction for s in SKILLS], image_size=32, chunk_size=4, n_action_steps=2, seed=0)
+    plain = load_file(build_base_model(tmp_path / "plain", **kw) / "model.safetensors")
+
+    def pretrained(name, vision, skills):
+        path = build_base_model(tmp_path / name, pretrain=demo_world_pretraining(
+            vision_steps=vision, skill_steps=skills, episodes_per_skill=1, image_size=32, seed=0), **kw)
+        info = json.loads((tmp_path / name / "base_info.json").read_text())["pretraining"]
+        return load_file(path / "model.safetensors"), info
+
+    vision, info = pretrained("vision", 120, 0)
+    changed = {k for k in plain if not torch.equal(plain[k], vision[k])}
+    assert changed and all("vision_model" in k or "connector" in k for k in changed), sorted(changed)[:5]
+    assert any("vision_model" in k for k in changed) and any("connector" in k for k in changed)
+    # better than the best constant guess (everything in the middle of the image)
+    t = pretraining_frames(0, 1, 32)["targets"]
+    assert info["vision"]["held_out_position_error"] < float(abs(t[..., :2][t[..., 2] > 0]).mean()) * 0.8, info
+    assert info["frames"] == len(t)
+
+    skills, info = pretrained("skills", 0, 60)
+    changed = {k for k in plain if not torch.equal(plain[k], skills[k])}
+    assert not any("vision_model" in k for k in changed)
+    assert any("lm_expert" in k for k in changed) and any("text_model" in k for k in changed), sorted(changed)[:5]
+    losses = info["skills_training"]
+    assert 0 < losses["final_loss"] < 0.7 * losses["first_loss"], losses

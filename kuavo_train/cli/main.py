@@ -38,20 +38,41 @@ def _run_config(overrides: list[str], config_dir: str | None):
 
 
 def cmd_build_base(args) -> None:
-    from kuavo_train.policy.base_model import build_base_model
-
     cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
-    out = Path(args.out or cfg.demo.base_dir)
-    path = build_base_model(
+    path = _build_demo_base(cfg, Path(args.out or cfg.demo.base_dir), overwrite=args.overwrite)
+    print(f"base model: {path}")
+
+
+def _build_demo_base(cfg, out: Path, *, overwrite: bool) -> Path:
+    """The embedded base: a tiny SmolVLA whose tokenizer knows the tasks' instructions; pretrained
+    (and its tokenizer knowing the skills' instructions too) when `demo.pretrain_vision_steps` /
+    `pretrain_skill_steps` > 0."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS
+    from kuavo_train.policy.base_model import build_base_model
+    from kuavo_train.policy.tiny_vlm import TinyVLMSpec
+    from kuavo_train.training.pretrain import demo_world_pretraining
+
+    d = cfg.demo
+    instructions, pretrain, spec = [s.instruction for s in cfg.ordered_stages()], None, None
+    if d.pretrain_vision_steps > 0 or d.pretrain_skill_steps > 0:
+        pretrain = demo_world_pretraining(vision_steps=d.pretrain_vision_steps, skill_steps=d.pretrain_skill_steps,
+                                          episodes_per_skill=d.pretrain_episodes_per_skill, image_size=d.image_size,
+                                          seed=d.seed)
+        # the skills' words too, with room for them: at 512 tokens the tasks' instructions would be
+        # split finer and task 1's cut at tokenizer_max_length
+        instructions += [k.instruction for k in SKILLS]
+        spec = TinyVLMSpec(image_size=d.image_size, vocab_size=768)
+    return build_base_model(
         out,
-        instructions=[s.instruction for s in cfg.ordered_stages()],
-        image_size=cfg.demo.image_size,
+        spec=spec,
+        instructions=instructions,
+        image_size=d.image_size,
         chunk_size=cfg.policy.chunk_size,
         n_action_steps=cfg.policy.n_action_steps,
         seed=cfg.seed,
-        overwrite=args.overwrite,
+        overwrite=overwrite,
+        pretrain=pretrain,
     )
-    print(f"base model: {path}")
 
 
 def cmd_make_data(args) -> None:
@@ -93,15 +114,7 @@ def ensure_demo_inputs(cfg) -> None:
     base_pretrained = Path(cfg.policy.pretrained_path)
     if not (base_pretrained / "model.safetensors").is_file():
         log.info("building the embedded base model in %s", d.base_dir)
-        build_base_model(
-            d.base_dir,
-            instructions=[s.instruction for s in cfg.ordered_stages()],
-            image_size=d.image_size,
-            chunk_size=cfg.policy.chunk_size,
-            n_action_steps=cfg.policy.n_action_steps,
-            seed=cfg.seed,
-            overwrite=True,
-        )
+        _build_demo_base(cfg, Path(d.base_dir), overwrite=True)
     missing = [s.name for s in cfg.ordered_stages() if not (Path(s.dataset.root) / "meta" / "info.json").is_file()]
     if missing:
         log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(missing), cfg.data_root)

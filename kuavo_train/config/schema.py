@@ -174,6 +174,11 @@ class DemoSettings:
     num_val_episodes: int = 8
     image_size: int = 64
     seed: int = 0
+    # Pretraining of the embedded base on the demo world's pretraining set
+    # (kuavo_train/training/pretrain.py): vision tower, then robot skills; 0 skips a phase.
+    pretrain_vision_steps: int = 0
+    pretrain_skill_steps: int = 0
+    pretrain_episodes_per_skill: int = 20
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,8 @@ def source_of(path: str) -> str:
     if path.startswith("stages."):
         name = path.split(".")[1]
         return f"configs/policy/tasks/{name}.yaml"
+    if path.startswith("demo."):
+        return "configs/policy/profile/demo.yaml"  # the only config that has a demo section
     return BASE_FILE
 
 
@@ -376,6 +383,10 @@ def validate(cfg: RunConfig) -> None:
         _fail("feature_cache.prefix_max_gb", f"must be >= 0, got {cfg.feature_cache.prefix_max_gb}")
     if cfg.dataloader.num_workers < 0:
         _fail("dataloader.num_workers", "must be >= 0")
+    if cfg.demo is not None:
+        for name in ("pretrain_vision_steps", "pretrain_skill_steps", "pretrain_episodes_per_skill"):
+            if getattr(cfg.demo, name) < 0:
+                _fail(f"demo.{name}", f"must be >= 0, got {getattr(cfg.demo, name)}")
     if cfg.evaluation.closed_loop_batch_size <= 0:
         _fail("evaluation.closed_loop_batch_size", f"must be > 0, got {cfg.evaluation.closed_loop_batch_size}")
     if p.resize_imgs_with_padding is not None and min(p.resize_imgs_with_padding) <= 0:

@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
@@ -32,8 +33,12 @@ def build_base_model(
     max_action_dim: int = 32,
     spec: TinyVLMSpec | None = None,
     overwrite: bool = False,
+    pretrain: Callable[[object], dict] | None = None,
 ) -> Path:
-    """Write `out_dir/vlm/` and `out_dir/pretrained_model/`; returns the latter."""
+    """Write `out_dir/vlm/` and `out_dir/pretrained_model/`; returns the latter.
+
+    `pretrain(policy)` trains the freshly built policy in place before it is saved (its summary goes
+    into base_info.json), so an interrupted pretraining leaves no base behind."""
     import torch
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
@@ -69,12 +74,14 @@ def build_base_model(
         )
         torch.manual_seed(seed)
         policy = SmolVLAPolicy(cfg)
+        pretraining = pretrain(policy) if pretrain is not None else None
         pretrained = tmp / PRETRAINED_DIR
         policy.save_pretrained(pretrained)
         vlm_cache.bundle(repo_id, pretrained)
         n_params = sum(p.numel() for p in policy.parameters())
         (tmp / "base_info.json").write_text(
-            json.dumps({"vlm_model_name": repo_id, "parameters": n_params, "seed": seed, "tiny_vlm": spec.__dict__}, indent=2) + "\n"
+            json.dumps({"vlm_model_name": repo_id, "parameters": n_params, "seed": seed, "tiny_vlm": spec.__dict__,
+                        "pretraining": pretraining}, indent=2) + "\n"
         )
         replace_dir(tmp, out_dir)
     except BaseException:

@@ -88,6 +88,8 @@ class KuavoDemoWorld:
         self.task = TASKS_BY_NAME[task]
         self.image_size = int(image_size)
         self.max_steps = MAX_STEPS[task]
+        # The scripted expert's plan; the pretraining skills run other plans in the same world.
+        self.plan = EXPERT_PLANS[task]
 
     # ---- state ---------------------------------------------------------------
     def reset(self, scene_seed: int) -> dict:
@@ -219,7 +221,7 @@ class KuavoDemoWorld:
     # ---- the scripted expert -------------------------------------------------
     def expert_action(self) -> np.ndarray:
         """The next joint targets of the scripted expert (uses the true object position)."""
-        plan = EXPERT_PLANS[self.task.name]
+        plan = self.plan
         while self.phase < len(plan):
             arm, target, claw, extra, until = plan[self.phase]
             goal = self._resolve(target, arm)

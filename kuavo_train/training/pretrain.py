@@ -1,0 +1,196 @@
+"""Pretraining the embedded base the way `lerobot/smolvla_base` was made, on the demo world's
+pretraining set (`kuavo_train/data/demo_world/pretraining.py`), never on the tasks' data.
+
+1. The vision tower: a real SmolVLA starts from SmolVLM, whose vision tower was pretrained on
+   other images before any robot data; the stages then keep it frozen. The embedded base's
+   tower is random, and a frozen random tower leaves the action expert unable to find the
+   object (README measurements). `pretrain_vision` trains the tower and the connector (the
+   image tokens the rest of the model reads): a linear readout of a camera's image tokens must
+   give the image position of every object, mark and hand in view. The readout is thrown away.
+2. The robot skills: `pretrain_skills` then trains the language model, the connector and the
+   action expert (vision tower frozen) with SmolVLA's own loss on the skills' episodes and
+   their generic instructions, as smolvla_base was pretrained on community datasets.
+Neither loop exists in LeRobot for in-memory generated frames (lerobot-train wants a dataset on
+disk and one run per call), hence these two short loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def vision_parameters(policy) -> list[torch.nn.Parameter]:
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    return [*vlm.vision_model.parameters(), *vlm.connector.parameters()]
+
+
+def locate_loss(pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared position error where the entity is in view, plus a small in-view classification
+    term; and the mean absolute position error (image half-widths) for the log."""
+    seen = targets[..., 2]
+    n = seen.sum().clamp_min(1)
+    pos_err = (pred[..., :2] - targets[..., :2]) * seen.unsqueeze(-1)
+    loss = (pos_err**2).sum() / n + 0.1 * torch.nn.functional.binary_cross_entropy_with_logits(pred[..., 2], seen)
+    return loss, pos_err.abs().sum() / n / 2
+
+
+def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: int, batch_size: int = 64,
+                    lr: float = 2e-3, warmup: int = 100, seed: int = 0, held_out: float = 0.1) -> dict:
+    """Train the vision tower + connector of `policy` in place on (frames, cameras, H, W, 3) uint8
+    images and their `where_targets`; every camera image is one sample. Returns a summary with the
+    readout's mean position error (image half-widths) on a seeded 10% of the images never trained on."""
+    vwe = policy.model.vlm_with_expert
+    x = torch.from_numpy(images.reshape(-1, *images.shape[2:])).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(targets.reshape(-1, *targets.shape[2:]))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    n_val = max(1, int(held_out * len(x)))
+    val, train = order[:n_val], order[n_val:]
+    size = policy.config.resize_imgs_with_padding
+
+    def feats(idx):
+        img = x[idx].float() / 255
+        if size is not None and tuple(img.shape[-2:]) != tuple(size):
+            img = torch.nn.functional.interpolate(img, size=tuple(size), mode="bilinear", align_corners=False)
+        return vwe.embed_image(img * 2.0 - 1.0)  # SmolVLA's own pixel range
+
+    with torch.no_grad():
+        tokens = feats(val[:2]).shape
+    head = torch.nn.Linear(tokens[1] * tokens[2], y.shape[1] * 3)
+    params = vision_parameters(policy)
+    frozen = {id(p): p.requires_grad for p in policy.parameters()}
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    def evaluate() -> float:
+        errs = []
+        with torch.no_grad():
+            for i in range(0, n_val, 256):
+                idx = val[i : i + 256]
+                errs.append(float(locate_loss(head(feats(idx).flatten(1)).view(len(idx), -1, 3), y[idx])[1]) * len(idx))
+        return sum(errs) / n_val
+
+    opt = torch.optim.AdamW([*params, *head.parameters()], lr=lr, weight_decay=1e-6)
+    sched = _cosine(opt, steps, warmup)
+    policy.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        idx = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
+        loss, _ = locate_loss(head(feats(idx).flatten(1)).view(batch_size, -1, 3), y[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log.info("vision pretraining step %d/%d: loss %.4f, %.1f steps/s", step, steps,
+                     float(np.mean(losses[-100:])), step / (time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    policy.eval()
+    after = evaluate()
+    for p in policy.parameters():
+        p.requires_grad_(frozen[id(p)])
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "images": int(len(x)), "held_out_images": n_val,
+            "held_out_position_error": round(after, 4),
+            "seconds": round(seconds, 1)}
+
+
+def _cosine(opt, steps: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int = 32,
+                    lr: float = 1e-3, warmup: int = 50, seed: int = 0) -> dict:
+    """Train everything but the vision tower of `policy` in place with SmolVLA's flow-matching loss
+    on `pretraining_frames` (chunks cut within each episode, padded and masked past its end as
+    LeRobot does), normalized with the frames' own mean/std. Returns a summary."""
+    from lerobot.policies.factory import make_pre_post_processors
+
+    cfg = policy.config
+    state, action = torch.from_numpy(frames["state"]), torch.from_numpy(frames["action"])
+    images = torch.from_numpy(frames["images"]).permute(0, 1, 4, 2, 3)  # frames, cameras, C, H, W
+    episode = torch.from_numpy(frames["episode"])
+    n = len(state)
+    # chunk indices: frame t's next chunk_size actions of its own episode (the last one repeated)
+    end = torch.zeros(n, dtype=torch.long)
+    for e in torch.unique(episode):
+        idx = torch.nonzero(episode == e).flatten()
+        end[idx] = idx[-1]
+    steps_ahead = torch.arange(n).unsqueeze(1) + torch.arange(cfg.chunk_size)
+    pad = steps_ahead > end.unsqueeze(1)
+    chunks = torch.minimum(steps_ahead, end.unsqueeze(1))
+    stats = {k: {"mean": v.mean(0), "std": v.std(0).clamp_min(1e-3), "min": v.min(0).values, "max": v.max(0).values}
+             for k, v in (("observation.state", state), ("action", action))}
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=stats)
+    cameras = [k for k in cfg.input_features if k.startswith("observation.images.")]
+    trainable = {id(p) for name, p in policy.named_parameters() if "vision_model" not in name}
+    frozen = {id(p): p.requires_grad for p in policy.parameters()}
+    params = []
+    for p in policy.parameters():
+        p.requires_grad_(id(p) in trainable)
+        if id(p) in trainable:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-6)
+    sched = _cosine(opt, steps, warmup)
+    gen = torch.Generator().manual_seed(seed)
+    skill = frames["skill"]
+    policy.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        batch = {"observation.state": state[idx], "action": action[chunks[idx]], "action_is_pad": pad[idx],
+                 "task": [instructions[int(skill[i])] for i in idx]}
+        for c, key in enumerate(cameras):
+            batch[key] = images[idx, c].float() / 255
+        loss, _ = policy(pre(batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log.info("skill pretraining step %d/%d: loss %.4f, %.1f steps/s", step, steps,
+                     float(np.mean(losses[-100:])), step / (time.perf_counter() - t0))
+    policy.eval()
+    for p in policy.parameters():
+        p.requires_grad_(frozen[id(p)])
+    window = max(1, min(100, steps // 5))
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "first_loss": round(float(np.mean(losses[:window])), 4),
+            "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int):
+    """`build_base_model`'s `pretrain` callback: the pretraining set's frames, then `pretrain_vision`
+    and `pretrain_skills` (either skipped at 0 steps)."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
+
+    def run(policy) -> dict:
+        t0 = time.perf_counter()
+        frames = pretraining_frames(seed, episodes_per_skill, image_size)
+        made = time.perf_counter() - t0
+        log.info("pretraining set: %d frames of %d skills x %d scenes generated in %.0f s",
+                 len(frames["images"]), len(SKILLS), episodes_per_skill, made)
+        out = {"skills": [s.instruction for s in SKILLS], "episodes_per_skill": episodes_per_skill,
+               "frames": int(len(frames["images"])), "generation_seconds": round(made, 1)}
+        if vision_steps > 0:
+            out["vision"] = pretrain_vision(policy, frames["images"], frames["targets"], steps=vision_steps, seed=seed)
+            log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
+                     out["vision"]["seconds"], out["vision"]["held_out_position_error"])
+        if skill_steps > 0:
+            out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=skill_steps, seed=seed)
+            log.info("skill pretraining done in %.0f s: loss %.4f", out["skills_training"]["seconds"],
+                     out["skills_training"]["final_loss"])
+        return out
+
+    return run
