@@ -2,11 +2,12 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_learning.py --task task4_sorting --steps 1200 --train vision+vlm
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_learning.py --task task4_sorting --steps 1200 --train expert
+    .venv/bin/python benchmarks/demo_learning.py --train expert --base outputs/pretrained_demo/base/pretrained_model
 
 A research tool for the demo's closed-loop success (not part of `make demo`): one task's
 training episodes of the demo datasets (`make demo` or `kuavo-train make-data` writes them),
 a fresh embedded base (`kuavo-train build-base`'s model, the demo's chunk 10 / 5 action
-steps), plain AdamW with warmup and cosine decay on uniformly drawn samples, and every
+steps) or the one given by `--base` (e.g. a pretrained one), plain AdamW with warmup and cosine decay on uniformly drawn samples, and every
 `--eval-every` steps the closed-loop success and mean progress (the env's reward: key
 events done, in [0, 1]) on `--episodes` held-out scenes, all stepped together through the
 same evaluation as the forgetting matrices. `--train` chooses what learns: `expert` (the
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--episodes", type=int, default=20, help="held-out scenes per evaluation (all at once)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="save the trained policy and its processors here")
+    ap.add_argument("--base", default=None, help="start from this pretrained_model folder instead of a fresh base")
     args = ap.parse_args()
 
     from lerobot.policies.factory import make_pre_post_processors
@@ -79,18 +82,19 @@ def main() -> None:
     from kuavo_train.data.stats import training_stats
     from kuavo_train.data.task_data import open_task_data
     from kuavo_train.evaluation.closed_loop import StockPolicyFn, run_closed_loop
-    from kuavo_train.policy import factory
+    from kuavo_train.policy import factory, vlm_cache
     from kuavo_train.policy.base_model import build_base_model
 
     root = Path(args.data) / args.task
     demo = load_run_config(["profile=demo", f"data_root={args.data}"])
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_base_model(Path(tmp) / "base", instructions=[s.instruction for s in demo.ordered_stages()],
+        base = Path(args.base) if args.base else build_base_model(Path(tmp) / "base", instructions=[s.instruction for s in demo.ordered_stages()],
                                 image_size=demo.demo.image_size, chunk_size=demo.policy.chunk_size,
                                 n_action_steps=demo.policy.n_action_steps, seed=args.seed)
         cfg = dataclasses.replace(factory.read_pretrained_config(base), freeze_vision_encoder=args.train == "expert",
                                   train_expert_only=args.train != "vision+vlm", optimizer_lr=args.lr)
+        vlm_cache.ensure_available(cfg.vlm_model_name, base)
         policy = SmolVLAPolicy.from_pretrained(str(base), config=cfg)
     if args.train == "vision":  # SmolVLA has no switch for "vision tower and connector, language model frozen"
         for name, p in policy.named_parameters():
@@ -128,6 +132,10 @@ def main() -> None:
                   f"mean progress {progress:.2f}", flush=True)
             policy.train()
             t0 = time.perf_counter()
+    if args.save:
+        policy.save_pretrained(args.save)
+        pre.save_pretrained(args.save)
+        post.save_pretrained(args.save)
 
 
 if __name__ == "__main__":
