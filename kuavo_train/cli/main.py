@@ -170,7 +170,8 @@ def cmd_demo(args) -> None:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s"
 
 
 def _after_training(cfg) -> None:
