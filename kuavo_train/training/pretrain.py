@@ -79,22 +79,13 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
                 errs.append(float(locate_loss(head(feats(idx).flatten(1)).view(len(idx), -1, 3), y[idx])[1]) * len(idx))
         return sum(errs) / n_val
 
-    opt = torch.optim.AdamW([*params, *head.parameters()], lr=lr, weight_decay=1e-6)
-    sched = _cosine(opt, steps, warmup)
-    policy.train()
-    t0, losses = time.perf_counter(), []
-    for step in range(1, steps + 1):
+    def step_loss():
         idx = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
-        loss, _ = locate_loss(head(feats(idx).flatten(1)).view(batch_size, -1, 3), y[idx])
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if step % max(1, steps // 5) == 0 or step == steps:
-            log.info("vision pretraining step %d/%d: loss %.4f, %.1f steps/s", step, steps,
-                     float(np.mean(losses[-100:])), step / (time.perf_counter() - t0))
-    seconds = time.perf_counter() - t0
+        return locate_loss(head(feats(idx).flatten(1)).view(batch_size, -1, 3), y[idx])[0]
+
+    policy.train()
+    _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
+                           warmup=warmup)
     policy.eval()
     after = evaluate()
     for p in policy.parameters():
@@ -104,9 +95,25 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
             "seconds": round(seconds, 1)}
 
 
-def _cosine(opt, steps: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(
+def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: int, clip: float | None = None):
+    """AdamW with linear warmup and cosine decay over `steps` calls of `step_loss()`; the losses and seconds."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    t0, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        loss = step_loss()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log.info("%s step %d/%d: loss %.4f, %.1f steps/s", name, step, steps, float(np.mean(losses[-100:])),
+                     step / (time.perf_counter() - t0))
+    return losses, time.perf_counter() - t0
 
 
 def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int = 32,
@@ -140,34 +147,25 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
         p.requires_grad_(id(p) in trainable)
         if id(p) in trainable:
             params.append(p)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-6)
-    sched = _cosine(opt, steps, warmup)
     gen = torch.Generator().manual_seed(seed)
     skill = frames["skill"]
-    policy.train()
-    t0, losses = time.perf_counter(), []
-    for step in range(1, steps + 1):
+
+    def step_loss():
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         batch = {"observation.state": state[idx], "action": action[chunks[idx]], "action_is_pad": pad[idx],
                  "task": [instructions[int(skill[i])] for i in idx]}
         for c, key in enumerate(cameras):
             batch[key] = images[idx, c].float() / 255
-        loss, _ = policy(pre(batch))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if step % max(1, steps // 5) == 0 or step == steps:
-            log.info("skill pretraining step %d/%d: loss %.4f, %.1f steps/s", step, steps,
-                     float(np.mean(losses[-100:])), step / (time.perf_counter() - t0))
+        return policy(pre(batch))[0]
+
+    policy.train()
+    losses, seconds = _optimize("skill pretraining", params, step_loss, steps=steps, lr=lr, warmup=warmup, clip=1.0)
     policy.eval()
     for p in policy.parameters():
         p.requires_grad_(frozen[id(p)])
     window = max(1, min(100, steps // 5))
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "first_loss": round(float(np.mean(losses[:window])), 4),
-            "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(time.perf_counter() - t0, 1)}
+            "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(seconds, 1)}
 
 
 def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int):
