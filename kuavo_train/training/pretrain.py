@@ -109,7 +109,7 @@ def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: in
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % max(1, steps // 5) == 0 or step == steps:
             log.info("%s step %d/%d: loss %.4f, %.1f steps/s", name, step, steps, float(np.mean(losses[-100:])),
                      step / (time.perf_counter() - t0))
