@@ -77,6 +77,7 @@ def _build_demo_base(cfg, out: Path, *, overwrite: bool) -> Path:
 
 def cmd_make_data(args) -> None:
     from kuavo_train.data.demo_world import write_demo_world
+    from kuavo_train.data.generated import generator_processes
 
     cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
     d = cfg.demo
@@ -90,23 +91,16 @@ def cmd_make_data(args) -> None:
         seed=args.seed if args.seed is not None else d.seed,
         image_size=d.image_size,
         overwrite=args.overwrite,
-        workers=_data_workers(),
+        workers=generator_processes(),
     )
     for p in paths if isinstance(paths, (list, tuple)) else [paths]:
         print(f"dataset: {p}")
 
 
-def _data_workers() -> int:
-    """Processes that write demo datasets at once: one per core, at most two (rendering and
-    LeRobot's writer are single-threaded Python)."""
-    import os
-
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def ensure_demo_inputs(cfg) -> None:
     """Build the embedded base and the demo datasets if they are not there yet."""
     from kuavo_train.data.demo_world import write_demo_world
+    from kuavo_train.data.generated import generator_processes
 
     d = cfg.demo
     if d is None:
@@ -125,7 +119,7 @@ def ensure_demo_inputs(cfg) -> None:
             num_val_episodes=d.num_val_episodes,
             seed=d.seed,
             image_size=d.image_size,
-            workers=_data_workers(),
+            workers=generator_processes(),
         )
     # Existing datasets are the user's (e.g. `make-data` with other sizes) and never rewritten; an
     # older, smaller default only means fewer distinct held-out scenes than evaluated episodes.

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def generator_processes() -> int:
+    """Processes that generate data at once: one per core this process may use, at most two
+    (rendering, simulation and LeRobot's writer are single-threaded Python)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2, cores))
 
 
 def made_with(root: Path, sidecar: str, params: dict) -> bool:

@@ -35,6 +35,7 @@ from dataclasses import dataclass  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+from kuavo_train.data.generated import generator_processes  # noqa: E402
 from kuavo_train.errors import KuavoError  # noqa: E402
 
 # The scripted experts' gains exceed the action range by design (the env clips); not our concern.
@@ -349,4 +350,4 @@ def fork_map(fn, items: list, workers: int) -> list:
 
 def default_workers() -> int:
     env = os.environ.get("KUAVO_METAWORLD_WORKERS")
-    return int(env) if env else max(1, min(2, os.cpu_count() or 1))
+    return int(env) if env else generator_processes()
