@@ -16,6 +16,7 @@ disk and one run per call), hence these two short loops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -65,11 +66,6 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
         tokens = feats(val[:2]).shape
     head = torch.nn.Linear(tokens[1] * tokens[2], y.shape[1] * 3)
     params = vision_parameters(policy)
-    frozen = {id(p): p.requires_grad for p in policy.parameters()}
-    for p in policy.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
 
     def evaluate() -> float:
         errs = []
@@ -83,16 +79,29 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
         idx = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
         return locate_loss(head(feats(idx).flatten(1)).view(batch_size, -1, 3), y[idx])[0]
 
-    policy.train()
-    _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
-                           warmup=warmup)
-    policy.eval()
+    with _training_only(policy, params):
+        _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
+                               warmup=warmup)
     after = evaluate()
-    for p in policy.parameters():
-        p.requires_grad_(frozen[id(p)])
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "images": int(len(x)), "held_out_images": n_val,
             "held_out_position_error": round(after, 4),
             "seconds": round(seconds, 1)}
+
+
+@contextlib.contextmanager
+def _training_only(policy, params):
+    """`policy` in train mode with gradients for `params` only; its own flags and eval mode after."""
+    before = {id(p): p.requires_grad for p in policy.parameters()}
+    chosen = {id(p) for p in params}
+    for p in policy.parameters():
+        p.requires_grad_(id(p) in chosen)
+    policy.train()
+    try:
+        yield
+    finally:
+        policy.eval()
+        for p in policy.parameters():
+            p.requires_grad_(before[id(p)])
 
 
 def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: int, clip: float | None = None):
@@ -140,13 +149,7 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
              for k, v in (("observation.state", state), ("action", action))}
     pre, _ = make_pre_post_processors(cfg, dataset_stats=stats)
     cameras = [k for k in cfg.input_features if k.startswith("observation.images.")]
-    trainable = {id(p) for name, p in policy.named_parameters() if "vision_model" not in name}
-    frozen = {id(p): p.requires_grad for p in policy.parameters()}
-    params = []
-    for p in policy.parameters():
-        p.requires_grad_(id(p) in trainable)
-        if id(p) in trainable:
-            params.append(p)
+    params = [p for name, p in policy.named_parameters() if "vision_model" not in name]
     gen = torch.Generator().manual_seed(seed)
     skill = frames["skill"]
 
@@ -158,11 +161,8 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
             batch[key] = images[idx, c].float() / 255
         return policy(pre(batch))[0]
 
-    policy.train()
-    losses, seconds = _optimize("skill pretraining", params, step_loss, steps=steps, lr=lr, warmup=warmup, clip=1.0)
-    policy.eval()
-    for p in policy.parameters():
-        p.requires_grad_(frozen[id(p)])
+    with _training_only(policy, params):
+        losses, seconds = _optimize("skill pretraining", params, step_loss, steps=steps, lr=lr, warmup=warmup, clip=1.0)
     window = max(1, min(100, steps // 5))
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "first_loss": round(float(np.mean(losses[:window])), 4),
             "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(seconds, 1)}
