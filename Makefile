@@ -32,7 +32,7 @@ demo: setup
 # Two workers with one torch thread each: on 2 cores that is nearly twice the throughput of one
 # 2-thread process (two 2-thread processes would thrash). Each test file stays on one worker.
 test: setup metaworld-deps
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # MetaWorld renders headless through EGL (Mesa's software renderer): the `metaworld` extra
 # into .venv, and Debian's EGL/Mesa libraries only when they are missing (needs root).

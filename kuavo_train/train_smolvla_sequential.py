@@ -34,13 +34,15 @@ def _config_dirs(argv: list[str]) -> list[Path]:
 
 
 def check_config_files() -> None:
-    """@hydra.main composes before main() runs and turns a YAML syntax error into a traceback:
-    check the files first, for one line naming the file and the line."""
+    """@hydra.main composes before main() runs and turns a YAML syntax error or an unknown
+    strategy into a traceback: check them first, for one line naming the file and the line."""
     from kuavo_train.cli.errors import one_line_errors
-    from kuavo_train.config.loading import check_yaml_files
+    from kuavo_train.config.loading import check_strategy_override, check_yaml_files
 
+    dirs = _config_dirs(sys.argv[1:])
     with one_line_errors():
-        check_yaml_files(_config_dirs(sys.argv[1:]))
+        check_yaml_files(dirs)
+        check_strategy_override(sys.argv[1:], dirs[0])
 
 
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")

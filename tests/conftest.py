@@ -23,6 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_NAMES = ["task1_moving_grasp", "task2_weighing", "task3_placement", "task4_sorting"]
 
 
+def stage_plans(cfg, sizes: dict[int, int] | None = None) -> dict:
+    """The run's strategy's plan by stage name (training frames per task: 100 each unless given)."""
+    from kuavo_train.strategies import get_strategy
+
+    sizes = sizes or {s.task_id: 100 for s in cfg.ordered_stages()}
+    return {p.stage.name: p for p in get_strategy(cfg).plan(sizes)}
+
+
 def shared(tmp_path_factory, name: str, build):
     """`build(folder)`'s value, built once per test session even with several pytest-xdist workers.
 

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO, TASK_NAMES, tiny_overrides
+from conftest import REPO, TASK_NAMES, stage_plans, tiny_overrides
 
 from kuavo_train.config.loading import check_run_dir, load_run_config
 from kuavo_train.config.schema import ConfigError
@@ -71,7 +71,7 @@ def test_bad_value_is_a_one_line_config_error(overrides, message, source):
 
 def test_decay_lr_below_every_stage_lr_is_fine():
     cfg = load_run_config(["profile=demo", "scheduler.decay_lr=3.9e-4"])
-    assert cfg.scheduler.decay_lr < min(cfg.lr_for(s) for s in cfg.ordered_stages())
+    assert cfg.scheduler.decay_lr < min(p.lr for p in stage_plans(cfg).values())
 
 
 def test_blank_instruction_through_the_cli(python_exe, tmp_path, demo_base, demo_data):
@@ -96,19 +96,20 @@ def _warnings(caplog) -> list[str]:
 
 def test_replay_shares_not_summing_to_one_warn_once(caplog):
     with caplog.at_level(logging.WARNING, logger="kuavo_train"):
-        cfg = load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7"])
+        plans = stage_plans(load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7"]))
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "stages.task2_weighing.replay_weights sum to 1.5" in warnings[0] and "task2_weighing.yaml" in warnings[0]
-    assert cfg.replay_weights_for(cfg.stages["task2_weighing"]) == pytest.approx({1: 0.7 / 1.5, 2: 0.8 / 1.5})
+    assert plans["task2_weighing"].weights == pytest.approx({1: 0.7 / 1.5, 2: 0.8 / 1.5})
 
 
 def test_several_stages_off_still_one_warning_and_none_for_the_defaults(caplog):
     with caplog.at_level(logging.WARNING, logger="kuavo_train"):
-        load_run_config(["profile=demo"])
-        load_run_config([])  # the spec's shares: 0.1 + 0.2 + 0.7 has float noise, no warning
+        stage_plans(load_run_config(["profile=demo"]))
+        stage_plans(load_run_config([]))  # the spec's shares: 0.1 + 0.2 + 0.7 has float noise, no warning
         assert not _warnings(caplog)
-        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "stages.task4_sorting.replay_weights.4=0.1"])
+        stage_plans(load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7",
+                                     "stages.task4_sorting.replay_weights.4=0.1"]))
     assert len(_warnings(caplog)) == 1
     msg = _warnings(caplog)[0]
     assert "task2_weighing.replay_weights sum to 1.5" in msg and "task4_sorting.replay_weights sum to 0.5" in msg
@@ -116,8 +117,8 @@ def test_several_stages_off_still_one_warning_and_none_for_the_defaults(caplog):
 
 def test_no_replay_warning_when_shares_are_not_used(caplog):
     with caplog.at_level(logging.WARNING, logger="kuavo_train"):
-        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "strategy=sequential_naive"])
-        load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "replay.use_replay_buffer=false"])
+        stage_plans(load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "strategy=sequential_naive"]))
+        stage_plans(load_run_config(["profile=demo", "stages.task2_weighing.replay_weights.1=0.7", "replay.use_replay_buffer=false"]))
     assert not _warnings(caplog)
 
 
@@ -223,7 +224,7 @@ def _write_run_json(run_dir, complete):
 
 
 def test_resume_sources_against_run_json(tmp_path):
-    from kuavo_train.training.run_state import ResumeSourceError, check_resume_sources
+    from kuavo_train.run_state import ResumeSourceError, check_resume_sources
 
     def check(task, run_dir):
         cfg = load_run_config(["profile=demo", f"task={task}", f"run_dir={run_dir}"])

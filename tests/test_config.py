@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO, TASK_NAMES, tiny_overrides
+from conftest import REPO, stage_plans, tiny_overrides
 
 from kuavo_train.config.loading import load_run_config
 
@@ -22,12 +22,13 @@ def test_defaults_are_the_spec_values():
     assert (p.max_state_dim, p.max_action_dim, p.chunk_size, p.n_action_steps) == (32, 32, 50, 8)
     stages = cfg.ordered_stages()
     assert [s.max_epoch for s in stages] == [100, 25, 30, 35]
-    assert [cfg.lr_for(s) for s in stages] == pytest.approx([5e-5, 3.5e-5, 2.5e-5, 2e-5])
+    plans = stage_plans(cfg)
+    assert [plans[s.name].lr for s in stages] == pytest.approx([5e-5, 3.5e-5, 2.5e-5, 2e-5])
     assert [s.resume_from for s in stages] == ["pretrained", "task", "task", "task"]
     assert [s.resume_task_id for s in stages[1:]] == [1, 2, 3]
     assert (stages[0].scheduler_warmup_steps, stages[0].scheduler_decay_steps) == (1500, 25000)
     assert (stages[1].scheduler_warmup_steps, stages[1].scheduler_decay_steps) == (800, 20000)
-    assert [cfg.replay_weights_for(s) for s in stages] == [
+    assert [plans[s.name].weights for s in stages] == [
         {1: 1.0}, {1: 0.2, 2: 0.8}, {1: 0.1, 2: 0.2, 3: 0.7}, {1: 0.1, 2: 0.1, 3: 0.2, 4: 0.6}]
     o = cfg.optimizer
     assert (o.betas, o.eps, o.weight_decay, o.grad_clip_norm) == ((0.9, 0.999), 1e-8, 5e-7, 1.0)
@@ -39,14 +40,23 @@ def test_defaults_are_the_spec_values():
     assert v.forgetting_thresholds == (0.7, 1.0)
 
 
-def test_lr_falls_back_to_base_times_decay_factor():
-    cfg = load_run_config(["stages.task3_placement.optimizer_lr=null", "learning_rate.base_lr=1e-4"])
-    assert cfg.lr_for(cfg.stages["task3_placement"]) == pytest.approx(0.5e-4)
+def test_one_lr_rule_base_times_decay_factor_unless_a_stage_sets_its_own():
+    # the shipped task configs set no lr of their own: base_lr alone moves every stage
+    plans = stage_plans(load_run_config(["learning_rate.base_lr=1e-4"]))
+    assert [p.lr for p in plans.values()] == pytest.approx([1e-4, 0.7e-4, 0.5e-4, 0.4e-4])
+    assert all("base_lr" in p.lr_source for p in plans.values())
+    # an explicit per-task value replaces the rule for that stage only, and says so
+    plans = stage_plans(load_run_config(["learning_rate.base_lr=1e-4", "stages.task3_placement.optimizer_lr=3e-5"]))
+    assert [p.lr for p in plans.values()] == pytest.approx([1e-4, 0.7e-4, 3e-5, 0.4e-4])
+    assert plans["task3_placement"].lr_source == "stages.task3_placement.optimizer_lr"
+    # stages beyond the factors keep the last one
+    plans = stage_plans(load_run_config(["learning_rate.decay_factors=[1.0,0.5]"]))
+    assert [p.lr for p in plans.values()] == pytest.approx([5e-5, 2.5e-5, 2.5e-5, 2.5e-5])
 
 
 def test_naive_strategy_uses_first_lr_everywhere():
-    cfg = load_run_config(["strategy=sequential_naive"])
-    assert {cfg.lr_for(s) for s in cfg.ordered_stages()} == {5e-5}
+    plans = stage_plans(load_run_config(["strategy=sequential_naive"]))
+    assert {p.lr for p in plans.values()} == {5e-5}
 
 
 def _run_spec_script(python_exe, *overrides):

@@ -20,7 +20,7 @@ def smoke(tmp_path_factory):
     from kuavo_train.benchmark.metaworld import SMOKE, BenchmarkSpec, run_benchmark
 
     root = tmp_path_factory.mktemp("metaworld")
-    spec = BenchmarkSpec(tasks=list(TASKS), strategies=["sequential_spec", "joint"], seeds=[0], data_dir=root / "data",
+    spec = BenchmarkSpec(tasks=list(TASKS), strategies=["replay_freeze_decay", "joint"], seeds=[0], data_dir=root / "data",
                          out_dir=root / "out", workers=2, **SMOKE)
     return spec, run_benchmark(spec)
 
@@ -51,11 +51,11 @@ def test_datasets_are_lerobot_v3_with_the_full_state(smoke):
 def test_success_matrix_is_filled_for_every_strategy(smoke):
     spec, result = smoke
     mats = result["success_matrices"]
-    seq = mats["sequential_spec"][0]
+    seq = mats["replay_freeze_decay"][0]
     assert len(seq) == 3 and all(len(r) == 2 and all(v in (0.0, 1.0) for v in r) for r in seq)
     joint = mats["joint"][0]
     assert joint[0] is not None and joint[2] is not None
-    for strategy in ("sequential_spec", "joint"):
+    for strategy in ("replay_freeze_decay", "joint"):
         report = json.loads((spec.out_dir / "seed0" / strategy / "report.json").read_text())
         assert report["metrics"]["success"]["acc"] is not None
         run = json.loads((spec.out_dir / "seed0" / strategy / "run.json").read_text())
@@ -138,7 +138,7 @@ def stock_smoke(tmp_path_factory):
     from kuavo_train.benchmark.metaworld import SMOKE, BenchmarkSpec, run_benchmark
 
     root = tmp_path_factory.mktemp("metaworld-stock")
-    spec = BenchmarkSpec(tasks=[STOCK_TASK], strategies=["sequential_spec"], seeds=[0], observation="stock",
+    spec = BenchmarkSpec(tasks=[STOCK_TASK], strategies=["replay_freeze_decay"], seeds=[0], observation="stock",
                          data_dir=root / "data", out_dir=root / "out", workers=2,
                          overrides=["evaluation.closed_loop_episodes=0"], **SMOKE)
     return spec, run_benchmark(spec)
@@ -189,8 +189,8 @@ def test_stock_observation_data_is_what_lerobots_env_shows(stock_smoke):
     assert np.array_equal(ours, frame)
     assert np.array_equal(item["observation.state"].numpy(), agent_pos.astype(np.float32))
     # the checkpoint's inputs are stock's features
-    ckpt = json.loads((spec.out_dir / "seed0" / "sequential_spec" / "run.json").read_text())
-    cfg = json.loads((spec.out_dir / "seed0" / "sequential_spec" / ckpt["stages"][STOCK_TASK]["final_checkpoint"]
+    ckpt = json.loads((spec.out_dir / "seed0" / "replay_freeze_decay" / "run.json").read_text())
+    cfg = json.loads((spec.out_dir / "seed0" / "replay_freeze_decay" / ckpt["stages"][STOCK_TASK]["final_checkpoint"]
                       / "pretrained_model" / "config.json").read_text())
     assert {k: v["shape"] for k, v in cfg["input_features"].items()} == {"observation.state": [4],
                                                                          "observation.image": [3, 64, 64]}
@@ -237,7 +237,7 @@ def test_lerobot_eval_metaworld_runs_a_stock_checkpoint_as_we_do(stock_smoke, tm
     from kuavo_train.policy import factory
 
     spec, _ = stock_smoke
-    ckpt = final_pretrained(spec.out_dir / "seed0" / "sequential_spec", STOCK_TASK)
+    ckpt = final_pretrained(spec.out_dir / "seed0" / "replay_freeze_decay", STOCK_TASK)
     out = tmp_path / "eval"
     # HF_HOME: the session's (tests/conftest.py), where the tiny VLM of the base is registered
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl",
@@ -284,7 +284,7 @@ def test_the_wrapper_drives_a_stock_observation_checkpoint(stock_smoke):
     from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper, WrapperInputError
 
     spec, _ = stock_smoke
-    run_dir = spec.out_dir / "seed0" / "sequential_spec"
+    run_dir = spec.out_dir / "seed0" / "replay_freeze_decay"
     instruction = json.loads((spec.data_dir / STOCK_TASK / "meta" / "metaworld.json").read_text())["instruction"]
     obs = {"observation.image": np.full((480, 480, 3), 128, np.uint8), "observation.state": np.zeros(4, np.float32),
            "task": instruction}

@@ -79,7 +79,7 @@ def test_step_counts_and_replay_mix_follow_the_epoch_definition(full_run):
         meta = LeRobotDatasetMetadata(stage.dataset.repo_id, root=stage.dataset.root)
         train_eps = list(open_task_data(stage).train_episodes)
         frames = sum(int(meta.episodes[e]["length"]) for e in train_eps)
-        w = cfg.replay_weights_for(stage)
+        w = stage.replay_weights  # as configured (the demo's shares sum to 1)
         samples = round(frames / (w[stage.task_id] / sum(w.values())))
         rec = state["stages"][stage.name]
         assert rec["total_steps"] == samples // cfg.dataloader.batch_size * stage.max_epoch, stage.name
@@ -127,7 +127,7 @@ def test_lr_schedule_of_each_stage(full_run):
     for name in TASK_NAMES:
         st = cfg.stages[name]
         total = state["stages"][name]["total_steps"]
-        peak, low = cfg.lr_for(st), cfg.scheduler.decay_lr
+        peak, low = cfg.learning_rate.base_lr * cfg.learning_rate.decay_factors[st.task_id - 1], cfg.scheduler.decay_lr
         warm, decay = st.scheduler_warmup_steps, st.scheduler_decay_steps
         if total < decay:
             warm, decay = int(warm * total / decay), total
@@ -148,7 +148,7 @@ def test_validation_is_deterministic(full_run):
     from kuavo_train.data.task_data import open_task_data
     from kuavo_train.evaluation.validation import validation_frames, validation_loss
     from kuavo_train.policy import factory
-    from kuavo_train.training.stage_trainer import make_task_dataset
+    from kuavo_train.data.features import make_task_dataset
 
     cfg, run_dir = full_run
     path = final_pretrained(run_dir, TASK_NAMES[1])

@@ -5,6 +5,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from conftest import stage_plans
+
 from kuavo_train.config.loading import load_run_config
 from kuavo_train.data.replay import ProportionalReplaySampler, epoch_quotas
 
@@ -21,7 +23,7 @@ def test_every_epoch_realises_the_exact_quotas(stage_name, current_size):
     task getting its share of that total rounded to a neighbouring integer (never further off)."""
     cfg = load_run_config()
     stage = cfg.stages[stage_name]
-    weights = cfg.replay_weights_for(stage)
+    weights = {t: w for t, w in stage.replay_weights.items() if w > 0}  # as configured; the sampler normalises
     # Unequal task sizes; task 1 is smaller than some of its replay quotas (it cycles).
     sizes = {1: 90, 2: 350, 3: 512, 4: 260, stage.task_id: current_size}
     ids = sorted(weights)
@@ -45,7 +47,7 @@ def test_every_epoch_realises_the_exact_quotas(stage_name, current_size):
 def test_sequential_step_count_by_hand():
     """Optimizer steps of a sequential_spec run, counted from the README's definition of an epoch
     (round(n_k / w_k) samples, whole batches only with drop_last) without the sampler's own code."""
-    from kuavo_train.training.joint import sequential_total_steps
+    from kuavo_train.strategies.joint import sequential_steps
 
     cfg = load_run_config(["profile=demo"])
     batch = cfg.dataloader.batch_size
@@ -53,10 +55,10 @@ def test_sequential_step_count_by_hand():
     for sizes in ({1: 400, 2: 333, 3: 250, 4: 517}, {1: 40, 2: 40, 3: 40, 4: 40}, {1: 9000, 2: 8000, 3: 7000, 4: 6000}):
         expected = 0
         for s in cfg.ordered_stages():
-            w = cfg.replay_weights_for(s)
+            w = s.replay_weights  # as configured
             own_share = w[s.task_id] / sum(w.values())
             expected += (round(sizes[s.task_id] / own_share) // batch) * s.max_epoch
-        assert sequential_total_steps(cfg, sizes) == expected, sizes
+        assert sequential_steps(cfg, sizes) == expected, sizes
 
 
 def test_epoch_covers_every_current_task_frame_once():
@@ -89,12 +91,10 @@ def test_sampler_is_seeded_and_epochs_differ():
 
 
 def test_naive_strategy_and_disabled_replay_train_current_task_only():
-    cfg = load_run_config(["strategy=sequential_naive"])
-    assert cfg.replay_weights_for(cfg.stages["task4_sorting"]) == {4: 1.0}
-    cfg = load_run_config(["replay.use_replay_buffer=false"])
-    assert cfg.replay_weights_for(cfg.stages["task3_placement"]) == {3: 1.0}
+    assert stage_plans(load_run_config(["strategy=sequential_naive"]))["task4_sorting"].weights == {4: 1.0}
+    assert stage_plans(load_run_config(["replay.use_replay_buffer=false"]))["task3_placement"].weights == {3: 1.0}
 
 
 def test_replay_weights_normalised_by_task_id():
     cfg = load_run_config(['stages.task3_placement.replay_weights.1=2', 'stages.task3_placement.replay_weights.2=2', 'stages.task3_placement.replay_weights.3=6'])
-    assert cfg.replay_weights_for(cfg.stages["task3_placement"]) == {1: 0.2, 2: 0.2, 3: 0.6}
+    assert stage_plans(cfg)["task3_placement"].weights == {1: 0.2, 2: 0.2, 3: 0.6}

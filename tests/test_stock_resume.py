@@ -103,7 +103,7 @@ def test_stock_lerobot_train_resumes_with_our_stats(full_run, tmp_path):
     assert last_ours / 3 < first < 3 * last_ours, (first, last_ours)
 
 
-def _spec_inputs(tmp_path, *, task_names=("a", "b", "c"), dataset_tasks=("pick it",), name="t1"):
+def _spec_inputs(tmp_path, *, task_names=("a", "b", "c"), dataset_tasks=("pick it",), name="t1", strategy=None):
     from types import SimpleNamespace
 
     from kuavo_train.data.features import FeatureSpace
@@ -118,13 +118,20 @@ def _spec_inputs(tmp_path, *, task_names=("a", "b", "c"), dataset_tasks=("pick i
     cfg = SimpleNamespace(dataloader=SimpleNamespace(batch_size=4, num_workers=0), seed=0,
                           logging=SimpleNamespace(log_freq_steps=1), checkpoint=SimpleNamespace(save_freq_epoch=1))
     stage = SimpleNamespace(name=name, task_id=1, max_epoch=2)
-    return cfg, stage, {1: task}, space, tmp_path / "stage1_t1", 10
+    plan = SimpleNamespace(stage=stage, stock_unsupported=None)
+    if strategy is not None:  # that strategy's own plan says whether stock can continue its stage
+        from kuavo_train.config.loading import load_run_config
+        from kuavo_train.strategies import get_strategy
+
+        [first, *_] = get_strategy(load_run_config([f"strategy={strategy}"])).plan({t: 100 for t in (1, 2, 3, 4)})
+        plan = SimpleNamespace(stage=stage, stock_unsupported=first.stock_unsupported)
+    return cfg, plan, {1: task}, space, tmp_path / "stage1_t1", 10
 
 
 @pytest.mark.parametrize("case, words", [
     ({"task_names": ("a", "b")}, "whole state/action vector"),  # a task with fewer dims than the model's union
     ({"dataset_tasks": ("something else",)}, "dataset's text"),  # stock would train on the dataset's instruction
-    ({"name": "joint"}, "one dataset"),  # the joint baseline mixes every task's dataset
+    ({"strategy": "joint"}, "one dataset"),  # the joint baseline mixes every task's dataset
 ])
 def test_stages_stock_cannot_continue_get_no_train_config(tmp_path, case, words):
     from kuavo_train.training.stock_resume import StockSpec, write_train_config

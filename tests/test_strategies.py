@@ -1,20 +1,21 @@
-"""The three strategies: naive drops replay and lr decay; joint trains all tasks at once
-with exactly the optimizer steps of the sequential_spec run."""
+"""The strategies: naive drops replay and lr decay; joint trains all tasks at once with exactly
+the optimizer steps of the default recipe (replay_freeze_decay, alias sequential_spec)."""
 
 import math
 
 import pytest
-from conftest import TASK_NAMES
+from conftest import TASK_NAMES, stage_plans
 
 from kuavo_train.config.loading import load_run_config
-from kuavo_train.training.joint import JOINT_STAGE, joint_plan, sequential_total_steps
+from kuavo_train.strategies import get_strategy, names
+from kuavo_train.strategies.joint import STAGE_NAME as JOINT_STAGE, sequential_steps
 
 
 def _spec_steps_by_hand(cfg, sizes):
     """The README's epoch (round(n_k / w_k) samples, whole batches), not the sampler's own count."""
     total = 0
     for s in cfg.ordered_stages():
-        w = cfg.replay_weights_for(s)
+        w = s.replay_weights  # as configured
         total += (round(sizes[s.task_id] / (w[s.task_id] / sum(w.values()))) // cfg.dataloader.batch_size) * s.max_epoch
     return total
 
@@ -23,29 +24,41 @@ def _spec_steps_by_hand(cfg, sizes):
 def test_joint_gets_the_sequential_step_count(sizes):
     cfg = load_run_config(["profile=demo"])
     expected = _spec_steps_by_hand(cfg, sizes)
-    assert sequential_total_steps(cfg, sizes) == expected
-    plan = joint_plan(load_run_config(["profile=demo", "strategy=joint"]), sizes)
+    assert sequential_steps(cfg, sizes) == expected
+    [plan] = get_strategy(load_run_config(["profile=demo", "strategy=joint"])).plan(sizes)
     assert plan.stage.name == JOINT_STAGE and plan.stage.resume_from == "pretrained"
     epochs = plan.stage.max_epoch
     assert epochs == sum(s.max_epoch for s in cfg.ordered_stages())
-    steps = plan.samples_per_epoch // cfg.dataloader.batch_size * epochs
+    steps = plan.epoch_samples // cfg.dataloader.batch_size * epochs
     # rounded up to whole epochs: never fewer steps, at most one step per epoch more
     assert expected <= steps < expected + epochs
     # the cosine decay spans the whole joint run, not just stage 1's length
     assert plan.stage.scheduler_decay_steps == max(cfg.ordered_stages()[0].scheduler_decay_steps, expected)
     # every task sampled in proportion to its training frames
-    w = plan.stage.replay_weights
-    assert {t: w[t] / sum(w.values()) for t in w} == pytest.approx({t: n / sum(sizes.values()) for t, n in sizes.items()})
+    assert plan.weights == pytest.approx({t: n / sum(sizes.values()) for t, n in sizes.items()})
 
 
 def test_naive_has_no_replay_and_no_lr_decay():
-    spec = load_run_config(["profile=demo"])
-    naive = load_run_config(["profile=demo", "strategy=sequential_naive"])
-    for s_spec, s_naive in zip(spec.ordered_stages(), naive.ordered_stages()):
-        assert naive.replay_weights_for(s_naive) == {s_naive.task_id: 1.0}
-        assert naive.lr_for(s_naive) == spec.lr_for(spec.ordered_stages()[0])
-    assert len(spec.replay_weights_for(spec.stages[TASK_NAMES[3]])) == 4
-    assert math.isclose(sum(spec.replay_weights_for(spec.stages[TASK_NAMES[3]]).values()), 1.0)
+    spec = stage_plans(load_run_config(["profile=demo"]))
+    naive = stage_plans(load_run_config(["profile=demo", "strategy=sequential_naive"]))
+    for name in TASK_NAMES:
+        assert naive[name].weights == {naive[name].stage.task_id: 1.0}
+        assert naive[name].lr == spec[TASK_NAMES[0]].lr
+    assert len(spec[TASK_NAMES[3]].weights) == 4
+    assert math.isclose(sum(spec[TASK_NAMES[3]].weights.values()), 1.0)
+    assert [spec[n].lr for n in TASK_NAMES] == pytest.approx([1e-3, 7e-4, 5e-4, 4e-4])
+
+
+def test_the_old_name_is_the_default_recipe():
+    old, new = load_run_config(["strategy=sequential_spec"]), load_run_config([])
+    assert old.strategy.name == new.strategy.name == "replay_freeze_decay"
+    assert {n: (p.weights, p.lr) for n, p in stage_plans(old).items()} == {n: (p.weights, p.lr) for n, p in stage_plans(new).items()}
+    # a run.json written before strategies were a config group still loads
+    from kuavo_train.config.schema import parse_run_config
+
+    data = new.to_dict()
+    data["strategy"] = "sequential_spec"
+    assert get_strategy(parse_run_config(data)).name == "replay_freeze_decay"
 
 
 def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
@@ -61,7 +74,7 @@ def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
     state = json.loads((tmp_path / "joint" / "run.json").read_text())
     assert list(state["stages"]) == [JOINT_STAGE] and state["stages"][JOINT_STAGE]["status"] == "complete"
     sizes = {s.task_id: open_task_data(s).num_train_frames for s in cfg.ordered_stages()}
-    seq = sequential_total_steps(cfg, sizes)
+    seq = sequential_steps(cfg, sizes)
     epochs = sum(s.max_epoch for s in cfg.ordered_stages())
     assert seq <= state["stages"][JOINT_STAGE]["total_steps"] < seq + epochs
     assert set(state["stages"][JOINT_STAGE]["replay_mix"]) == set(TASK_NAMES)
@@ -95,11 +108,17 @@ def test_compare_command_tabulates_all_strategies(tmp_path, demo_base, demo_data
     assert all(f"| {s} |" in table for s in summary) and table in r.stdout
     # runs made one after another in one process each keep their own train.log
     logs = {s: (out / "seed0" / s / "train.log").read_text() for s in summary}
-    assert "joint baseline" in logs["joint"]
-    assert "joint baseline" not in logs["sequential_naive"] and "=== " not in logs["sequential_naive"]
+    assert "strategy joint:" in logs["joint"]
+    assert "strategy joint:" not in logs["sequential_naive"] and "=== " not in logs["sequential_naive"]
 
 
-def test_compare_runs_all_three_strategies_by_default():
+def test_every_strategy_has_its_config_and_compare_runs_them_all_by_default():
+    from conftest import REPO
+
     from kuavo_train.cli.main import build_parser
 
-    assert build_parser().parse_args(["compare"]).strategies == ["sequential_spec", "sequential_naive", "joint"]
+    assert build_parser().parse_args(["compare"]).strategies is None  # = names()
+    assert {"replay_freeze_decay", "sequential_naive", "joint"} <= set(names())
+    for name in names():
+        assert load_run_config([f"strategy={name}"]).strategy.name == name
+        assert (REPO / "configs" / "policy" / "strategy" / f"{name}.yaml").is_file()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kuavo_train.files import write_json_atomic, write_text_atomic
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
     DEFAULT_TASKS,
@@ -43,9 +44,8 @@ from kuavo_train.data.metaworld.env import (
 
 log = logging.getLogger(__name__)
 
-# The spec's lr decay factors per stage (configs/policy/smolvla_sequential_base.yaml); later stages keep the last.
-LR_DECAY = (1.0, 0.7, 0.5, 0.4)
 WARMUP_STEPS = 100
+DEFAULT_STRATEGIES = ("replay_freeze_decay", "sequential_naive", "joint")
 TIMING_FILE = "benchmark_seconds.json"  # wall time of a finished run (training + after-stage evaluation)
 
 # Full run: calibrated so 3 strategies x 4 tasks x 1 seed take about an hour on 2 CPU cores.
@@ -57,7 +57,7 @@ SMOKE = {"train_episodes": 1, "eval_seeds": 1, "episodes": 1, "epochs": 1}
 @dataclass
 class BenchmarkSpec:
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    strategies: list[str] = field(default_factory=lambda: ["sequential_spec", "sequential_naive", "joint"])
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     seeds: list[int] = field(default_factory=lambda: [0])
     train_episodes: int = FULL["train_episodes"]
     eval_seeds: int = FULL["eval_seeds"]
@@ -108,18 +108,14 @@ def replay_shares(k: int) -> dict[int, float]:
     return {**shares, k: current}  # the stage normalises the shares, so rounding cannot skew them
 
 
-def lr_factor(k: int) -> float:
-    return LR_DECAY[min(k, len(LR_DECAY)) - 1]
-
-
 def check_spec(spec: BenchmarkSpec) -> None:
     """Every input problem as one line, before anything is generated or trained."""
-    from kuavo_train.config.schema import STRATEGIES
+    from kuavo_train.strategies.base import names, registry
 
     spec.tasks = check_tasks(spec.tasks)
-    bad = [s for s in spec.strategies if s not in STRATEGIES]
+    bad = [s for s in spec.strategies if s not in registry()]
     if bad or not spec.strategies:
-        raise MetaWorldError(f"metaworld error: unknown strategy {bad[0] if bad else ''!r} (choose from {', '.join(STRATEGIES)})")
+        raise MetaWorldError(f"metaworld error: unknown strategy {bad[0] if bad else ''!r} (choose from {', '.join(names())})")
     if spec.observation not in OBSERVATIONS:
         raise MetaWorldError(f"metaworld error: --observation {spec.observation!r} (choose {', '.join(OBSERVATIONS)})")
     if spec.observation == "stock":
@@ -179,14 +175,6 @@ def ensure_base(spec: BenchmarkSpec, chunk_size: int, n_action_steps: int) -> Pa
     return path
 
 
-def _stage_steps(n_frames: dict[int, int], k: int, strategy: str, batch: int, epochs: int) -> int:
-    from kuavo_train.data.replay import epoch_quotas
-
-    w = {k: 1.0} if strategy == "sequential_naive" else replay_shares(k)
-    samples = sum(epoch_quotas({t: n_frames[t] for t in w}, w, k).values())
-    return max(1, samples // batch) * epochs
-
-
 def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, Path], base: Path, run_dir: Path):
     """The composed Hydra config (profile=metaworld + overrides) with one stage per MetaWorld task."""
     import yaml
@@ -194,6 +182,8 @@ def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, P
 
     from kuavo_train.config.loading import compose, to_run_config
     from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.strategies import get_strategy
+    from kuavo_train.strategies.replay_freeze_decay import ReplayFreezeDecay
 
     plain = [o for o in spec.overrides if not o.lstrip("+~").startswith("stages.")]
     cfg = compose(["profile=metaworld", f"data_root={spec.data_dir}", f"policy.pretrained_path={base}",
@@ -201,36 +191,40 @@ def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, P
                    f"evaluation.closed_loop_episodes={spec.episodes}",  # --episodes (an override still wins)
                    *plain,
                    f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"])
-    base_lr = float(cfg.learning_rate.base_lr)
-    batch = int(cfg.dataloader.batch_size)
     stages = {}
     for k, task in enumerate(spec.tasks, start=1):
+        # optimizer_lr null: base_lr x the decay factor of stage k (the last factor from stage 4 on)
         stages[task] = {
             "task_id": k, "name": task, "instruction": spec.instruction(task), "max_epoch": spec.epochs,
             "resume_from": "pretrained" if k == 1 else "task", "resume_task_id": None if k == 1 else k - 1,
-            "optimizer_lr": base_lr * lr_factor(k), "scheduler_warmup_steps": WARMUP_STEPS, "scheduler_decay_steps": 1,
+            "optimizer_lr": None, "scheduler_warmup_steps": WARMUP_STEPS, "scheduler_decay_steps": 1,
             "replay_weights": {str(t): w for t, w in replay_shares(k).items()},
             "dataset": {"repo_id": f"metaworld/{task}", "root": str(roots[task]), "train_episodes": None, "val_episodes": None},
         }
-    # Cosine decay over each stage's own steps; the joint baseline (which uses stage 1's schedule)
-    # decays over all of its steps instead of stopping at stage 1's length.
+
+    def with_stages():
+        with open_dict(cfg):
+            cfg.stages = stages
+            for o in spec.overrides:  # after ours, so that they win
+                if o.lstrip("+~").startswith("stages."):
+                    key, _, value = o.lstrip("+").partition("=")
+                    OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, force_add=True)
+        return to_run_config(cfg)
+
+    # Cosine decay over each stage's own steps, as the strategy plans them. A strategy that trains
+    # all tasks in one stage (joint) stretches stage 1's schedule over its whole run itself, so its
+    # stage 1 keeps the default recipe's.
+    draft = with_stages()
     frames = {k: open_task_data(_Stage(k, t, roots[t], spec.instruction(t))).num_train_frames
               for k, t in enumerate(spec.tasks, start=1)}
-    steps = {k: _stage_steps(frames, k, strategy, batch, spec.epochs) for k in frames}
-    for k, task in enumerate(spec.tasks, start=1):
-        stages[task]["scheduler_decay_steps"] = steps[k]
-        stages[task]["scheduler_warmup_steps"] = min(WARMUP_STEPS, max(1, steps[k] // 10))
-    if strategy == "joint":
-        total = sum(_stage_steps(frames, k, "sequential_spec", batch, spec.epochs) for k in frames)
-        stages[spec.tasks[0]]["scheduler_decay_steps"] = total
-    with open_dict(cfg):
-        cfg.stages = stages
-        cfg.learning_rate.decay_factors = [lr_factor(k) for k in range(1, len(spec.tasks) + 1)]
-        for o in spec.overrides:
-            if o.lstrip("+~").startswith("stages."):
-                key, _, value = o.lstrip("+").partition("=")
-                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, force_add=True)
-    return to_run_config(cfg)
+    plans = {p.stage.name: p for p in get_strategy(draft).plan(frames)}
+    if not set(stages) <= set(plans):
+        plans = {p.stage.name: p for p in ReplayFreezeDecay(draft).plan(frames)}
+    for task in spec.tasks:
+        steps = plans[task].total_steps(draft, 1)
+        stages[task]["scheduler_decay_steps"] = steps
+        stages[task]["scheduler_warmup_steps"] = min(WARMUP_STEPS, max(1, steps // 10))
+    return with_stages()
 
 
 @dataclass(frozen=True)
@@ -249,10 +243,12 @@ class _Stage:
         return DatasetConfig(repo_id=f"metaworld/{self.name}", root=str(self.root))
 
 
+def _seconds(path: Path) -> float | None:
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+
 def run_benchmark(spec: BenchmarkSpec) -> dict:
-    from kuavo_train.evaluation.compare import format_summary, summarize
-    from kuavo_train.evaluation.run_evaluation import evaluate_run
-    from kuavo_train.training.pipeline import Pipeline
+    from kuavo_train.benchmark.compare import format_summary, summarize, train_and_evaluate
 
     import torch
 
@@ -266,21 +262,18 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
     reports: dict[str, list[dict]] = {s: [] for s in spec.strategies}
     timings: dict[str, list[float]] = {s: [] for s in spec.strategies}
     runs: dict[str, list[str]] = {s: [] for s in spec.strategies}
-    for seed in spec.seeds:
-        for strategy in spec.strategies:
-            run_dir = spec.out_dir / f"seed{seed}" / strategy
-            cfg = run_config(spec, strategy, seed, roots, base, run_dir)
-            log.info("=== metaworld %s, seed %d -> %s", strategy, seed, run_dir)
-            timing = run_dir / TIMING_FILE
-            earlier = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-            t = time.time()
-            Pipeline(cfg).run()
-            reports[strategy].append(evaluate_run(cfg))
-            if earlier is None:  # a finished run re-rendered later keeps the time it took to train
-                timing.write_text(json.dumps({"seconds": round(time.time() - t, 1)}) + "\n")
-            timings[strategy].append(earlier if earlier is not None else round(time.time() - t, 1))
-            runs[strategy].append(str(run_dir))
-            _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
+    planned = [(seed, strategy, run_config(spec, strategy, seed, roots, base, spec.out_dir / f"seed{seed}" / strategy))
+               for seed in spec.seeds for strategy in spec.strategies]
+    # a finished run re-rendered later keeps the time it took to train: read before it is (re)run
+    earlier = {cfg.run_dir: _seconds(Path(cfg.run_dir) / TIMING_FILE) for _, _, cfg in planned}
+    for _, strategy, cfg, report, seconds in train_and_evaluate(planned):
+        timing = Path(cfg.run_dir) / TIMING_FILE
+        if earlier[cfg.run_dir] is None:
+            write_json_atomic(timing, {"seconds": round(seconds, 1)})
+        reports[strategy].append(report)
+        timings[strategy].append(earlier[cfg.run_dir] if earlier[cfg.run_dir] is not None else round(seconds, 1))
+        runs[strategy].append(str(cfg.run_dir))
+        _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
     return _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
 
 
@@ -349,8 +342,8 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
            "success_matrices": {s: [r["matrices"].get("success") for r in reps] for s, reps in done.items()},
            "success_metrics": {s: [r["metrics"].get("success") for r in reps] for s, reps in done.items()}}
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    (spec.out_dir / "benchmark.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json_atomic(spec.out_dir / "benchmark.json", out)
     text = "\n".join(line for line in lines) + "\n"
-    (spec.out_dir / "benchmark.md").write_text(text)
+    write_text_atomic(spec.out_dir / "benchmark.md", text)
     out["markdown"] = text
     return out

@@ -6,7 +6,7 @@
     kuavo-train make-data            the Kuavo demo world datasets
     kuavo-train evaluate --run DIR   forgetting matrices + report for a finished run
     kuavo-train infer --run DIR      closed-loop success of a run's final model in its simulator (demo world, MetaWorld)
-    kuavo-train compare [overrides]  sequential_spec vs sequential_naive vs joint, side by side
+    kuavo-train compare [overrides]  the strategies (replay_freeze_decay, sequential_naive, joint...) side by side
     kuavo-train benchmark metaworld  the strategies on MetaWorld v3 tasks, judged closed loop in the simulator
     kuavo-train convert rosbag|v21   Kuavo rosbags or LeRobot v2.1 datasets -> LeRobot v3.0 datasets
     kuavo-train register-vlm PATH    make a checkpoint's bundled tiny VLM loadable by stock LeRobot on this machine
@@ -208,19 +208,21 @@ def cmd_infer(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from kuavo_train.evaluation.compare import run_comparison
+    from kuavo_train.benchmark.compare import run_comparison
 
     overrides = ["profile=demo", *args.overrides] if args.demo else list(args.overrides)
     if args.demo:
         ensure_demo_inputs(_run_config(overrides, args.config_dir))
-    result = run_comparison(overrides, out_dir=Path(args.out), strategies=args.strategies, seeds=args.seeds,
+    from kuavo_train.strategies import names
+
+    result = run_comparison(overrides, out_dir=Path(args.out), strategies=args.strategies or names(), seeds=args.seeds,
                             config_dir=args.config_dir)
     print(result["table"])
     print(f"comparison: {Path(args.out) / 'comparison.md'}")
 
 
 def cmd_benchmark(args) -> None:
-    from kuavo_train.benchmark.metaworld import FULL, SMOKE, BenchmarkSpec, check_spec, run_benchmark
+    from kuavo_train.benchmark.metaworld import DEFAULT_STRATEGIES, FULL, SMOKE, BenchmarkSpec, check_spec, run_benchmark
 
     sizes = dict(SMOKE if args.smoke else FULL)
     for name in sizes:
@@ -228,7 +230,8 @@ def cmd_benchmark(args) -> None:
             sizes[name] = getattr(args, name)
     # stock-observation runs get their own folders (their datasets and models differ from ours)
     name = "metaworld" + ("-stock" if args.observation == "stock" else "") + ("-smoke" if args.smoke else "")
-    spec = BenchmarkSpec(tasks=args.tasks, strategies=args.strategies, seeds=args.seeds, state_mode=args.state,
+    spec = BenchmarkSpec(tasks=args.tasks, strategies=args.strategies or list(DEFAULT_STRATEGIES), seeds=args.seeds,
+                         state_mode=args.state,
                          observation=args.observation,
                          data_dir=Path(args.data or f"data/{name}"), out_dir=Path(args.out or f"outputs/{name}"),
                          data_seed=args.data_seed, overrides=list(args.overrides), overwrite_data=args.overwrite_data,
@@ -264,7 +267,7 @@ def cmd_evaluate(args) -> None:
 def _config_of_run(run_dir: Path):
     """The config a run was trained with, as recorded in its run.json."""
     from kuavo_train.config.schema import parse_run_config
-    from kuavo_train.training.run_state import RunState
+    from kuavo_train.run_state import RunState
 
     data = dict(RunState.load_existing(run_dir).data.get("config") or {})
     data["run_dir"] = str(run_dir)
@@ -278,7 +281,8 @@ common overrides (Hydra key=value; any config field works, see configs/policy/):
   run_dir=DIR                     where the run is written (resumed if it exists)
   data_root=DIR                   folder holding one dataset per task (<data_root>/<task name>)
   seed=N                          training seed
-  strategy=sequential_spec|sequential_naive|joint
+  strategy=NAME                   configs/policy/strategy/NAME.yaml: replay_freeze_decay (default, the
+                                  spec's recipe; alias sequential_spec), sequential_naive, joint, ...
   policy.pretrained_path=DIR|HUB_ID   the base model (default lerobot/smolvla_base)
   stages.<task>.max_epoch=N, stages.<task>.optimizer_lr=X, dataloader.batch_size=N
 environment:
@@ -324,10 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--episodes", type=_positive_int, default=10, help="held-out scenes per task")
     i.add_argument("--batch-size", type=_positive_int, default=1,
                    help="episodes stepped together (lerobot-eval's --eval.batch_size; other noise, same scenes)")
-    c = add("compare", cmd_compare, "run sequential_spec, sequential_naive and joint and tabulate them")
+    c = add("compare", cmd_compare, "run several strategies (and seeds) on the same data and tabulate them")
     # comma-separated, so that Hydra overrides may follow the options
-    c.add_argument("--strategies", type=lambda v: v.split(","), default=["sequential_spec", "sequential_naive", "joint"],
-                   help="comma-separated (default: sequential_spec,sequential_naive,joint)")
+    c.add_argument("--strategies", type=lambda v: v.split(","), default=None,
+                   help="comma-separated (default: every strategy in configs/policy/strategy/, aliases aside)")
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0], help="comma-separated, e.g. 0,1")
     c.add_argument("--out", default="outputs/demo/compare")
     c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
@@ -340,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     csv = lambda v: [x for x in v.split(",") if x]  # noqa: E731
     bm.add_argument("--tasks", type=csv, default=["push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3"],
                     help="comma-separated MetaWorld v3 task names with a scripted expert, in training order")
-    bm.add_argument("--strategies", type=csv, default=["sequential_spec", "sequential_naive", "joint"])
+    bm.add_argument("--strategies", type=csv, default=None,
+                    help="comma-separated (default: replay_freeze_decay,sequential_naive,joint)")
     bm.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0], help="training seeds, e.g. 0,1")
     bm.add_argument("--episodes", type=int, default=None, help="held-out seeds evaluated per task after each stage (full: 10)")
     bm.add_argument("--train-episodes", dest="train_episodes", type=int, default=None, help="expert demos per task (full: 40)")

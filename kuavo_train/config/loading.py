@@ -29,6 +29,7 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     config_dir = Path(config_dir or default_config_dir()).resolve()
     if not (config_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ConfigError("--config-dir", str(config_dir), f"no {CONFIG_NAME}.yaml in {config_dir}")
+    check_strategy_override(overrides or [], config_dir)
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
@@ -36,6 +37,16 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
         raise yaml_syntax_error(exc) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError("overrides", BASE_FILE, first_line(exc)) from None
+
+
+def check_strategy_override(overrides: list[str], config_dir: Path) -> None:
+    """`strategy=X` names a file of the strategy config group: say which ones exist."""
+    known = sorted(p.stem for p in (config_dir / "strategy").glob("*.yaml"))
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "strategy" and value and value not in known:
+            raise ConfigError("strategy", BASE_FILE, f"unknown strategy {value!r} (choose one of {', '.join(known)}; "
+                                                     f"each is a file of configs/policy/strategy/)")
 
 
 def yaml_syntax_error(exc: yaml.YAMLError, path: str | Path | None = None) -> ConfigSyntaxError:
@@ -101,7 +112,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "<config>"
-        msg = str(exc).strip().splitlines()[0]
+        msg = first_line(exc)
         raise ConfigError(str(key), BASE_FILE, msg) from None
     container.pop("hydra", None)
     return parse_run_config(container)

@@ -10,7 +10,6 @@ name our files, hence the small hand-written checker.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +17,16 @@ from typing import Any
 
 from kuavo_train.errors import KuavoError
 
-log = logging.getLogger(__name__)
 
 BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
-STRATEGIES = ("sequential_spec", "sequential_naive", "joint")
+DEFAULT_STRATEGY = "replay_freeze_decay"
 
 
 class ConfigError(KuavoError):
     """A bad config value. `str()` is the one line shown to the user."""
 
     def __init__(self, field_path: str, source: str, problem: str):
-        self.field_path = field_path
-        self.source = source
+        self.field_path, self.source, self.problem = field_path, source, problem
         super().__init__(f"config error: {field_path}: {problem} (in {source} or its overrides)")
 
 
@@ -37,7 +34,7 @@ class ConfigSyntaxError(ConfigError):
     """A config file that is not valid YAML: `str()` names the file and the line."""
 
     def __init__(self, source: str, line: int | None, problem: str):
-        self.field_path, self.source, self.line = None, source, line
+        self.field_path, self.source, self.line, self.problem = None, source, line, problem
         where = f"{source}, line {line}" if line is not None else source
         KuavoError.__init__(self, f"config error: {where}: YAML syntax error: {problem}")
 
@@ -182,11 +179,20 @@ class DemoSettings:
 
 
 @dataclass(frozen=True)
+class StrategySettings:
+    """`strategy:`, the Hydra config group configs/policy/strategy/<name>.yaml: its `name` and
+    the strategy's own keys, which its module checks (kuavo_train/strategies/)."""
+
+    name: str = DEFAULT_STRATEGY
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     stages: dict[str, StageConfig]
     policy: PolicySettings
     task: str = "all"
-    strategy: str = "sequential_spec"
+    strategy: StrategySettings = field(default_factory=StrategySettings)
     seed: int = 42
     run_dir: str = "outputs/run"
     data_root: str = "data/kuavo"
@@ -213,20 +219,14 @@ class RunConfig:
                 return s
         raise KeyError(task_id)
 
-    def lr_for(self, stage: StageConfig) -> float:
-        """Explicit `optimizer_lr`, else base_lr x decay factor; naive strategy: no decay."""
-        if self.strategy == "sequential_naive":
-            return self.ordered_stages()[0].optimizer_lr or self.learning_rate.base_lr
+    def stage_lr(self, stage: StageConfig) -> tuple[float, str]:
+        """The one learning-rate rule: the stage's explicit `optimizer_lr`, else base_lr x its decay factor
+        (the last factor for stages beyond the list). The second value says which, for the log."""
         if stage.optimizer_lr is not None:
-            return stage.optimizer_lr
-        return self.learning_rate.base_lr * self.learning_rate.decay_factors[stage.task_id - 1]
-
-    def replay_weights_for(self, stage: StageConfig) -> dict[int, float]:
-        """Normalised sampling shares of stage `stage`; naive / no replay: current task only."""
-        if self.strategy == "sequential_naive" or not self.replay.use_replay_buffer:
-            return {stage.task_id: 1.0}
-        total = sum(stage.replay_weights.values())
-        return {k: v / total for k, v in sorted(stage.replay_weights.items()) if v > 0}
+            return stage.optimizer_lr, f"stages.{stage.name}.optimizer_lr"
+        factors = self.learning_rate.decay_factors
+        f = factors[min(stage.task_id, len(factors)) - 1]
+        return self.learning_rate.base_lr * f, f"learning_rate.base_lr {self.learning_rate.base_lr:g} x decay factor {f:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,7 +249,7 @@ def _fail(path: str, problem: str):
     raise ConfigError(path, source_of(path), problem)
 
 
-def _convert(cls, data: Any, path: str):
+def convert(cls, data: Any, path: str):
     """Build dataclass `cls` from a plain dict, rejecting unknown/missing keys by name."""
     if not isinstance(data, dict):
         _fail(path or "<root>", f"expected a mapping, got {type(data).__name__}")
@@ -295,12 +295,20 @@ def _coerce(type_str: str, value: Any, path: str):
         if optional:
             return None
         _fail(path, "must not be null")
+    if base == "StrategySettings":
+        if isinstance(value, str):  # the form before strategies were a config group (older run.json)
+            value = {"name": value}
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+            _fail(path, f"expected a mapping with a strategy name, got {value!r}")
+        if set(value) == {"name", "options"} and isinstance(value["options"], dict):  # as to_dict() writes it
+            value = {"name": value["name"], **value["options"]}
+        return StrategySettings(name=value["name"], options={k: v for k, v in value.items() if k != "name"})
     if base in _NESTED:
-        return _convert(_NESTED[base], value, path)
+        return convert(_NESTED[base], value, path)
     if base == "dict[str,StageConfig]":
         if not isinstance(value, dict) or not value:
             _fail(path, "expected at least one stage")
-        return {k: _convert(StageConfig, v, f"{path}.{k}") for k, v in value.items()}
+        return {k: convert(StageConfig, v, f"{path}.{k}") for k, v in value.items()}
     if base == "dict[str,str]":
         if not isinstance(value, dict) or not value:
             _fail(path, "expected a mapping policy_camera: dataset_camera")
@@ -354,7 +362,7 @@ def _scalar(kind: str, value: Any, path: str):
 
 def parse_run_config(data: dict) -> RunConfig:
     """Convert + validate the composed config (plain dict with interpolations resolved)."""
-    cfg = _convert(RunConfig, data, "")
+    cfg = convert(RunConfig, data, "")
     validate(cfg)
     return cfg
 
@@ -362,8 +370,6 @@ def parse_run_config(data: dict) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need no data on disk."""
     p = cfg.policy
-    if cfg.strategy not in STRATEGIES:
-        _fail("strategy", f"unknown strategy {cfg.strategy!r} (choose one of {', '.join(STRATEGIES)})")
     if p.n_action_steps > p.chunk_size:
         _fail("policy.n_action_steps", f"{p.n_action_steps} exceeds policy.chunk_size ({p.chunk_size})")
     for name in ("chunk_size", "n_action_steps", "num_steps", "max_state_dim", "max_action_dim"):
@@ -428,8 +434,8 @@ def validate(cfg: RunConfig) -> None:
     expected = list(range(1, len(ids) + 1))
     if sorted(ids) != expected:
         _fail("stages", f"task ids must be 1..{len(ids)} without gaps, got {sorted(ids)}")
-    if len(cfg.learning_rate.decay_factors) < len(ids):
-        _fail("learning_rate.decay_factors", f"needs one factor per task ({len(ids)})")
+    if not cfg.learning_rate.decay_factors or min(cfg.learning_rate.decay_factors) <= 0:
+        _fail("learning_rate.decay_factors", f"needs at least one factor, each > 0, got {list(cfg.learning_rate.decay_factors)}")
     for key, s in cfg.stages.items():
         sp = f"stages.{key}"
         if not s.instruction.strip():
@@ -464,7 +470,7 @@ def validate(cfg: RunConfig) -> None:
         if tr and va and tr[0] < va[1] and va[0] < tr[1]:
             _fail(f"{sp}.dataset.val_episodes", f"{list(va)} overlaps train_episodes {list(tr)}: validation must be held out")
     for s in cfg.ordered_stages():
-        lr = cfg.lr_for(s)
+        lr = cfg.stage_lr(s)[0]
         if cfg.scheduler.decay_lr >= lr:
             _fail("scheduler.decay_lr", f"{cfg.scheduler.decay_lr:g} >= the learning rate {lr:g} of stage {s.name}: "
                   "the cosine schedule would climb to it instead of decaying (decay_lr must be below every stage's lr)")
@@ -472,20 +478,4 @@ def validate(cfg: RunConfig) -> None:
         stage_name = Path(cfg.task).name.removesuffix(".yaml")
         if stage_name not in cfg.stages:
             _fail("task", f"unknown task {cfg.task!r} (known: all, {', '.join('tasks/' + k for k in cfg.stages)})")
-    _warn_unnormalised_replay(cfg)
 
-
-def _warn_unnormalised_replay(cfg: RunConfig) -> None:
-    """Replay shares that do not sum to 1 are used renormalised: say so, once, in one line."""
-    if cfg.strategy == "sequential_naive" or not cfg.replay.use_replay_buffer:
-        return  # the shares are not used
-    off = [(s, sum(s.replay_weights.values())) for s in cfg.ordered_stages()]
-    off = [(s, total) for s, total in off if not math.isclose(total, 1.0, abs_tol=1e-4)]
-    if off:
-        log.warning("config warning: replay shares renormalised to sum to 1: %s",
-                    "; ".join(f"stages.{s.name}.replay_weights sum to {total:g} ({source_of('stages.' + s.name)}), "
-                              f"used as {_shares(cfg.replay_weights_for(s))}" for s, total in off))
-
-
-def _shares(weights: dict[int, float]) -> str:
-    return "{" + ", ".join(f"{t}: {w:.3g}" for t, w in weights.items()) + "}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, DataError, TaskData
 
 
@@ -107,3 +108,27 @@ def union_features(space: FeatureSpace, task: TaskData, camera_map: dict[str, st
     for policy_key, data_key in camera_map.items():
         feats[policy_key] = dict(task.features[data_key])
     return feats
+
+
+def make_task_dataset(task: TaskData, episodes, chunk_size: int, space: FeatureSpace | None = None,
+                      stats=None, cached_frames=None) -> ChunkedFrameDataset:
+    """A task's samples in the run's union state/action space (padded with the union mean, masked)."""
+    layouts = {}
+    if space is not None and not space.is_uniform():
+        for key in (STATE_KEY, ACTION_KEY):
+            layouts[key] = VectorLayout(space.index[task.task_id][key], np.asarray(stats[key]["mean"], dtype=np.float32))
+    return ChunkedFrameDataset(
+        task.repo_id,
+        task.root,
+        episodes=list(episodes),
+        chunk_size=chunk_size,
+        camera_keys=list(task.camera_keys),
+        camera_map=task.camera_map,
+        state_key=STATE_KEY,
+        action_key=ACTION_KEY,
+        task=task.instruction,
+        task_id=task.task_id,
+        state_layout=layouts.get(STATE_KEY),
+        action_layout=layouts.get(ACTION_KEY),
+        cached_frames=cached_frames,
+    )

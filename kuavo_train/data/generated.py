@@ -6,6 +6,10 @@ import json
 import os
 from pathlib import Path
 
+# The first episode seed of an evaluation (lerobot-eval's default --seed): the held-out scenes
+# of generated datasets are numbered so that stock lerobot-eval's episodes land on them.
+EVAL_START_SEED = 1000
+
 
 def generator_processes() -> int:
     """Processes that generate data at once: one per core this process may use, at most two

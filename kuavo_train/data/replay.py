@@ -37,6 +37,12 @@ def epoch_quotas(task_sizes: dict[int, int], weights: dict[int, float], current_
     return quotas
 
 
+def steps_per_epoch(samples: int, batch_size: int, drop_last: bool, num_processes: int = 1) -> int:
+    """Optimizer steps of an epoch of `samples` split over `num_processes` (at least one)."""
+    steps = samples // batch_size if drop_last else -(-samples // batch_size)
+    return max(1, steps // num_processes)
+
+
 class ProportionalReplaySampler(Sampler[int]):
     def __init__(
         self,

@@ -13,6 +13,9 @@ import numpy as np
 
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, DataError, TaskData
 
+# The run's one set of statistics, in the run directory.
+STATS_FILE = "normalization_stats.json"
+
 STAT_NAMES = ("min", "max", "mean", "std", "count")
 
 
@@ -76,3 +79,11 @@ def training_stats(tasks: list[TaskData], space=None, *, stats_from: str = "all_
         # LeRobot's stats carry one frame count per feature; a dim missing in some tasks has fewer.
         out[key] = {**{s: v.astype(np.float32) for s, v in result.items()}, "count": np.array([count.max()], dtype=np.float32)}
     return out
+
+
+def stats_to_json(stats) -> dict:
+    return {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}
+
+
+def stats_from_json(data) -> dict:
+    return {k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in data.items()}

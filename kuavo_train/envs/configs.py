@@ -16,7 +16,7 @@ import gymnasium as gym
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 
-from kuavo_train.envs import seeding
+import kuavo_train.envs.seeding as seeding
 
 ACTION = "action"
 STATE = "observation.state"

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kuavo_train.data.generated import EVAL_START_SEED
+
 DEMO_WORLD_META = "demo_world.json"
 METAWORLD_META = "metaworld.json"  # kuavo_train/data/metaworld/writer.py META_FILE
-EVAL_START_SEED = 1000  # lerobot-eval's default --seed
 
 
 def has_simulator(dataset_root: Path) -> bool:
@@ -125,7 +126,7 @@ def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int, *
 def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batch_size: int = 1) -> dict[str, float | None]:
     """Closed-loop success per task of a run's final model, through the deployment wrapper
     (episode seeds `seed`, `seed`+1, ...: the same episodes as the forgetting matrix and lerobot-eval)."""
-    from kuavo_train.training.run_state import RunState
+    from kuavo_train.run_state import RunState
     from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
 
     state = RunState.load_existing(run_dir)

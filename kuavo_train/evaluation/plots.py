@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from kuavo_train.files import atomic_path
 
 
 def _plt():
@@ -21,16 +22,14 @@ def _plt():
 
 
 def _save(fig, path) -> Path:
-    """savefig to a temp file then os.replace, so a crash never leaves a truncated PNG."""
+    """savefig atomically, so a crash never leaves a truncated PNG."""
     plt = _plt()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

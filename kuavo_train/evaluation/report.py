@@ -1,6 +1,6 @@
 """The run's report: report.json (everything), report.md (for people) and the figures.
 
-Every file is written to a temp name and os.replace'd, so an interrupted
+Every file is written atomically (kuavo_train/files.py), so an interrupted
 evaluation leaves either the previous report or the new one, never half.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import platform
 from pathlib import Path
 
 from kuavo_train.evaluation.metrics import all_metrics
 from kuavo_train.evaluation.plots import plot_matrix_heatmap, plot_validation_curves, row_labels
+from kuavo_train.files import write_text_atomic
 
 REPORT_JSON, REPORT_MD, CURVES_PNG = "report.json", "report.md", "validation_curves.png"
 DESCRIPTIONS = {
@@ -41,12 +41,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _clean(R) -> list[list[float | None]]:
@@ -124,8 +118,8 @@ def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[
         **({"extra": extra} if extra is not None else {}),
     }
     # default=str: configs may hold Paths/tuples; allow_nan=False: fail loudly rather than write invalid JSON
-    _write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
-    _write_atomic(run_dir / REPORT_MD, render_markdown(report))
+    write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
+    write_text_atomic(run_dir / REPORT_MD, render_markdown(report))
     return report
 
 

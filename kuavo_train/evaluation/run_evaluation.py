@@ -23,12 +23,14 @@ import torch
 
 from kuavo_train.config.schema import RunConfig
 from kuavo_train.evaluation.closed_loop import StockPolicyFn, success_rate
-from kuavo_train.data.features import build_feature_space
+from kuavo_train.data.features import build_feature_space, make_task_dataset
+from kuavo_train.data.stats import STATS_FILE, stats_from_json
 from kuavo_train.data.frames import DIM_PAD_KEY
 from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
 from kuavo_train.policy import factory
-from kuavo_train.training.run_state import RunState, write_json_atomic
+from kuavo_train.files import write_json_atomic
+from kuavo_train.run_state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,15 @@ DIRECTIONS = {"success": True, "val_loss": False, "action_error": False, "action
 def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, TaskData], stats, space):
     """(policy, preprocessor, postprocessor) for row 0 (base) or row k (stage k's final checkpoint)."""
     if row == 0:
-        from kuavo_train.training.stage_trainer import StageTrainer, make_accelerator
-
+        # The base with the run's features and statistics, as stage 1 would load it (the lr is not used).
         stage = cfg.ordered_stages()[0]
-        trainer = StageTrainer(cfg, stage, tasks, stats, state, make_accelerator(cfg), space=space)
-        pcfg = trainer.policy_config(cfg.policy.pretrained_path)
+        pcfg = factory.run_policy_config(cfg, tasks[stage.task_id], space, cfg.policy.pretrained_path,
+                                         lr=cfg.learning_rate.base_lr, stage=stage,
+                                         device=factory.resolve_device(cfg.policy.device))
         policy = factory.load_policy(cfg.policy.pretrained_path, pcfg)
         pre, post = factory.make_processors(pcfg, stats=stats)
         return policy, pre, post
-    name = cfg.stage_by_id(row).name if cfg.strategy != "joint" else "joint"
-    path = state.final_checkpoint(name) / factory.PRETRAINED_DIR
+    path = state.final_checkpoint(completed_rows(state)[row]) / factory.PRETRAINED_DIR
     pcfg = factory.read_pretrained_config(path)
     policy = factory.load_policy(path, pcfg)
     pre, post = factory.make_processors(pcfg, pretrained_path=path)
@@ -87,9 +88,13 @@ def action_errors(policy, pre, post, dataset, indices, *, task_id: int, seed: in
     return abs_sum / max(count, 1), norm_sum / max(count, 1)
 
 
-def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space) -> dict:
-    from kuavo_train.training.stage_trainer import make_task_dataset
+def completed_rows(state: RunState) -> dict[int, str]:
+    """Matrix row -> the complete stage that fills it: a stage fills the row of the last task it
+    trained on (its task id), whatever the strategy's stages are."""
+    return {s["task_id"]: name for name, s in state.data["stages"].items() if s.get("status") == "complete"}
 
+
+def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space) -> dict:
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
     out = {m: [] for m in DIRECTIONS}
     action_std = stats[ACTION_KEY]["std"]
@@ -154,16 +159,12 @@ def matrices(ev: dict, n_rows: int, n_tasks: int) -> dict[str, list[list[float |
 def evaluate_run(cfg: RunConfig) -> dict:
     """Fill every row that the run's completed stages allow, then write the report."""
     from kuavo_train.evaluation.report import write_report
-    from kuavo_train.training.pipeline import STATS_FILE, stats_from_json
 
     run_dir = Path(cfg.run_dir)
     state = RunState.load(run_dir)
     tasks = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
     stats = stats_from_json(json.loads((run_dir / STATS_FILE).read_text()))
-    if cfg.strategy == "joint":
-        done = [0] + ([len(tasks)] if state.is_complete("joint") else [])
-    else:
-        done = [0] + [s.task_id for s in cfg.ordered_stages() if state.is_complete(s.name)]
+    done = [0] + sorted(completed_rows(state))
     space = build_feature_space(list(tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                 max_action_dim=cfg.policy.max_action_dim)
     ev = evaluate_rows(cfg, done, tasks, stats, state, space)
@@ -171,6 +172,6 @@ def evaluate_run(cfg: RunConfig) -> dict:
     names = [tasks[t].name for t in sorted(tasks)]
     boundaries = [state.global_step_offset(t) for t in sorted(tasks)]
     report = write_report(run_dir, matrices=mats, directions={m: DIRECTIONS[m] for m in mats}, task_names=names,
-                          config=cfg.to_dict(), extra={"strategy": cfg.strategy, "stage_boundaries": boundaries})
+                          config=cfg.to_dict(), extra={"strategy": cfg.strategy.name, "stage_boundaries": boundaries})
     log.info("report: %s", run_dir / "report.md")
     return report

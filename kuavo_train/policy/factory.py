@@ -100,6 +100,27 @@ def stage_policy_config(base_cfg, settings, input_features, output_features, *, 
     return dataclasses.replace(base_cfg, **updates)
 
 
+def resolve_device(setting: str) -> str:
+    """`policy.device`: auto = CUDA when present."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def run_policy_config(cfg, task, space, source, *, lr: float, stage, device: str):
+    """The policy config of a run's stage: `source`'s config, the run's settings, the features of the
+    run's union state/action space and `task`'s cameras (cfg: RunConfig, task: TaskData, space: FeatureSpace)."""
+    from kuavo_train.data.features import union_features
+    from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY
+
+    feats = union_features(space, task, task.camera_map)
+    inputs, outputs = policy_features(feats, list(task.camera_map), STATE_KEY, ACTION_KEY)
+    return stage_policy_config(read_pretrained_config(source), cfg.policy, inputs, outputs, lr=lr,
+                               optimizer=cfg.optimizer, scheduler=cfg.scheduler, stage=stage, device=device)
+
+
 def load_policy(pretrained_path: str | Path, cfg):
     """`SmolVLAPolicy.from_pretrained` with our config; weights must match the architecture.
 

@@ -45,7 +45,6 @@ import contextlib
 import hashlib
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 

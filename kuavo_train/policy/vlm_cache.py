@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kuavo_train.files import write_text_atomic
+
 REPO_PREFIX = "kuavo-train/tiny-smolvlm-"
 BUNDLED_DIR = "vlm"
 # Files that define the backbone for `load_vlm_weights=False`.
@@ -81,9 +83,7 @@ def register(vlm_dir: str | Path) -> str:
     except OSError:  # another process registered it first
         shutil.rmtree(tmp, ignore_errors=True)
     (repo_dir / "refs").mkdir(exist_ok=True)
-    ref_tmp = repo_dir / "refs" / f".main-{os.getpid()}"
-    ref_tmp.write_text(revision)
-    os.replace(ref_tmp, repo_dir / "refs" / "main")
+    write_text_atomic(repo_dir / "refs" / "main", revision)
     return repo_id
 
 

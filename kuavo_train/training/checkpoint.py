@@ -4,6 +4,9 @@
                                           policy_{pre,post}processor*.json/.safetensors
     checkpoints/<name>/training_state/     optimizer, scheduler, RNG, training_step.json
     checkpoints/<name>/kuavo_checkpoint.json  stage, epoch, step, validation losses
+    checkpoints/<name>/strategy_state.safetensors  what the run's strategy kept from earlier stages
+                                              (only when it keeps anything; kuavo_train/strategies/)
+    checkpoints/last/strategy_state_final.safetensors  the same, this stage included (end of stage)
     .../pretrained_model/kuavo_tasks.json      the tasks (ids, names, instructions) the
                                               model was trained on, for the inference wrapper
     .../pretrained_model/train_config.json     LeRobot's TrainPipelineConfig of the stage, so that
@@ -28,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError
+from kuavo_train.files import atomic_path
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.feature_cache import free_bytes
 from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
@@ -35,6 +39,8 @@ from kuavo_train.training import stock_resume
 
 META_FILE = "kuavo_checkpoint.json"
 TASKS_FILE = "kuavo_tasks.json"
+STRATEGY_FILE = "strategy_state.safetensors"
+STRATEGY_FINAL_FILE = "strategy_state_final.safetensors"
 # Room for what the tensors do not count (configs, processor stats, RNG state, task lists: tens of KB).
 SMALL_FILES_BYTES = 1 << 20
 
@@ -110,7 +116,7 @@ def _disk_full_is_one_line(dest: Path, needed: int):
 
 
 def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, optimizer, scheduler, step: int, meta: dict, trained_tasks: list[dict],
-                     stock: stock_resume.StockSpec | None = None) -> Path:
+                     stock: stock_resume.StockSpec | None = None, strategy_state: dict | None = None) -> Path:
     from lerobot.common.train_utils import save_training_state
 
     ckpt_dir = Path(ckpt_dir)
@@ -130,6 +136,8 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
                 meta = {**meta, "stock_resume": stock_resume.write_train_config(pretrained, policy.config, stock)}
             save_training_state(tmp, step, optimizer, scheduler)
             (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+            if strategy_state:
+                _save_tensors(strategy_state, tmp / STRATEGY_FILE)
             replace_dir(tmp, ckpt_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +161,29 @@ def copy_checkpoint(src: Path, dest: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_final_strategy_state(ckpt_dir: Path, state: dict) -> None:
+    """Add the strategy's end-of-stage state to the stage's complete final checkpoint, beside the state
+    the stage started from (kept, so that a rerun after a crash here computes the end state again
+    from the same start instead of adding the stage twice)."""
+    if state:
+        with atomic_path(Path(ckpt_dir) / STRATEGY_FINAL_FILE) as tmp:
+            _save_tensors(state, tmp)
+
+
+def read_strategy_state(ckpt_dir: Path, *, final: bool) -> dict:
+    """The strategy state a checkpoint holds: the stage's start state, or (final) its end state."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / (STRATEGY_FINAL_FILE if final else STRATEGY_FILE)
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def read_meta(ckpt_dir: Path) -> dict:

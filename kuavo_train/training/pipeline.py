@@ -13,19 +13,19 @@ import os
 import sys
 from pathlib import Path
 
-from kuavo_train.config.schema import BASE_FILE, RunConfig, StageConfig, source_of
-from kuavo_train.data.replay import epoch_quotas
+from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, source_of
 from kuavo_train.errors import KuavoError
 from kuavo_train.logs import collapse_video_backend_warning
 from kuavo_train.data.features import build_feature_space
-from kuavo_train.data.stats import training_stats
+from kuavo_train.data.stats import STATS_FILE, stats_from_json, stats_to_json, training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
 from kuavo_train.policy import factory
-from kuavo_train.training.run_state import RunState, write_json_atomic
+from kuavo_train.strategies import StagePlan, get_strategy
+from kuavo_train.files import write_json_atomic, write_text_atomic
+from kuavo_train.run_state import RunState, check_resume_sources
 
 log = logging.getLogger(__name__)
 
-STATS_FILE = "normalization_stats.json"
 
 
 class InstructionError(KuavoError):
@@ -71,14 +71,9 @@ def check_instructions(vlm_model_name: str, stages: list[StageConfig], max_lengt
     return report
 
 
-def stats_to_json(stats) -> dict:
-    return {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}
-
-
-def stats_from_json(data) -> dict:
-    import numpy as np
-
-    return {k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in data.items()}
+def num_processes() -> int:
+    """Processes of this run, before the Accelerator exists (accelerate launch / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class Pipeline:
@@ -89,14 +84,15 @@ class Pipeline:
     def prepare(self) -> None:
         """All checks; raises one-line errors and writes nothing."""
         cfg = self.cfg
-        if cfg.strategy != "joint":  # a stage resuming from another needs it complete or trained first
-            from kuavo_train.training.run_state import check_resume_sources
-
-            check_resume_sources(cfg, self.stages_to_run(), self.run_dir)
+        self.strategy = get_strategy(cfg)  # its name and options
         self.tasks: dict[int, TaskData] = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
         check_compatible(list(self.tasks.values()))
         self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                          max_action_dim=cfg.policy.max_action_dim)
+        sizes = {t: d.num_train_frames for t, d in self.tasks.items()}
+        self.plans = self.strategy.plan(sizes, num_processes())
+        # a stage resuming from another needs it complete or trained first
+        check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
@@ -110,26 +106,26 @@ class Pipeline:
         """A stage whose epoch holds fewer samples than one batch per process would take no optimizer
         step at all (drop_last) and still be marked complete: refuse it before anything is written."""
         cfg = self.cfg
-        if cfg.strategy == "joint" or not cfg.dataloader.drop_last:
+        if not cfg.dataloader.drop_last:
             return
-        processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-        sizes = {t: d.num_train_frames for t, d in self.tasks.items()}
-        for stage in cfg.ordered_stages():
-            weights = cfg.replay_weights_for(stage)
-            samples = sum(epoch_quotas({t: sizes[t] for t in weights}, weights, stage.task_id).values())
-            if samples // cfg.dataloader.batch_size // processes == 0:
+        processes = num_processes()
+        for plan in self.plans:
+            if plan.epoch_samples // cfg.dataloader.batch_size // processes == 0:
                 raise StageSizeError(
                     f"config error: dataloader.batch_size: {cfg.dataloader.batch_size} x {processes} process(es) is more "
-                    f"than the {samples} samples of an epoch of stage {stage.name}: with drop_last it would take no "
-                    f"optimizer step (lower the batch size or add data) (in {BASE_FILE} or its overrides)")
+                    f"than the {plan.epoch_samples} samples of an epoch of stage {plan.stage.name}: with drop_last it "
+                    f"would take no optimizer step (lower the batch size or add data) (in {BASE_FILE} or its overrides)")
 
-    def stages_to_run(self) -> list[StageConfig]:
-        if self.cfg.strategy == "joint":
-            return [self.joint.stage]
+    def plans_to_run(self) -> list[StagePlan]:
+        """The strategy's stages: all of them (task=all) or the one `task` names."""
         if self.cfg.task == "all":
-            return self.cfg.ordered_stages()
+            return self.plans
         name = Path(self.cfg.task).name.removesuffix(".yaml")
-        return [self.cfg.stages[name]]
+        chosen = [p for p in self.plans if p.stage.name == name]
+        if not chosen:
+            raise ConfigError("task", BASE_FILE, f"strategy {self.cfg.strategy.name} has no stage {name} of its own "
+                                                 f"(its stages: {', '.join(p.stage.name for p in self.plans)}): use task=all")
+        return chosen
 
     def load_or_compute_stats(self, state: RunState):
         path = self.run_dir / STATS_FILE
@@ -165,25 +161,19 @@ class Pipeline:
             self.load_or_compute_stats(state)
         acc.wait_for_everyone()
         stats = self.load_or_compute_stats(state)
-        self.joint = None
-        if cfg.strategy == "joint":
-            from kuavo_train.training.joint import joint_plan
-
-            sizes = {t: d.num_train_frames for t, d in self.tasks.items()}
-            self.joint = joint_plan(cfg, sizes, acc.num_processes)
-            log.info("joint baseline: all tasks at once for %d optimizer steps (the sequential_spec run's count)",
-                     self.joint.sequential_steps)
+        log.info("strategy %s: %s; stages: %s", self.strategy.name, self.strategy.description,
+                 ", ".join(f"{p.stage.name} ({p.total_steps(cfg, acc.num_processes)} steps)" for p in self.plans))
         writer = SummaryWriter(str(self.run_dir / "tensorboard")) if acc.is_main_process else None
         try:
-            for stage in self.stages_to_run():
+            for plan in self.plans_to_run():
+                stage = plan.stage
                 if state.is_complete(stage.name):
                     log.info("stage %d %s is complete already: skipped", stage.task_id, stage.name)
                     continue
                 if acc.is_main_process:
-                    _drop_unsaved_validation(self.run_dir, stage)
+                    _drop_unsaved_validation(self.run_dir, plan)
                 acc.wait_for_everyone()
-                StageTrainer(cfg, stage, self.tasks, stats, state, acc, writer, space=self.space,
-                             samples_per_epoch=self.joint.samples_per_epoch if self.joint else None).run()
+                StageTrainer(cfg, plan, self.strategy, self.tasks, stats, state, acc, writer, space=self.space).run()
                 acc.wait_for_everyone()
                 state.reload()  # every process sees the stage complete, as the main process wrote it
                 log.info("stage %d %s complete: %s", stage.task_id, stage.name, state.final_checkpoint(stage.name))
@@ -201,22 +191,20 @@ class Pipeline:
         return state
 
 
-def _drop_unsaved_validation(run_dir: Path, stage: StageConfig) -> None:
+def _drop_unsaved_validation(run_dir: Path, plan: StagePlan) -> None:
     """A crash between a validation and its checkpoint leaves log lines the rerun repeats."""
     from kuavo_train.training import checkpoint as ckpt
-    from kuavo_train.training.stage_trainer import stage_dir_name
 
+    stage = plan.stage
     path = run_dir / "validation.jsonl"
     if not path.is_file():
         return
-    last = run_dir / stage_dir_name(stage) / "checkpoints" / "last"
+    last = run_dir / plan.dir_name / "checkpoints" / "last"
     saved_step = ckpt.read_meta(last)["step"] if ckpt.is_complete(last) else 0
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in lines if not (json.loads(ln)["stage"] == stage.task_id and json.loads(ln)["step"] > saved_step)]
     if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def _log_to_file(path: Path) -> logging.Handler | None:

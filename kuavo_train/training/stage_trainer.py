@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kuavo_train.config.schema import RunConfig, StageConfig
-from kuavo_train.data.features import FeatureSpace, union_features
-from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout, fetch_batches
-from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
+from kuavo_train.config.schema import RunConfig
+from kuavo_train.data.features import FeatureSpace, make_task_dataset
+from kuavo_train.data.frames import ChunkedFrameDataset, fetch_batches
+from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset, steps_per_epoch as count_steps_per_epoch
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
@@ -32,19 +32,13 @@ from kuavo_train.policy import factory
 from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
-from kuavo_train.training.joint import JOINT_STAGE, steps_per_epoch as count_steps_per_epoch
-from kuavo_train.training.run_state import RunState
+from kuavo_train.run_state import RunState
+from kuavo_train.strategies import StagePlan, Strategy
 from kuavo_train.training.stock_resume import StockSpec
 
 log = logging.getLogger(__name__)
 
 VALIDATION_FRAMES_PER_EPISODE = 10
-
-
-def stage_dir_name(stage: StageConfig) -> str:
-    if stage.name == JOINT_STAGE:
-        return "joint_all_tasks"
-    return f"stage{stage.task_id}_{stage.name}"
 
 
 def step_seed(seed: int, stage: int, step: int) -> int:
@@ -62,60 +56,30 @@ class StageResult:
     val_losses: dict[int, float]
 
 
-def make_task_dataset(task: TaskData, episodes, chunk_size: int, space: FeatureSpace | None = None,
-                      stats=None, cached_frames=None) -> ChunkedFrameDataset:
-    """A task's samples in the run's union state/action space (padded with the union mean, masked)."""
-    layouts = {}
-    if space is not None and not space.is_uniform():
-        for key in (STATE_KEY, ACTION_KEY):
-            layouts[key] = VectorLayout(space.index[task.task_id][key], np.asarray(stats[key]["mean"], dtype=np.float32))
-    return ChunkedFrameDataset(
-        task.repo_id,
-        task.root,
-        episodes=list(episodes),
-        chunk_size=chunk_size,
-        camera_keys=list(task.camera_keys),
-        camera_map=task.camera_map,
-        state_key=STATE_KEY,
-        action_key=ACTION_KEY,
-        task=task.instruction,
-        task_id=task.task_id,
-        state_layout=layouts.get(STATE_KEY),
-        action_layout=layouts.get(ACTION_KEY),
-        cached_frames=cached_frames,
-    )
-
-
-def resolve_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
-    device = resolve_device(cfg.policy.device)
+    device = factory.resolve_device(cfg.policy.device)
     return Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision)
 
 
 class StageTrainer:
-    def __init__(self, cfg: RunConfig, stage: StageConfig, tasks: dict[int, TaskData], stats, run_state: RunState, accelerator,
-                 writer=None, *, space: FeatureSpace, samples_per_epoch: int | None = None):
-        self.cfg, self.stage, self.tasks, self.stats, self.space = cfg, stage, tasks, stats, space
-        # Only the joint baseline sets this (to match the sequential run's step count).
-        self.samples_per_epoch = samples_per_epoch
+    def __init__(self, cfg: RunConfig, plan: StagePlan, strategy: Strategy, tasks: dict[int, TaskData], stats,
+                 run_state: RunState, accelerator, writer=None, *, space: FeatureSpace):
+        self.cfg, self.plan, self.stage, self.strategy = cfg, plan, plan.stage, strategy
+        self.tasks, self.stats, self.space = tasks, stats, space
         self.run_state, self.acc, self.writer = run_state, accelerator, writer
         self.run_dir = Path(cfg.run_dir)
-        self.stage_dir = self.run_dir / stage_dir_name(stage)
+        self.stage_dir = self.run_dir / plan.dir_name
         self.ckpt_dir = self.stage_dir / "checkpoints"
         self.main = accelerator.is_main_process
 
     # ---- setup -----------------------------------------------------------
-    def source_checkpoint(self) -> Path | str:
+    def source_checkpoint(self) -> Path | None:
+        """The checkpoint folder this stage starts from (None: the pretrained base)."""
         s = self.stage
         if s.resume_from == "pretrained":
-            return self.cfg.policy.pretrained_path
+            return None
         prev = self.cfg.stage_by_id(s.resume_task_id)
         final = self.run_state.final_checkpoint(prev.name)
         if final is None:
@@ -123,24 +87,7 @@ class StageTrainer:
                 f"stage {s.name} starts from task {s.resume_task_id} ({prev.name}), which is not complete in "
                 f"{self.run_dir}: train it first (task=tasks/{prev.name} or task=all)"
             )
-        return final / factory.PRETRAINED_DIR
-
-    def policy_config(self, source):
-        task = self.tasks[self.stage.task_id]
-        base_cfg = factory.read_pretrained_config(source)
-        feats = union_features(self.space, task, task.camera_map)
-        inputs, outputs = factory.policy_features(feats, list(task.camera_map), STATE_KEY, ACTION_KEY)
-        return factory.stage_policy_config(
-            base_cfg,
-            self.cfg.policy,
-            inputs,
-            outputs,
-            lr=self.cfg.lr_for(self.stage),
-            optimizer=self.cfg.optimizer,
-            scheduler=self.cfg.scheduler,
-            stage=self.stage,
-            device=str(self.acc.device.type),
-        )
+        return final
 
     def val_sets(self, chunk_size: int) -> dict[int, tuple[ChunkedFrameDataset, list[int]]]:
         """Held-out episodes of tasks 1..k (or just k), a few evenly spaced frames each."""
@@ -161,21 +108,27 @@ class StageTrainer:
         ckpt.clean_temporaries(self.ckpt_dir)
         last = self.ckpt_dir / "last"
         resuming = ckpt.is_complete(last)
-        source = self.source_checkpoint()
-        pcfg = self.policy_config(source)
+        source_ckpt = self.source_checkpoint()
+        source = cfg.policy.pretrained_path if source_ckpt is None else source_ckpt / factory.PRETRAINED_DIR
+        task = self.tasks[stage.task_id]
+        pcfg = factory.run_policy_config(cfg, task, self.space, source, lr=self.plan.lr, stage=stage,
+                                         device=str(self.acc.device.type))
         policy = factory.load_policy(last / factory.PRETRAINED_DIR if resuming else source, pcfg)
+        # What the strategy kept from earlier stages: the end state of the stage this one starts from,
+        # or, resuming, the start state this stage saved with its checkpoints.
+        if resuming:
+            self.strategy.load_state_dict(ckpt.read_strategy_state(last, final=False))
+        else:
+            self.strategy.load_state_dict({} if source_ckpt is None else ckpt.read_strategy_state(source_ckpt, final=True))
+        self.strategy.before_stage(policy, self.plan)
         preprocessor, postprocessor = factory.make_processors(pcfg, stats=self.stats)
         cache = create_cache(policy, cfg.feature_cache, log_prefix=f"stage {stage.task_id}: ")
         trainable, total = factory.count_parameters(policy)
-        log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g, from %s%s",
+        log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g (%s), from %s%s",
                  stage.task_id, stage.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-                 cfg.lr_for(stage), source, " (resuming from last)" if resuming else "")
+                 self.plan.lr, self.plan.lr_source, source, " (resuming from last)" if resuming else "")
 
-        if stage.name == JOINT_STAGE:
-            total_w = sum(stage.replay_weights.values())
-            weights = {t: w / total_w for t, w in sorted(stage.replay_weights.items())}
-        else:
-            weights = cfg.replay_weights_for(stage)
+        weights = self.plan.weights
         cached_frames = None
         if cache is not None:
             for t in {*weights, *range(1, stage.task_id + 1)}:
@@ -192,7 +145,7 @@ class StageTrainer:
         sampler = ProportionalReplaySampler(
             sorted(weights), [len(d) for d in train_sets], weights,
             current_task=stage.task_id, seed=cfg.seed, stage=stage.task_id,
-            samples_per_epoch=self.samples_per_epoch,
+            samples_per_epoch=self.plan.epoch_samples if self.plan.explicit_epoch else None,
         )
         dl = cfg.dataloader
         loader = torch.utils.data.DataLoader(
@@ -228,7 +181,7 @@ class StageTrainer:
         offset = self.run_state.global_step_offset(stage.task_id)
         if self.main:
             self.run_state.update_stage(stage.name, task_id=stage.task_id, status="running", total_steps=total_steps,
-                                        replay_mix=mix, lr=cfg.lr_for(stage), trainable_parameters=trainable,
+                                        replay_mix=mix, lr=self.plan.lr, trainable_parameters=trainable,
                                         total_parameters=total, source=str(source))
         val_sets = self.val_sets(pcfg.chunk_size)
         ref_losses = self._reference_losses()
@@ -253,6 +206,9 @@ class StageTrainer:
                 batch = preprocessor(dict(raw))
                 with self.acc.autocast(), serving(cache, raw, batch):
                     loss, _ = policy(batch)
+                    extra = self.strategy.extra_loss(raw_policy, batch)
+                    if extra is not None:
+                        loss = loss + extra
                 self.acc.backward(loss)
                 grad_norm = self.acc.clip_grad_norm_(params, cfg.optimizer.grad_clip_norm)
                 if not (bool(torch.isfinite(loss.detach())) and math.isfinite(float(grad_norm))):
@@ -288,7 +244,9 @@ class StageTrainer:
                 ckpt.write_checkpoint(last, policy=raw_policy, preprocessor=preprocessor, postprocessor=postprocessor,
                                       optimizer=optimizer, scheduler=scheduler, step=step, meta=meta,
                                       trained_tasks=self.trained_tasks(),
-                                      stock=StockSpec.for_stage(cfg, stage, self.tasks, self.space, self.stage_dir, total_steps))
+                                      stock=StockSpec.for_stage(cfg, self.plan, self.tasks, self.space, self.stage_dir,
+                                                                total_steps),
+                                      strategy_state=self.strategy.state_dict())
                 if "current_task_val_loss" in meta and meta["current_task_val_loss"] < best_loss:
                     best_loss = meta["current_task_val_loss"]
                     ckpt.copy_checkpoint(last, self.ckpt_dir / "best")
@@ -301,11 +259,24 @@ class StageTrainer:
         if cache is not None:
             log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.summary())
             cache.detach()
+        # What the strategy keeps of this stage (e.g. statistics of its task), saved with the final checkpoint
+        # before the stage is marked complete (a rerun after a crash here repeats it from `last`).
+        self.strategy.after_stage(raw_policy, self.plan, self._own_task_batches(preprocessor, pcfg.chunk_size))
+        if self.main:
+            ckpt.write_final_strategy_state(final, self.strategy.state_dict())
         if self.main:
             self.run_state.update_stage(stage.name, status="complete", **sharding,
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
         return StageResult(final, total_steps, val_losses)
+
+    def _own_task_batches(self, preprocessor, chunk_size: int):
+        """Preprocessed batches of the stage's own task's training frames, in order (made only if used)."""
+        task = self.tasks[self.stage.task_id]
+        ds = make_task_dataset(task, task.train_episodes, chunk_size, self.space, self.stats)
+        for raw in torch.utils.data.DataLoader(ds, batch_size=self.cfg.dataloader.batch_size, shuffle=False):
+            batch = preprocessor(dict(raw))
+            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _diverged(self, loss, grad_norm, raw, epoch: int, step: int) -> "NonFiniteLossError":
         names = {t: d.name for t, d in self.tasks.items()}

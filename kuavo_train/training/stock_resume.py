@@ -58,15 +58,15 @@ class StockSpec:
     unsupported: str | None = None
 
     @classmethod
-    def for_stage(cls, cfg, stage, tasks: dict, space, stage_dir: Path, total_steps: int) -> StockSpec:
-        """From the run config, the stage, its tasks (TaskData by id) and feature space."""
+    def for_stage(cls, cfg, plan, tasks: dict, space, stage_dir: Path, total_steps: int) -> StockSpec:
+        """From the run config, the stage's plan (kuavo_train/strategies), its tasks (TaskData by id) and feature space."""
         from kuavo_train.data.task_data import is_depth
-        from kuavo_train.training.joint import JOINT_STAGE
 
+        stage = plan.stage
         task = tasks[stage.task_id]
-        reason = None
-        if stage.name == JOINT_STAGE:
-            reason = "the joint baseline trains on every task's dataset at once; stock lerobot-train reads one dataset"
+        reason = plan.stock_unsupported  # the strategy's reason (e.g. a stage over every task's data)
+        if reason:
+            pass
         elif not all(tuple(space.index[task.task_id][k]) == tuple(range(space.dim(k))) for k in space.names):
             reason = (f"task {task.name} does not have the model's whole state/action vector in order (the run's union "
                       "of dims across tasks); stock lerobot-train cannot pad it")

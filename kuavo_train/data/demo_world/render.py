@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from kuavo_train.data.demo_world.tasks import CONVEYOR_SPEED, CONVEYOR_Y, LEFT, RIGHT
+
 TABLE = (92, 92, 96)
 BELT, BELT_STRIPE = (45, 45, 48), (70, 70, 74)
 COLORS = {
@@ -50,7 +52,6 @@ def _outline(cx, cy, h, t, color):
 
 def scene_primitives(w) -> list[tuple]:
     """The world as rectangles (x0, y0, x1, y1, color) in table units, back to front."""
-    from kuavo_train.data.demo_world.world import CONVEYOR_SPEED, CONVEYOR_Y, LEFT, RIGHT
 
     fam, marks = w.task.scene_family, w.scene.marks
     prims = []
@@ -111,7 +112,6 @@ def draw(size: int, view: tuple[float, float, float], prims, background=TABLE) -
 
 def camera_views(w) -> list[tuple[float, float, float, bool]]:
     """(center x, center y, half width, image rotated 180 degrees) of head_cam_h, wrist_cam_l, wrist_cam_r."""
-    from kuavo_train.data.demo_world.world import LEFT, RIGHT
 
     views = [(0.5, 0.5, 0.5, False)]
     for arm in (LEFT, RIGHT):
@@ -124,7 +124,6 @@ def camera_views(w) -> list[tuple[float, float, float, bool]]:
 
 def render_views(w) -> list[np.ndarray]:
     """head_cam_h, wrist_cam_l, wrist_cam_r."""
-    from kuavo_train.data.demo_world.world import LEFT, RIGHT
 
     size = w.image_size
     prims = scene_primitives(w)

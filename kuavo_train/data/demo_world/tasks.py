@@ -49,6 +49,10 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
 
 TASKS_BY_NAME = {t.name: t for t in DEMO_TASKS}
 
+# Geometry both the simulation (world.py) and the renderer (render.py) use.
+CONVEYOR_Y, CONVEYOR_SPEED = 0.15, 0.006
+LEFT, RIGHT = 0, 8  # first joint index of each arm
+
 JOINT_NAMES: tuple[str, ...] = (
     *(f"zarm_l{i}" for i in range(1, 8)),
     "left_claw",

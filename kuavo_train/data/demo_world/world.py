@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kuavo_train.data.demo_world.tasks import CAMERAS, TASKS_BY_NAME, DemoWorldError
+from kuavo_train.data.demo_world.tasks import CAMERAS, CONVEYOR_SPEED, CONVEYOR_Y, LEFT, RIGHT, TASKS_BY_NAME, DemoWorldError
 
 XY_RATE, Z_RATE, JOINT_RATE = 0.07, 0.05, 0.3  # per step (10 fps)
 GRASP_RADIUS, GRASP_HEIGHT = 0.07, 0.06
 PLACE_TOL = 0.08
-CONVEYOR_Y, CONVEYOR_SPEED = 0.15, 0.006
 WEIGH_STEPS = 3
-LEFT, RIGHT = 0, 8  # first joint index of each arm
 HOME = {LEFT: (0.25, 0.6, 0.2), RIGHT: (0.75, 0.6, 0.2)}
 MAX_STEPS = {"task1_moving_grasp": 90, "task2_weighing": 90, "task3_placement": 90, "task4_sorting": 80}
 

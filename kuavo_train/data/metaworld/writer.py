@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kuavo_train.data.generated import made_with
+from kuavo_train.data.generated import EVAL_START_SEED, made_with
 from kuavo_train.data.metaworld.env import (
     ACTION_KEY,
     OBSERVATIONS,
@@ -52,8 +52,6 @@ EVAL_SEED_OFFSET = 1_000_000  # held-out seeds never overlap training seeds
 
 
 def stock_eval_start() -> int:
-    from kuavo_train.evaluation.closed_loop import EVAL_START_SEED
-
     return EVAL_START_SEED
 
 

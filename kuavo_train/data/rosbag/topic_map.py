@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from kuavo_train.errors import KuavoError
+from kuavo_train.errors import KuavoError, first_line
 
 DEFAULT_MAP_FILE = Path(__file__).resolve().parents[3] / "configs" / "data" / "kuavo_rosbag.yaml"
 
@@ -287,7 +287,7 @@ def load_topic_map(path: str | Path | None = None) -> TopicMap:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise RosbagError(f"rosbag map error: {path}: not valid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RosbagError(f"rosbag map error: {path}: cannot read it ({exc})") from None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def resolve_pretrained_dir(path) -> Path:
     """A run directory (its final model), a checkpoint folder or a `pretrained_model/` folder."""
     p = Path(path)
     if (p / "run.json").is_file():
-        from kuavo_train.training.run_state import RunState
+        from kuavo_train.run_state import RunState
 
         state = RunState(p, json.loads((p / "run.json").read_text()))
         done = [(s.get("task_id", 0), name) for name, s in state.data.get("stages", {}).items() if s.get("status") == "complete"]

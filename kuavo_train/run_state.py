@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError
+from kuavo_train.files import write_json_atomic
 
 RUN_FILE = "run.json"
 
@@ -37,13 +37,6 @@ def check_resume_sources(cfg, stages_to_run: list, run_dir: Path) -> None:
             f"({source.name})'s final model, which is not complete in {where} and not trained first by task={cfg.task}: "
             f"train it first (task=tasks/{source.name} or task=all) (in configs/policy/tasks/{stage.name}.yaml)"
         )
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 class RunState:

@@ -8,14 +8,14 @@ seeds) of each matrix's ACC / BWT / FWT / mean forgetting.
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
 from kuavo_train.config.loading import load_run_config
-from kuavo_train.config.schema import STRATEGIES
+from kuavo_train.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +23,41 @@ SUMMARY_KEYS = ("acc", "bwt", "fwt", "mean_forgetting")
 MATRIX_ORDER = ("success", "action_error", "val_loss")
 
 
-def run_comparison(overrides: list[str], *, out_dir: Path, strategies=STRATEGIES, seeds=(0,), config_dir: str | None = None) -> dict:
-    from kuavo_train.evaluation.run_evaluation import evaluate_run
-    from kuavo_train.training.pipeline import Pipeline
+def run_comparison(overrides: list[str], *, out_dir: Path, strategies: list[str], seeds=(0,), config_dir: str | None = None) -> dict:
+    from kuavo_train.strategies import get_strategy
 
     out_dir = Path(out_dir)
-    reports: dict[str, list[dict]] = {s: [] for s in strategies}
+    # Every run's config (strategy names and options included) is checked before the first one trains.
+    runs = []
     for seed in seeds:
         for strategy in strategies:
             run_dir = out_dir / f"seed{seed}" / strategy
             cfg = load_run_config([*overrides, f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"], config_dir)
-            log.info("=== %s, seed %d -> %s", strategy, seed, run_dir)
-            Pipeline(cfg).run()
-            reports[strategy].append(evaluate_run(cfg))
+            get_strategy(cfg)
+            runs.append((seed, strategy, cfg))
+    reports: dict[str, list[dict]] = {s: [] for s in strategies}
+    for seed, strategy, _, report, _ in train_and_evaluate(runs):
+        reports[strategy].append(report)
     summary = summarize(reports)
     table = format_summary(summary, seeds=list(seeds))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(json.dumps({"seeds": list(seeds), "summary": summary}, indent=2) + "\n")
-    (out_dir / "comparison.md").write_text(table + "\n")
+    write_json_atomic(out_dir / "comparison.json", {"seeds": list(seeds), "summary": summary})
+    write_text_atomic(out_dir / "comparison.md", table + "\n")
     return {"summary": summary, "table": table}
+
+
+def train_and_evaluate(runs: list[tuple[int, str, object]]):
+    """Each (seed, strategy, RunConfig) in turn: train it (resumed; a finished run is only read, its
+    complete stages and evaluated rows are kept), then evaluate it. Yields (seed, strategy, config,
+    report, seconds this took)."""
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+    from kuavo_train.training.pipeline import Pipeline
+
+    for seed, strategy, cfg in runs:
+        log.info("=== %s, seed %d -> %s", strategy, seed, cfg.run_dir)
+        t = time.time()
+        Pipeline(cfg).run()
+        report = evaluate_run(cfg)
+        yield seed, strategy, cfg, report, time.time() - t
 
 
 def summarize(reports: dict[str, list[dict]]) -> dict:
