@@ -1,25 +1,40 @@
 """Typed, validated view of the Hydra config.
 
-Hydra composes the YAML; this module turns the result into frozen
-dataclasses and rejects anything wrong with ONE line that names the field and
-the file it comes from, before any output is written. OmegaConf's structured
-configs reject unknown keys too, but their errors are multi-line and do not
-name our files, hence the small hand-written checker.
+Hydra composes the YAML; this module turns the result into frozen dataclasses,
+checked by pydantic (unknown or missing keys, types, ranges), plus the checks
+across fields that no type says, and rejects anything wrong with ONE line that
+names the field and the file it comes from, before any output is written.
+pydantic's own report is several lines naming no file: `_one_line` words its
+first error for the user instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, with_config
 
 from kuavo_train.errors import KuavoError
 
 
 BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
 DEFAULT_STRATEGY = "replay_freeze_decay"
+
+# Unknown keys refused, no NaN/inf; scalars are strict (no "yes" for true, no 2.0 for 2).
+_CHECKED = ConfigDict(extra="forbid", allow_inf_nan=False)
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+Count = Annotated[StrictInt, Field(ge=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0.0)]
+NonNegativeFloat = Annotated[StrictFloat, Field(ge=0.0)]
+
+
+def settings(cls):
+    """A frozen dataclass section of the config that pydantic checks."""
+    return with_config(_CHECKED)(dataclass(frozen=True)(cls))
 
 
 class ConfigError(KuavoError):
@@ -39,163 +54,163 @@ class ConfigSyntaxError(ConfigError):
         KuavoError.__init__(self, f"config error: {where}: YAML syntax error: {problem}")
 
 
-@dataclass(frozen=True)
+@settings
 class DatasetConfig:
     repo_id: str
     root: str
-    train_episodes: tuple[int, int] | None = None
-    val_episodes: tuple[int, int] | None = None
+    train_episodes: tuple[StrictInt, StrictInt] | None = None
+    val_episodes: tuple[StrictInt, StrictInt] | None = None
 
 
-@dataclass(frozen=True)
+@settings
 class StageConfig:
-    task_id: int
-    name: str
-    instruction: str
-    max_epoch: int
-    resume_from: str
+    task_id: StrictInt
+    name: StrictStr
+    instruction: StrictStr
+    max_epoch: PositiveInt
+    resume_from: Literal["pretrained", "task"]
     dataset: DatasetConfig
-    replay_weights: dict[int, float]
-    resume_task_id: int | None = None
-    optimizer_lr: float | None = None
-    scheduler_warmup_steps: int = 1000
-    scheduler_decay_steps: int = 30000
+    replay_weights: Annotated[dict[int, StrictFloat], Field(min_length=1)]
+    resume_task_id: StrictInt | None = None
+    optimizer_lr: PositiveFloat | None = None
+    scheduler_warmup_steps: Count = 1000
+    scheduler_decay_steps: PositiveInt = 30000
     # Policy camera -> dataset camera, e.g. {head_cam_h: head_cam_h, depth_h: observation.depth_h};
     # null: every RGB camera of the dataset under its own name (depth is opt-in).
-    cameras: dict[str, str] | None = None
+    cameras: Annotated[dict[str, Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
 
 
-@dataclass(frozen=True)
+@settings
 class PolicySettings:
-    pretrained_path: str
-    vlm_model_name: str | None = None
-    freeze_vision_encoder: bool = True
-    train_expert_only: bool = True
-    train_state_proj: bool = True
-    max_state_dim: int = 32
-    max_action_dim: int = 32
-    chunk_size: int = 50
-    n_action_steps: int = 8
-    num_steps: int = 10
-    tokenizer_max_length: int = 48
-    resize_imgs_with_padding: tuple[int, int] | None = None
-    device: str = "auto"
-    mixed_precision: str = "no"
+    pretrained_path: StrictStr
+    vlm_model_name: StrictStr | None = None
+    freeze_vision_encoder: StrictBool = True
+    train_expert_only: StrictBool = True
+    train_state_proj: StrictBool = True
+    max_state_dim: PositiveInt = 32
+    max_action_dim: PositiveInt = 32
+    chunk_size: PositiveInt = 50
+    n_action_steps: PositiveInt = 8
+    num_steps: PositiveInt = 10
+    tokenizer_max_length: PositiveInt = 48
+    resize_imgs_with_padding: tuple[StrictInt, StrictInt] | None = None
+    device: StrictStr = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
-@dataclass(frozen=True)
+@settings
 class LearningRateSettings:
-    base_lr: float = 5e-5
-    decay_factors: tuple[float, ...] = (1.0, 0.7, 0.5, 0.4)
+    base_lr: PositiveFloat = 5e-5
+    decay_factors: Annotated[tuple[PositiveFloat, ...], Field(min_length=1)] = (1.0, 0.7, 0.5, 0.4)
 
 
-@dataclass(frozen=True)
+@settings
 class OptimizerSettings:
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 5e-7
-    grad_clip_norm: float = 1.0
+    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 5e-7
+    grad_clip_norm: PositiveFloat = 1.0
 
 
-@dataclass(frozen=True)
+@settings
 class SchedulerSettings:
-    decay_lr: float = 1e-6
+    decay_lr: NonNegativeFloat = 1e-6
 
 
-@dataclass(frozen=True)
+@settings
 class DataloaderSettings:
-    batch_size: int = 64
-    num_workers: int = 16
-    drop_last: bool = True
-    prefetch_factor: int | None = 2
-    persistent_workers: bool = True
+    batch_size: PositiveInt = 64
+    num_workers: Count = 16
+    drop_last: StrictBool = True
+    prefetch_factor: PositiveInt | None = 2
+    persistent_workers: StrictBool = True
 
 
-@dataclass(frozen=True)
+@settings
 class ReplaySettings:
-    use_replay_buffer: bool = True
-    replay_strategy: str = "proportional"
+    use_replay_buffer: StrictBool = True
+    replay_strategy: Literal["proportional"] = "proportional"
 
 
-@dataclass(frozen=True)
+@settings
 class NormalizationSettings:
-    stats_from: str = "all_tasks"
+    stats_from: Literal["all_tasks", "first_task"] = "all_tasks"
 
 
-@dataclass(frozen=True)
+@settings
 class ValidationSettings:
-    validation_freq_epoch: int = 2
-    validation_episodes: int = 20
-    validate_all_previous_tasks: bool = True
-    seed: int = 1234
-    batch_size: int = 16
-    forgetting_mode: str = "absolute"
-    forgetting_thresholds: tuple[float, float] = (0.7, 1.0)
+    validation_freq_epoch: PositiveInt = 2
+    validation_episodes: PositiveInt = 20
+    validate_all_previous_tasks: StrictBool = True
+    seed: StrictInt = 1234
+    batch_size: PositiveInt = 16
+    forgetting_mode: Literal["absolute", "relative"] = "absolute"
+    forgetting_thresholds: tuple[StrictFloat, StrictFloat] = (0.7, 1.0)
 
 
-@dataclass(frozen=True)
+@settings
 class CheckpointSettings:
-    save_freq_epoch: int = 10
+    save_freq_epoch: Count = 10
 
 
-@dataclass(frozen=True)
+@settings
 class LoggingSettings:
-    log_freq_steps: int = 10
-    progress_bars: bool = True
+    log_freq_steps: PositiveInt = 10
+    progress_bars: StrictBool = True
 
 
-@dataclass(frozen=True)
+@settings
 class EvaluationSettings:
-    after_each_stage: bool = True
-    closed_loop_episodes: int = 0
+    after_each_stage: StrictBool = True
+    closed_loop_episodes: Count = 0
     # Episodes stepped together in one vector env, the policy acting on the whole batch
     # (lerobot-eval's --eval.batch_size, which gives the same per-episode results).
-    closed_loop_batch_size: int = 1
-    action_error_episodes: int = 20
+    closed_loop_batch_size: PositiveInt = 1
+    action_error_episodes: PositiveInt = 20
 
 
-@dataclass(frozen=True)
+@settings
 class FeatureCacheSettings:
-    enabled: bool = True
-    dir: str = "outputs/feature_cache"
-    max_gb: float = 20.0
-    prefix: bool = True
-    prefix_max_gb: float = 50.0
-    verify_digest: bool = False
+    enabled: StrictBool = True
+    dir: StrictStr = "outputs/feature_cache"
+    max_gb: NonNegativeFloat = 20.0
+    prefix: StrictBool = True
+    prefix_max_gb: NonNegativeFloat = 50.0
+    verify_digest: StrictBool = False
 
 
-@dataclass(frozen=True)
+@settings
 class DemoSettings:
-    base_dir: str = "outputs/demo/base"
-    num_train_episodes: int = 40
-    num_val_episodes: int = 8
-    image_size: int = 64
-    seed: int = 0
+    base_dir: StrictStr = "outputs/demo/base"
+    num_train_episodes: PositiveInt = 40
+    num_val_episodes: PositiveInt = 8
+    image_size: PositiveInt = 64
+    seed: StrictInt = 0
     # Pretraining of the embedded base on the demo world's pretraining set
     # (kuavo_train/training/pretrain.py): vision tower, then robot skills; 0 skips a phase.
-    pretrain_vision_steps: int = 0
-    pretrain_skill_steps: int = 0
-    pretrain_episodes_per_skill: int = 20
+    pretrain_vision_steps: Count = 0
+    pretrain_skill_steps: Count = 0
+    pretrain_episodes_per_skill: Count = 20
 
 
-@dataclass(frozen=True)
+@settings
 class StrategySettings:
     """`strategy:`, the Hydra config group configs/policy/strategy/<name>.yaml: its `name` and
     the strategy's own keys, which its module checks (kuavo_train/strategies/)."""
 
-    name: str = DEFAULT_STRATEGY
-    options: dict = field(default_factory=dict)
+    name: Annotated[StrictStr, Field(min_length=1)] = DEFAULT_STRATEGY
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@settings
 class RunConfig:
-    stages: dict[str, StageConfig]
+    stages: Annotated[dict[str, StageConfig], Field(min_length=1)]
     policy: PolicySettings
-    task: str = "all"
+    task: StrictStr = "all"
     strategy: StrategySettings = field(default_factory=StrategySettings)
-    seed: int = 42
-    run_dir: str = "outputs/run"
-    data_root: str = "data/kuavo"
+    seed: StrictInt = 42
+    run_dir: StrictStr = "outputs/run"
+    data_root: StrictStr = "data/kuavo"
     learning_rate: LearningRateSettings = field(default_factory=LearningRateSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -249,177 +264,110 @@ def _fail(path: str, problem: str):
     raise ConfigError(path, source_of(path), problem)
 
 
-def convert(cls, data: Any, path: str):
-    """Build dataclass `cls` from a plain dict, rejecting unknown/missing keys by name."""
-    if not isinstance(data, dict):
-        _fail(path or "<root>", f"expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            _fail(f"{path}.{key}".lstrip("."), f"unknown key (known keys: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}".lstrip(".")
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                _fail(sub, "missing required key")
-            continue
-        kwargs[name] = _coerce(f.type, data[name], sub)
-    return cls(**kwargs)
+def convert(cls, data: Any, path: str = ""):
+    """Build dataclass `cls` (a section of the config) from plain data; a ConfigError naming the
+    first wrong field otherwise (`path`: where `data` sits in the whole config)."""
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if p != "[key]"]
+        where = ".".join([path, *loc]).strip(".") or "<root>"
+        _fail(where, _problem(err, cls, loc))
 
 
-_NESTED = {
-    "DatasetConfig": DatasetConfig,
-    "PolicySettings": PolicySettings,
-    "LearningRateSettings": LearningRateSettings,
-    "OptimizerSettings": OptimizerSettings,
-    "SchedulerSettings": SchedulerSettings,
-    "DataloaderSettings": DataloaderSettings,
-    "ReplaySettings": ReplaySettings,
-    "NormalizationSettings": NormalizationSettings,
-    "ValidationSettings": ValidationSettings,
-    "CheckpointSettings": CheckpointSettings,
-    "LoggingSettings": LoggingSettings,
-    "EvaluationSettings": EvaluationSettings,
-    "FeatureCacheSettings": FeatureCacheSettings,
-    "DemoSettings": DemoSettings,
-}
+def _problem(err: dict, cls, loc: list[str]) -> str:
+    """pydantic's first error in this project's words."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    bound = next((ctx[k] for k in ("gt", "ge", "lt", "le") if k in ctx), None)
+    shown = float(value) if isinstance(bound, float) and isinstance(value, (int, float)) else value
+    bound = f"{bound:g}" if isinstance(bound, float) else bound
+    words = {
+        "missing": "missing required key",
+        "greater_than": f"must be > {bound}, got {shown!r}",
+        "greater_than_equal": f"must be >= {bound}, got {shown!r}",
+        "less_than": f"must be < {bound}, got {shown!r}",
+        "less_than_equal": f"must be <= {bound}, got {shown!r}",
+        "bool_type": f"expected true/false, got {value!r}",
+        "int_type": f"expected an integer, got {value!r}",
+        "int_parsing": f"expected an integer, got {value!r}",
+        "float_type": f"expected a number, got {value!r}",
+        "finite_number": f"expected a finite number, got {value!r}",
+        "string_type": f"expected a string, got {value!r}",
+        "literal_error": f"unknown value {value!r} (choose {ctx.get('expected')})",
+        "dataclass_type": f"expected a mapping, got {value!r}",
+        "dict_type": f"expected a mapping, got {value!r}",
+        "tuple_type": f"expected a list, got {value!r}",
+        "none_required": "must be null",
+    }
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _section_fields(cls, loc[:-1])
+        return "unknown key" + (f" (known keys: {', '.join(sorted(known))})" if known else "")
+    if kind in ("too_short", "too_long"):
+        if isinstance(value, (list, tuple)) and "max_length" in ctx:
+            return f"expected {ctx['max_length']} values, got {len(value)}"
+        return "must not be empty" if kind == "too_short" else err["msg"]
+    return words.get(kind, err["msg"])
 
 
-def _coerce(type_str: str, value: Any, path: str):
-    t = str(type_str).replace(" ", "")
-    optional = t.endswith("|None")
-    base = t[: -len("|None")] if optional else t
-    if value is None:
-        if optional:
-            return None
-        _fail(path, "must not be null")
-    if base == "StrategySettings":
-        if isinstance(value, str):  # the form before strategies were a config group (older run.json)
-            value = {"name": value}
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
-            _fail(path, f"expected a mapping with a strategy name, got {value!r}")
-        if set(value) == {"name", "options"} and isinstance(value["options"], dict):  # as to_dict() writes it
-            value = {"name": value["name"], **value["options"]}
-        return StrategySettings(name=value["name"], options={k: v for k, v in value.items() if k != "name"})
-    if base in _NESTED:
-        return convert(_NESTED[base], value, path)
-    if base == "dict[str,StageConfig]":
-        if not isinstance(value, dict) or not value:
-            _fail(path, "expected at least one stage")
-        return {k: convert(StageConfig, v, f"{path}.{k}") for k, v in value.items()}
-    if base == "dict[str,str]":
-        if not isinstance(value, dict) or not value:
-            _fail(path, "expected a mapping policy_camera: dataset_camera")
-        for k, v in value.items():
-            if not isinstance(v, str) or not v:
-                _fail(f"{path}.{k}", f"expected a camera name, got {v!r}")
-        return {str(k): v for k, v in value.items()}
-    if base == "dict[int,float]":
-        if not isinstance(value, dict) or not value:
-            _fail(path, "expected a mapping task_id -> weight")
-        out = {}
-        for k, v in value.items():
-            try:
-                out[int(k)] = float(v)
-            except (TypeError, ValueError):
-                _fail(f"{path}.{k}", f"expected task_id: number, got {k!r}: {v!r}")
-        return out
-    if base.startswith("tuple["):
-        if not isinstance(value, (list, tuple)):
-            _fail(path, f"expected a list, got {value!r}")
-        elem = "float" if "float" in base else "int"
-        if "..." not in base:
-            n = base.count(",") + 1
-            if len(value) != n:
-                _fail(path, f"expected {n} values, got {len(value)}")
-        return tuple(_scalar(elem, v, path) for v in value)
-    return _scalar(base, value, path)
+def _section_fields(cls, loc: list[str]) -> list[str]:
+    """The field names of the dataclass found at `loc` below `cls` (mappings' keys skipped)."""
+    t = cls
+    for part in loc:
+        while typing.get_origin(t) in (Annotated, typing.Union) or str(typing.get_origin(t)) == "<class 'types.UnionType'>":
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            t = args[0]
+        if dataclasses.is_dataclass(t):
+            hints = typing.get_type_hints(t, include_extras=True)
+            if part not in hints:
+                return []
+            t = hints[part]
+        elif typing.get_origin(t) is dict:
+            t = typing.get_args(t)[1]
+        else:
+            return []
+    while typing.get_origin(t) is Annotated or str(typing.get_origin(t)) in ("<class 'types.UnionType'>", "typing.Union"):
+        t = [a for a in typing.get_args(t) if a is not type(None)][0]
+    if typing.get_origin(t) is dict:
+        t = typing.get_args(t)[1]
+        while typing.get_origin(t) is Annotated:
+            t = typing.get_args(t)[0]
+    return [f.name for f in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else []
 
 
-def _scalar(kind: str, value: Any, path: str):
-    if kind == "bool":
-        if not isinstance(value, bool):
-            _fail(path, f"expected true/false, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(path, f"expected an integer, got {value!r}")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, f"expected a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            _fail(path, f"expected a finite number, got {value!r}")
-        return float(value)
-    if kind == "str":
-        if not isinstance(value, str):
-            _fail(path, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported schema type {kind} at {path}")
+def _strategy_section(value: Any) -> Any:
+    """`strategy:` as composed (name + the strategy's own keys), as to_dict() writes it (name + options),
+    or as a bare name (run.json files written before strategies were a config group)."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and "name" in value:
+        if set(value) == {"name", "options"} and isinstance(value["options"], dict):
+            return value
+        return {"name": value["name"], "options": {k: v for k, v in value.items() if k != "name"}}
+    return value
 
 
 def parse_run_config(data: dict) -> RunConfig:
     """Convert + validate the composed config (plain dict with interpolations resolved)."""
-    cfg = convert(RunConfig, data, "")
+    if isinstance(data, dict) and "strategy" in data:
+        data = {**data, "strategy": _strategy_section(data["strategy"])}
+    cfg = convert(RunConfig, data)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that need no data on disk."""
+    """What no field's type says: values against each other, device names, task ids."""
     p = cfg.policy
     if p.n_action_steps > p.chunk_size:
         _fail("policy.n_action_steps", f"{p.n_action_steps} exceeds policy.chunk_size ({p.chunk_size})")
-    for name in ("chunk_size", "n_action_steps", "num_steps", "max_state_dim", "max_action_dim"):
-        if getattr(p, name) <= 0:
-            _fail(f"policy.{name}", "must be > 0")
     if p.device not in ("auto", "cpu", "cuda") and not p.device.startswith("cuda:"):
         _fail("policy.device", f"unknown device {p.device!r} (auto, cpu, cuda)")
-    if p.mixed_precision not in ("no", "bf16", "fp16"):
-        _fail("policy.mixed_precision", f"unknown value {p.mixed_precision!r} (no, bf16, fp16)")
-    if cfg.learning_rate.base_lr <= 0:
-        _fail("learning_rate.base_lr", "must be > 0")
-    if cfg.dataloader.batch_size <= 0:
-        _fail("dataloader.batch_size", "must be > 0")
-    if not cfg.feature_cache.max_gb >= 0:
-        _fail("feature_cache.max_gb", f"must be >= 0, got {cfg.feature_cache.max_gb}")
-    if not cfg.feature_cache.prefix_max_gb >= 0:
-        _fail("feature_cache.prefix_max_gb", f"must be >= 0, got {cfg.feature_cache.prefix_max_gb}")
-    if cfg.dataloader.num_workers < 0:
-        _fail("dataloader.num_workers", "must be >= 0")
-    if cfg.demo is not None:
-        for name in ("pretrain_vision_steps", "pretrain_skill_steps", "pretrain_episodes_per_skill"):
-            if getattr(cfg.demo, name) < 0:
-                _fail(f"demo.{name}", f"must be >= 0, got {getattr(cfg.demo, name)}")
-    if cfg.evaluation.closed_loop_batch_size <= 0:
-        _fail("evaluation.closed_loop_batch_size", f"must be > 0, got {cfg.evaluation.closed_loop_batch_size}")
     if p.resize_imgs_with_padding is not None and min(p.resize_imgs_with_padding) <= 0:
         _fail("policy.resize_imgs_with_padding", f"sizes must be > 0, got {list(p.resize_imgs_with_padding)}")
-    o = cfg.optimizer
-    if o.grad_clip_norm <= 0:
-        _fail("optimizer.grad_clip_norm", "must be > 0")
-    if o.weight_decay < 0:
-        _fail("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if not all(0 <= b < 1 for b in o.betas):
-        _fail("optimizer.betas", f"each must be in [0, 1), got {list(o.betas)}")
-    if o.eps <= 0:
-        _fail("optimizer.eps", f"must be > 0, got {o.eps}")
-    if cfg.scheduler.decay_lr < 0:
-        _fail("scheduler.decay_lr", "must be >= 0")
-    if cfg.replay.replay_strategy != "proportional":
-        _fail("replay.replay_strategy", f"only 'proportional' is supported, got {cfg.replay.replay_strategy!r}")
-    if cfg.normalization.stats_from not in ("all_tasks", "first_task"):
-        _fail("normalization.stats_from", "must be all_tasks or first_task")
-    v = cfg.validation
-    if v.validation_freq_epoch <= 0:
-        _fail("validation.validation_freq_epoch", "must be > 0")
-    if v.validation_episodes <= 0:
-        _fail("validation.validation_episodes", "must be > 0")
-    if v.forgetting_mode not in ("absolute", "relative"):
-        _fail("validation.forgetting_mode", "must be absolute or relative")
-    lo, hi = v.forgetting_thresholds
+    if not all(0 <= b < 1 for b in cfg.optimizer.betas):
+        _fail("optimizer.betas", f"each must be in [0, 1), got {list(cfg.optimizer.betas)}")
+    lo, hi = cfg.validation.forgetting_thresholds
     if not 0 < lo < hi:
         _fail("validation.forgetting_thresholds", f"need 0 < first < second, got {[lo, hi]}")
 
@@ -434,20 +382,10 @@ def validate(cfg: RunConfig) -> None:
     expected = list(range(1, len(ids) + 1))
     if sorted(ids) != expected:
         _fail("stages", f"task ids must be 1..{len(ids)} without gaps, got {sorted(ids)}")
-    if not cfg.learning_rate.decay_factors or min(cfg.learning_rate.decay_factors) <= 0:
-        _fail("learning_rate.decay_factors", f"needs at least one factor, each > 0, got {list(cfg.learning_rate.decay_factors)}")
     for key, s in cfg.stages.items():
         sp = f"stages.{key}"
         if not s.instruction.strip():
             _fail(f"{sp}.instruction", f"must not be empty or blank, got {s.instruction!r} (the policy is conditioned on it)")
-        if s.max_epoch <= 0:
-            _fail(f"{sp}.max_epoch", "must be > 0")
-        if s.optimizer_lr is not None and s.optimizer_lr <= 0:
-            _fail(f"{sp}.optimizer_lr", f"must be > 0, got {s.optimizer_lr}")
-        if s.scheduler_warmup_steps < 0 or s.scheduler_decay_steps <= 0:
-            _fail(f"{sp}.scheduler_decay_steps", "warmup must be >= 0 and decay > 0")
-        if s.resume_from not in ("pretrained", "task"):
-            _fail(f"{sp}.resume_from", f"must be 'pretrained' or 'task', got {s.resume_from!r}")
         if s.resume_from == "task":
             if s.resume_task_id is None or not 1 <= s.resume_task_id < s.task_id:
                 _fail(f"{sp}.resume_task_id", f"must name an earlier task (1..{s.task_id - 1}), got {s.resume_task_id}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
-from kuavo_train.config.schema import ConfigError, RunConfig, StageConfig, convert
+from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, convert, settings
 from kuavo_train.data.replay import epoch_quotas, steps_per_epoch
 
 
@@ -45,7 +45,7 @@ class StagePlan:
         return self.steps_per_epoch(cfg, num_processes) * self.stage.max_epoch
 
 
-@dataclass(frozen=True)
+@settings
 class NoOptions:
     """A strategy without options of its own."""
 
@@ -56,8 +56,8 @@ class Strategy:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
-    # The strategy's own config keys (besides `name`): a frozen dataclass, converted and checked like
-    # the rest of the config; its __post_init__ may raise ValueError("<key>: <problem>").
+    # The strategy's own config keys (besides `name`): a section like the config's others
+    # (kuavo_train/config/schema.py `settings`), checked by pydantic, ranges included.
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, cfg: RunConfig):
@@ -135,7 +135,7 @@ def names() -> list[str]:
 def strategy_class(name: str) -> type[Strategy]:
     cls = registry().get(name)
     if cls is None:
-        raise ConfigError("strategy.name", strategy_source(name),
+        raise ConfigError("strategy.name", BASE_FILE,
                           f"unknown strategy {name!r} (choose one of {', '.join(names())})")
     return cls
 
@@ -154,7 +154,5 @@ def parse_options(cls: type[Strategy], data: dict):
         return convert(cls.Options, dict(data), "strategy")
     except ConfigError as exc:
         raise ConfigError(exc.field_path, strategy_source(cls.name), exc.problem) from None
-    except ValueError as exc:  # the Options' own checks: "<key>: <problem>"
-        key, _, problem = str(exc).partition(": ")
-        raise ConfigError(f"strategy.{key}", strategy_source(cls.name), problem) from None
+
 

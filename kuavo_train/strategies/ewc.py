@@ -16,27 +16,22 @@ pass over the stage's frames per stage and an elementwise term per step.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
+from kuavo_train.config.schema import Count, NonNegativeFloat, settings
 from kuavo_train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@settings
 class EWCOptions:
     # Strength of the penalty. F comes from batch-mean losses, so it is small (mean about 1e-5 on the
     # demo after stage 1): lambda is large.
-    ewc_lambda: float = 1.0e5
+    ewc_lambda: NonNegativeFloat = 1.0e5
     # Batches of the finished stage's training frames over which F is averaged (0: all of them).
-    fisher_batches: int = 0
-
-    def __post_init__(self):
-        for name in ("ewc_lambda", "fisher_batches"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+    fisher_batches: Count = 0
 
 
 class EWC(Strategy):
