@@ -122,3 +122,19 @@ def test_every_strategy_has_its_config_and_compare_runs_them_all_by_default():
     for name in names():
         assert load_run_config([f"strategy={name}"]).strategy.name == name
         assert (REPO / "configs" / "policy" / "strategy" / f"{name}.yaml").is_file()
+
+
+def test_comparison_says_which_differences_exceed_twice_their_standard_error():
+    import numpy as np
+
+    from kuavo_train.benchmark.compare import format_summary, summarize
+
+    def report(acc):
+        return {"metrics": {"success": {"acc": acc, "bwt": 0.0, "fwt": None, "mean_forgetting": 0.0}}}
+
+    accs = {"ref": [0.5, 0.6, 0.55], "worse": [0.1, 0.15, 0.12], "same": [0.55, 0.5, 0.6]}
+    table = format_summary(summarize({k: [report(a) for a in v] for k, v in accs.items()}), seeds=[0, 1, 2])
+    for name, verdict in (("worse", "larger than"), ("same", "within")):
+        sem = [np.std(accs[k], ddof=1) / np.sqrt(3) for k in ("ref", name)]
+        diff, two_se = np.mean(accs[name]) - np.mean(accs["ref"]), 2 * np.hypot(*sem)
+        assert f"- ACC {name} - ref: {diff:+.3f}, 2 standard errors {two_se:.3f}: {verdict} its spread" in table

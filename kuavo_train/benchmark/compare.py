@@ -76,7 +76,10 @@ def summarize(reports: dict[str, list[dict]]) -> dict:
                     if v is not None:
                         vals[k].append(float(v))
             if any(vals.values()):
-                per[matrix] = {k: {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v)) if v else None, "n": len(v)}
+                # std over seeds (population, as tabulated); sem: standard error of the mean (sample std / sqrt n)
+                per[matrix] = {k: {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v)) if v else None,
+                                   "sem": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None,
+                                   "n": len(v)}
                                for k, v in vals.items()}
         out[strategy] = per
     return out
@@ -103,4 +106,21 @@ def format_summary(summary: dict, *, seeds: list[int]) -> str:
         for strategy, per in summary.items():
             st = per.get(matrix, {})
             parts.append(f"| {strategy} | " + " | ".join(_cell(st.get(k)) for k in SUMMARY_KEYS) + " |")
+        parts += _differences(summary, matrix)
     return "\n".join(parts)
+
+
+def _differences(summary: dict, matrix: str) -> list[str]:
+    """Each strategy's ACC minus the first strategy's, against twice the standard error of that
+    difference over seeds: which differences are larger than their spread."""
+    names = list(summary)
+    ref = summary[names[0]].get(matrix, {}).get("acc") if names else None
+    lines = []
+    for name in names[1:]:
+        st = summary[name].get(matrix, {}).get("acc")
+        if not ref or not st or ref.get("sem") is None or st.get("sem") is None:
+            continue
+        diff, two_se = st["mean"] - ref["mean"], 2 * float(np.hypot(st["sem"], ref["sem"]))
+        verdict = "larger than" if abs(diff) > two_se else "within"
+        lines.append(f"- ACC {name} - {names[0]}: {diff:+.3f}, 2 standard errors {two_se:.3f}: {verdict} its spread")
+    return ["", *lines] if lines else []

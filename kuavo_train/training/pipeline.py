@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, source_of
@@ -173,10 +174,13 @@ class Pipeline:
                 if acc.is_main_process:
                     _drop_unsaved_validation(self.run_dir, plan)
                 acc.wait_for_everyone()
+                t0 = time.perf_counter()
                 StageTrainer(cfg, plan, self.strategy, self.tasks, stats, state, acc, writer, space=self.space).run()
                 acc.wait_for_everyone()
                 state.reload()  # every process sees the stage complete, as the main process wrote it
-                log.info("stage %d %s complete: %s", stage.task_id, stage.name, state.final_checkpoint(stage.name))
+                # its wall time (this invocation's part of it, when resumed), what `time` would say of it
+                log.info("stage %d %s complete in %.1f s: %s", stage.task_id, stage.name, time.perf_counter() - t0,
+                         state.final_checkpoint(stage.name))
                 if cfg.evaluation.after_each_stage and acc.is_main_process:
                     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
