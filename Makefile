@@ -12,7 +12,7 @@ PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test clean-demo metaworld-deps benchmark-metaworld
+.PHONY: setup demo test test-slow clean-demo metaworld-deps benchmark-metaworld
 
 $(STAMP): pyproject.toml requirements.lock plugins/lerobot_env_kuavo/pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=...)"; exit 2; }
@@ -31,8 +31,14 @@ demo: setup
 
 # Two workers with one torch thread each: on 2 cores that is nearly twice the throughput of one
 # 2-thread process (two 2-thread processes would thrash). Each test file stays on one worker.
+# `make test` skips the tests marked slow (each trains several models in subprocesses);
+# `make test-slow` runs those, and .ci/run runs both.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 test: setup metaworld-deps
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PYTEST) -m "not slow" tests
+
+test-slow: setup metaworld-deps
+	$(PYTEST) -m slow tests
 
 # MetaWorld renders headless through EGL (Mesa's software renderer): the `metaworld` extra
 # into .venv, and Debian's EGL/Mesa libraries only when they are missing (needs root).
