@@ -32,8 +32,7 @@ class StagePlan:
     weights: dict[int, float]  # sampling shares by task id, summing to 1
     lr: float
     lr_source: str  # where the learning rate comes from, said in the stage's log line
-    epoch_samples: int  # samples per epoch (all processes together)
-    explicit_epoch: bool = False  # True: epoch_samples is set by the strategy, not by the replay quotas
+    epoch_samples: int  # samples per epoch (all processes together); the sampler's quotas add up to it
     dir_name: str = ""
     # Why stock `lerobot-train --resume` cannot continue this stage (None: it can, see stock_resume.py).
     stock_unsupported: str | None = None

@@ -43,18 +43,18 @@ class EWC(Strategy):
         super().__init__(cfg)
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.terms: list[tuple] | None = None  # built at the stage's first step from the loaded state
 
     def weights(self, stage):
         return {stage.task_id: 1.0}
 
     def extra_loss(self, policy, batch):
-        if not self.fisher:
+        if self.terms is None:  # (parameter, F, theta*) on the parameter's device: once, not at every step
+            self.terms = [(p, self.fisher[n].to(p.device), self.anchor[n].to(p.device))
+                          for n, p in policy.named_parameters() if n in self.fisher and p.requires_grad]
+        if not self.terms:
             return None
-        total = 0.0
-        for name, p in policy.named_parameters():
-            if name in self.fisher and p.requires_grad:
-                f = self.fisher[name].to(p.device)
-                total = total + (f * (p - self.anchor[name].to(p.device)) ** 2).sum()
+        total = sum((f * (p - anchor) ** 2).sum() for p, f, anchor in self.terms)
         return 0.5 * self.options.ewc_lambda * total
 
     def after_stage(self, policy, plan, batches):
@@ -78,6 +78,7 @@ class EWC(Strategy):
             count += 1
         policy.zero_grad(set_to_none=True)
         policy.train(was_training)
+        self.terms = None  # F and theta* change below
         for n in fisher:
             fisher[n] /= max(count, 1)
             self.fisher[n] = self.fisher.get(n, torch.zeros_like(fisher[n])) + fisher[n].cpu()
@@ -91,5 +92,6 @@ class EWC(Strategy):
         return {**{f"fisher.{n}": t for n, t in self.fisher.items()}, **{f"anchor.{n}": t for n, t in self.anchor.items()}}
 
     def load_state_dict(self, state):
+        self.terms = None
         self.fisher = {k[len("fisher."):]: v for k, v in state.items() if k.startswith("fisher.")}
         self.anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}

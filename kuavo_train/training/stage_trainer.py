@@ -23,7 +23,7 @@ import torch
 from kuavo_train.config.schema import RunConfig
 from kuavo_train.data.features import FeatureSpace, make_task_dataset
 from kuavo_train.data.frames import ChunkedFrameDataset, fetch_batches
-from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset, steps_per_epoch as count_steps_per_epoch
+from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
@@ -145,7 +145,7 @@ class StageTrainer:
         sampler = ProportionalReplaySampler(
             sorted(weights), [len(d) for d in train_sets], weights,
             current_task=stage.task_id, seed=cfg.seed, stage=stage.task_id,
-            samples_per_epoch=self.plan.epoch_samples if self.plan.explicit_epoch else None,
+            samples_per_epoch=self.plan.epoch_samples,
         )
         dl = cfg.dataloader
         loader = torch.utils.data.DataLoader(
@@ -159,7 +159,7 @@ class StageTrainer:
         )
         mix = {self.tasks[t].name: q for t, q in sampler.quotas.items()}
         log.info("stage %d replay mix per epoch (samples): %s", stage.task_id, mix)
-        steps_per_epoch = count_steps_per_epoch(len(sampler), dl.batch_size, dl.drop_last, self.acc.num_processes)
+        steps_per_epoch = self.plan.steps_per_epoch(cfg, self.acc.num_processes)
         total_steps = steps_per_epoch * stage.max_epoch
 
         params = [p for p in policy.parameters() if p.requires_grad]
