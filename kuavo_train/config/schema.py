@@ -11,6 +11,7 @@ first error for the user instead.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,28 +311,29 @@ def _problem(err: dict, cls, loc: list[str]) -> str:
     return words.get(kind, err["msg"])
 
 
+def _bare(t):
+    """A type without its Annotated[...] and without `| None`."""
+    while typing.get_origin(t) in (Annotated, typing.Union, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
 def _section_fields(cls, loc: list[str]) -> list[str]:
     """The field names of the dataclass found at `loc` below `cls` (mappings' keys skipped)."""
     t = cls
     for part in loc:
-        while typing.get_origin(t) in (Annotated, typing.Union) or str(typing.get_origin(t)) == "<class 'types.UnionType'>":
-            args = [a for a in typing.get_args(t) if a is not type(None)]
-            t = args[0]
+        t = _bare(t)
         if dataclasses.is_dataclass(t):
-            hints = typing.get_type_hints(t, include_extras=True)
-            if part not in hints:
+            t = typing.get_type_hints(t, include_extras=True).get(part)
+            if t is None:
                 return []
-            t = hints[part]
         elif typing.get_origin(t) is dict:
             t = typing.get_args(t)[1]
         else:
             return []
-    while typing.get_origin(t) is Annotated or str(typing.get_origin(t)) in ("<class 'types.UnionType'>", "typing.Union"):
-        t = [a for a in typing.get_args(t) if a is not type(None)][0]
+    t = _bare(t)
     if typing.get_origin(t) is dict:
-        t = typing.get_args(t)[1]
-        while typing.get_origin(t) is Annotated:
-            t = typing.get_args(t)[0]
+        t = _bare(typing.get_args(t)[1])
     return [f.name for f in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else []
 
 
