@@ -16,12 +16,13 @@ TASKS = ["push-v3", "drawer-open-v3"]
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`--smoke` sizes on two tasks: 1 demo + 1 held-out seed per task, 1 epoch per stage."""
+    """`--smoke` sizes on two tasks: 1 demo per task, 1 epoch per stage, 1 held-out seed
+    evaluated after stage 1 and 2 for the final model."""
     from kuavo_train.benchmark.metaworld import SMOKE, BenchmarkSpec, run_benchmark
 
     root = tmp_path_factory.mktemp("metaworld")
     spec = BenchmarkSpec(tasks=list(TASKS), strategies=["replay_freeze_decay", "joint"], seeds=[0], data_dir=root / "data",
-                         out_dir=root / "out", workers=2, **SMOKE)
+                         out_dir=root / "out", workers=2, **{**SMOKE, "final_episodes": 2})
     return spec, run_benchmark(spec)
 
 
@@ -36,7 +37,7 @@ def test_datasets_are_lerobot_v3_with_the_full_state(smoke):
         assert meta["render"] == {"shadows": False, "reflections": False, "offsamples": 0, "image_flipped_upright": True}
         assert set(meta["eval_seeds"]).isdisjoint(meta["train_seeds"])
         ds = LeRobotDataset(f"metaworld/{task}", root=root)
-        assert ds.meta.info["splits"] == {"train": "0:1", "val": "1:2"}
+        assert ds.meta.info["splits"] == {"train": "0:1", "val": "1:3"}  # 2 held-out seeds for the final row
         item = ds[0]
         assert item["observation.state"].shape == (39,)  # full observation, goal included (not cut at 32)
         assert float(item["observation.state"][36:39].abs().sum()) > 0
@@ -52,7 +53,10 @@ def test_success_matrix_is_filled_for_every_strategy(smoke):
     spec, result = smoke
     mats = result["success_matrices"]
     seq = mats["replay_freeze_decay"][0]
-    assert len(seq) == 3 and all(len(r) == 2 and all(v in (0.0, 1.0) for v in r) for r in seq)
+    assert len(seq) == 3 and all(len(r) == 2 for r in seq)
+    assert all(v in (0.0, 1.0) for r in seq[:2] for v in r) and all(v in (0.0, 0.5, 1.0) for v in seq[2])
+    rows = json.loads((spec.out_dir / "seed0" / "replay_freeze_decay" / "evaluation.json").read_text())["rows"]
+    assert {r: v["closed_loop_episodes"] for r, v in rows.items()} == {"0": 1, "1": 1, "2": 2}
     joint = mats["joint"][0]
     assert joint[0] is not None and joint[2] is not None
     for strategy in ("replay_freeze_decay", "joint"):
@@ -62,6 +66,7 @@ def test_success_matrix_is_filled_for_every_strategy(smoke):
         assert run["config"]["policy"]["max_state_dim"] == 39
     md = (spec.out_dir / "benchmark.md").read_text()
     assert "| before training |" in md and "ACC" in md and "expert success" in md
+    assert "1 held-out seeds evaluated closed loop after every stage and 2 for the final model" in md
     assert result["expert"]["push-v3"]["eval_success_rate"] == 1.0
 
 

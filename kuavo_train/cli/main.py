@@ -125,7 +125,7 @@ def ensure_demo_inputs(cfg) -> None:
     # older, smaller default only means fewer distinct held-out scenes than evaluated episodes.
     from kuavo_train.data.demo_world.writer import META_FILE, load_scene_seeds
 
-    episodes = cfg.evaluation.closed_loop_episodes
+    episodes = max(cfg.evaluation.closed_loop_episodes, cfg.evaluation.final_episodes)
     for s in cfg.ordered_stages():
         if (Path(s.dataset.root) / "meta" / META_FILE).is_file() and \
                 0 < len(scenes := load_scene_seeds(s.dataset.root)) < episodes:
@@ -178,7 +178,7 @@ def _after_training(cfg) -> None:
         # The last row of the success matrix: the final model on the same seeded held-out episodes
         # `kuavo-train infer` runs through the deployment wrapper (they agree episode by episode),
         # so they are not run a second time.
-        episodes = cfg.evaluation.closed_loop_episodes
+        episodes = cfg.evaluation.final_episodes
         print(f"final model of {cfg.run_dir}, closed loop in its simulator ({episodes} held-out scenes per task; "
               f"`kuavo-train infer --run {cfg.run_dir}` runs them through the deployment wrapper):")
         for name, rate in zip(report["task_names"], rows[-1]):
@@ -347,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--strategies", type=csv, default=None,
                     help="comma-separated (default: replay_freeze_decay,sequential_naive,joint)")
     bm.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0], help="training seeds, e.g. 0,1")
-    bm.add_argument("--episodes", type=int, default=None, help="held-out seeds evaluated per task after each stage (full: 10)")
+    bm.add_argument("--episodes", type=int, default=None, help="held-out seeds evaluated per task after each earlier stage (full: 10)")
+    bm.add_argument("--final-episodes", dest="final_episodes", type=int, default=None,
+                    help="held-out seeds evaluated per task for the final model (full: 20)")
     bm.add_argument("--train-episodes", dest="train_episodes", type=int, default=None, help="expert demos per task (full: 40)")
-    bm.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=None, help="held-out seeds stored per task (full: 10)")
+    bm.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=None, help="held-out seeds stored per task (full: 20)")
     bm.add_argument("--epochs", type=int, default=None, help="epochs per stage (full: see benchmark/metaworld.py FULL)")
     bm.add_argument("--state", choices=["full", "agent"], default=None,
                     help="observation.state: the full 39-dim MetaWorld observation (default) or the 4-dim agent state")

@@ -164,10 +164,17 @@ class LoggingSettings:
 class EvaluationSettings:
     after_each_stage: StrictBool = True
     closed_loop_episodes: Count = 0
+    # The final model's row (what the run delivers) may get more episodes than earlier rows,
+    # whose role is to show forgetting; None: closed_loop_episodes.
+    closed_loop_final_episodes: Count | None = None
     # Episodes stepped together in one vector env, the policy acting on the whole batch
     # (lerobot-eval's --eval.batch_size, which gives the same per-episode results).
     closed_loop_batch_size: PositiveInt = 1
     action_error_episodes: PositiveInt = 20
+
+    @property
+    def final_episodes(self) -> int:
+        return self.closed_loop_episodes if self.closed_loop_final_episodes is None else self.closed_loop_final_episodes
 
 
 @settings

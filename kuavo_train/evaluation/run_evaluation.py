@@ -97,6 +97,7 @@ def completed_rows(state: RunState) -> dict[int, str]:
 def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space) -> dict:
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
     out = {m: [] for m in DIRECTIONS}
+    episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
     action_std = stats[ACTION_KEY]["std"]
     for tid in sorted(tasks):
         task = tasks[tid]
@@ -109,9 +110,9 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
                                   batch_size=cfg.validation.batch_size, action_std=action_std)
         out["action_error"].append(mae)
         out["action_error_normalized"].append(nmae)
-        out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post),
-                                           cfg.evaluation.closed_loop_episodes,
+        out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
                                            batch_size=cfg.evaluation.closed_loop_batch_size))
+    out["closed_loop_episodes"] = episodes if out["success"] and out["success"][0] is not None else 0
     return out
 
 
