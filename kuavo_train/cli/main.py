@@ -245,6 +245,16 @@ def cmd_benchmark(args) -> None:
     print(f"benchmark: {spec.out_dir / 'benchmark.md'} (and benchmark.json; one run directory per seed and strategy)")
 
 
+def cmd_export_merged(args) -> None:
+    from kuavo_train.policy import adapters
+    from kuavo_train.wrapper.policy.smolvla import export_merged, resolve_pretrained_dir
+
+    sizes = adapters.adapter_bytes(resolve_pretrained_dir(args.path))
+    for name, path in export_merged(args.path, Path(args.out) if args.out else None).items():
+        print(f"{name}: {path} (stock SmolVLA checkpoint: the base with this task's adapter merged)")
+    print("adapter size per task: " + ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in sizes.items()))
+
+
 def cmd_register_vlm(args) -> None:
     from kuavo_train.policy import factory
     from kuavo_train.wrapper.policy.smolvla import resolve_pretrained_dir
@@ -322,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("register-vlm", help="make a checkpoint's bundled tiny VLM resolvable on this machine (for stock LeRobot)")
     rv.set_defaults(fn=cmd_register_vlm)
     rv.add_argument("path", help="run directory, checkpoint or pretrained_model/ folder")
+    x = sub.add_parser("export-merged", help="one stock checkpoint per task of a model with per-task adapters "
+                                             "(strategy lora_per_task)")
+    x.set_defaults(fn=cmd_export_merged)
+    x.add_argument("path", help="run directory (its final model), checkpoint or pretrained_model/ folder")
+    x.add_argument("--out", default=None, help="folder of the merged models (default: merged/ in the run directory)")
     i = sub.add_parser("infer", help="closed-loop success of a run's final model in the demo world")
     i.set_defaults(fn=cmd_infer)
     i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")

@@ -28,7 +28,7 @@ from kuavo_train.data.stats import STATS_FILE, stats_from_json
 from kuavo_train.data.frames import DIM_PAD_KEY
 from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
-from kuavo_train.policy import factory
+from kuavo_train.policy import adapters, factory
 from kuavo_train.files import write_json_atomic
 from kuavo_train.run_state import RunState
 
@@ -98,22 +98,26 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
     out = {m: [] for m in DIRECTIONS}
     episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
-    action_std = stats[ACTION_KEY]["std"]
     for tid in sorted(tasks):
-        task = tasks[tid]
-        eps = list(task.val_episodes)[: cfg.evaluation.action_error_episodes]
-        ds = make_task_dataset(task, eps, policy.config.chunk_size, space, stats)
-        idx = validation_frames(ds, eps, FRAMES_PER_EPISODE)
-        out["val_loss"].append(validation_loss(policy, pre, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                                               batch_size=cfg.validation.batch_size, device=next(policy.parameters()).device))
-        mae, nmae = action_errors(policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                                  batch_size=cfg.validation.batch_size, action_std=action_std)
-        out["action_error"].append(mae)
-        out["action_error_normalized"].append(nmae)
-        out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
-                                           batch_size=cfg.evaluation.closed_loop_batch_size))
+        with adapters.for_task(policy, tid):  # a model with per-task adapters runs each task with its own
+            _evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes, out)
     out["closed_loop_episodes"] = episodes if out["success"] and out["success"][0] is not None else 0
     return out
+
+
+def _evaluate_task(cfg: RunConfig, tid: int, task: TaskData, policy, pre, post, stats, space, episodes: int,
+                   out: dict) -> None:
+    eps = list(task.val_episodes)[: cfg.evaluation.action_error_episodes]
+    ds = make_task_dataset(task, eps, policy.config.chunk_size, space, stats)
+    idx = validation_frames(ds, eps, FRAMES_PER_EPISODE)
+    out["val_loss"].append(validation_loss(policy, pre, ds, idx, task_id=tid, seed=cfg.validation.seed,
+                                           batch_size=cfg.validation.batch_size, device=next(policy.parameters()).device))
+    mae, nmae = action_errors(policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed,
+                              batch_size=cfg.validation.batch_size, action_std=stats[ACTION_KEY]["std"])
+    out["action_error"].append(mae)
+    out["action_error_normalized"].append(nmae)
+    out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
+                                       batch_size=cfg.evaluation.closed_loop_batch_size))
 
 
 def load_evaluation(run_dir: Path) -> dict:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError, first_line
-from kuavo_train.policy import vlm_cache
+from kuavo_train.policy import adapters, vlm_cache
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,25 @@ def load_policy(pretrained_path: str | Path, cfg):
         policy = SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
     except Exception as exc:  # OSError, RuntimeError, safetensors' SafetensorError on a truncated file
         raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first_line(exc)}") from None
+    try:
+        if Path(pretrained_path).is_dir():
+            adapters.load(policy, pretrained_path)
+    except Exception as exc:
+        raise PolicyLoadError(f"cannot load the task adapters of {str(pretrained_path)!r}: {first_line(exc)}") from None
     bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise PolicyLoadError(f"{str(pretrained_path)!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
                               "the training that wrote it diverged; use an earlier checkpoint")
     return policy
+
+
+def save_policy(policy, pretrained_dir: Path) -> None:
+    """`policy.save_pretrained`, with per-task adapters (if any) beside the base in PEFT's layout."""
+    if adapters.names(policy):
+        policy.save_pretrained(pretrained_dir, state_dict=adapters.base_state_dict(policy))
+        adapters.save(policy, pretrained_dir)
+    else:
+        policy.save_pretrained(pretrained_dir)
 
 
 def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = None, device: str | None = None):

@@ -7,6 +7,8 @@
     checkpoints/<name>/strategy_state.safetensors  what the run's strategy kept from earlier stages
                                               (only when it keeps anything; kuavo_train/strategies/)
     checkpoints/last/strategy_state_final.safetensors  the same, this stage included (end of stage)
+    .../pretrained_model/adapters/task<k>/    per-task LoRA adapters in PEFT's layout, beside the base
+                                              (strategy lora_per_task; kuavo_train/policy/adapters.py)
     .../pretrained_model/kuavo_tasks.json      the tasks (ids, names, instructions) the
                                               model was trained on, for the inference wrapper
     .../pretrained_model/train_config.json     LeRobot's TrainPipelineConfig of the stage, so that
@@ -34,7 +36,7 @@ from kuavo_train.errors import KuavoError
 from kuavo_train.files import atomic_path
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.feature_cache import free_bytes
-from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
+from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir, save_policy
 from kuavo_train.training import stock_resume
 
 META_FILE = "kuavo_checkpoint.json"
@@ -127,7 +129,7 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
         tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".tmp-{ckpt_dir.name}-"))
         try:
             pretrained = tmp / PRETRAINED_DIR
-            policy.save_pretrained(pretrained)
+            save_policy(policy, pretrained)
             preprocessor.save_pretrained(pretrained)
             postprocessor.save_pretrained(pretrained)
             vlm_cache.bundle(policy.config.vlm_model_name, pretrained)

@@ -28,7 +28,7 @@ from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
-from kuavo_train.policy import factory
+from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
@@ -331,9 +331,10 @@ class StageTrainer:
         losses = {}
         for tid, (ds, idx) in tqdm(list(val_sets.items()), desc="validation", leave=False,
                                    disable=not self._bars()):
-            losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                                          batch_size=cfg.validation.batch_size, device=self.acc.device,
-                                          feature_cache=cache)
+            with adapters.for_task(policy, tid):  # per-task adapters: each task validated with its own
+                losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
+                                              batch_size=cfg.validation.batch_size, device=self.acc.device,
+                                              feature_cache=cache)
         if self.main:
             names = {t: self.tasks[t].name for t in losses}
             table = format_validation_table(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from kuavo_train.errors import KuavoError
-from kuavo_train.policy import factory
+from kuavo_train.policy import adapters, factory
 
 log = logging.getLogger(__name__)
 
@@ -338,13 +339,29 @@ class SmolVLAPolicyWrapper:
             cfg = self.config
             noise = torch.randn((len(batch["task"]), cfg.chunk_size, cfg.max_action_dim), generator=self._generator)
             noise = noise.to(next(self.policy.parameters()).device)
-        processed = self.preprocessor(dict(batch))
-        chunk = self.postprocessor(self.policy.predict_action_chunk(processed, noise=noise)).detach().cpu()
+        chunk = None
+        for task_id, rows in self._rows_by_adapter(batch["task"]).items():
+            part = {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows]) for k, v in batch.items()}
+            with adapters.for_task(self.policy, task_id):
+                processed = self.preprocessor(part)
+                out = self.postprocessor(self.policy.predict_action_chunk(
+                    processed, noise=None if noise is None else noise[rows])).detach().cpu()
+            chunk = out.new_empty((len(batch["task"]), *out.shape[1:])) if chunk is None else chunk
+            chunk[rows] = out
         if not bool(torch.isfinite(chunk).all()):
             # a robot must never receive NaN: refuse rather than act
             raise NonFiniteActionError(f"the policy of {self.source} produced non-finite actions for {batch['task'][0][:60]!r}: "
                                        "check the observation's values and the checkpoint")
         return chunk
+
+    def _rows_by_adapter(self, tasks: list[str]) -> dict[int, list[int]]:
+        """Batch rows grouped by the task whose adapter runs them (one group when the model has none)."""
+        if not adapters.names(self.policy):
+            return {0: list(range(len(tasks)))}
+        groups: dict[int, list[int]] = {}
+        for r, t in enumerate(tasks):
+            groups.setdefault(int(self._by_instruction.get(t, {}).get("task_id", 0)), []).append(r)
+        return groups
 
     def predict_action_chunk(self, obs: Mapping) -> torch.Tensor:
         batch, unbatched = self.to_batch(obs)
@@ -367,3 +384,34 @@ class SmolVLAPolicyWrapper:
         self._tasks: list[str] | None = None
         self._next = 0
         self.policy.reset()
+
+
+def export_merged(path, out: Path | None = None) -> dict[str, Path]:
+    """One plain stock checkpoint per task of a model with per-task adapters (base and the task's
+    adapter merged): `<out>/<task name>/pretrained_model`, each written whole or not at all.
+    `out` defaults to `merged/` beside the checkpoint folder (in the run directory for a run)."""
+    import tempfile
+
+    pretrained = resolve_pretrained_dir(path)
+    cfg = factory.read_pretrained_config(pretrained)
+    policy = factory.load_policy(pretrained, cfg)
+    if not adapters.names(policy):
+        raise factory.PolicyLoadError(f"{pretrained} has no per-task adapters: it is already one stock model for "
+                                      "all its tasks (strategy lora_per_task writes adapters)")
+    tasks = json.loads((pretrained / TASKS_FILE).read_text())["tasks"]
+    out = Path(out) if out is not None else (Path(path) if (Path(path) / "run.json").is_file() else pretrained.parent) / "merged"
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for t in tasks:
+        if adapters.adapter_name(t["task_id"]) not in adapters.names(policy):
+            continue
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{t['name']}-"))
+        try:
+            dest = adapters.export_merged(policy, pretrained, t["task_id"], tmp)
+            (dest / TASKS_FILE).write_text(json.dumps({"tasks": [t]}, indent=2) + "\n")  # what this model knows
+            factory.replace_dir(tmp, out / t["name"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        written[t["name"]] = out / t["name"] / factory.PRETRAINED_DIR
+    return written

@@ -1,0 +1,72 @@
+"""One LoRA adapter per task over a frozen shared base (parameter isolation).
+
+Stage k starts from stage k-1's checkpoint (the unchanged base and adapters 1..k-1), adds a
+fresh adapter for task k (PEFT LoRA on SmolVLA's default PEFT targets: the action expert's
+q/v projections and the state/action/time projections) and trains only it, on task k's own
+frames (no replay: no old data is needed). Nothing an earlier task uses changes, so its
+results after any later stage are those at the end of its own stage: zero backward transfer
+by construction. The checkpoint is the base plus every adapter (kuavo_train/policy/adapters.py);
+evaluation and the inference wrapper run each task with its own adapter, chosen by the
+instruction, so one checkpoint still switches tasks by language. `kuavo-train export-merged`
+writes one stock checkpoint per task (base and that task's adapter merged).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kuavo_train.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, settings
+from kuavo_train.policy import adapters
+from kuavo_train.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@settings
+class LoRAOptions:
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: NonNegativeFloat = 0.0
+    # Learning rate of every adapter. None: stage 1's by the run's rule (no decay: each adapter
+    # starts fresh). LoRA usually wants more than full fine-tuning.
+    lr: PositiveFloat | None = None
+
+
+class LoRAPerTask(Strategy):
+    name = "lora_per_task"
+    description = "a LoRA adapter per task on a frozen base, chosen by the instruction (zero forgetting)"
+    Options = LoRAOptions
+
+    def weights(self, stage):
+        return {stage.task_id: 1.0}
+
+    def lr(self, stage):
+        if self.options.lr is not None:
+            return self.options.lr, "strategy.lr of lora_per_task"
+        lr, source = super().lr(self.cfg.ordered_stages()[0])
+        return lr, f"stage 1's ({source}), no decay"
+
+    def stage_plan(self, stage, task_sizes):
+        import dataclasses
+
+        plan = super().stage_plan(stage, task_sizes)
+        return dataclasses.replace(plan, stock_unsupported="the stage trains a LoRA adapter beside earlier tasks' "
+                                                           "adapters; stock lerobot-train --resume would train the base")
+
+    def before_stage(self, policy, plan):
+        name = adapters.adapter_name(plan.stage.task_id)
+        if name not in adapters.names(policy):  # a resumed stage loaded its adapter with the checkpoint
+            o = self.options
+            # LoRA's A starts random: from (seed, task), not from whatever the global RNG went through
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed * 1000 + plan.stage.task_id)
+                adapters.add_adapter(policy, name, adapters.lora_config(policy, rank=o.rank, alpha=o.alpha,
+                                                                        dropout=o.dropout))
+        adapters.activate(policy, name)
+        adapters.train_only(policy, name)
+        size = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        log.info("lora_per_task: adapter %s (rank %d) has %s parameters (%.1f KiB in float32); earlier adapters: %s",
+                 name, self.options.rank, f"{size:,}", size * 4 / 1024,
+                 ", ".join(n for n in adapters.names(policy) if n != name) or "none")

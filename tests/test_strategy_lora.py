@@ -1,0 +1,171 @@
+"""The per-task LoRA strategy (kuavo_train/strategies/lora_per_task.py) on a real four-stage run:
+the shared base never changes and is stored under stock keys, earlier adapters never change, so
+every earlier task's row of the forgetting matrices repeats its own stage's values exactly;
+PEFT's own loader, the inference wrapper and the merged stock exports all act alike."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TASK_NAMES, final_pretrained, shared, tiny_overrides
+from safetensors.torch import load_file
+
+from kuavo_train.config.loading import load_run_config
+
+EXTRA = ("strategy=lora_per_task", "strategy.rank=4")
+CAMS = ("head_cam_h", "wrist_cam_l", "wrist_cam_r")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, demo_base, demo_data):
+    from kuavo_train.training.pipeline import Pipeline
+
+    def build(folder):
+        Pipeline(load_run_config(tiny_overrides(folder / "run", demo_base, demo_data, *EXTRA))).run()
+        return folder / "run"
+
+    return shared(tmp_path_factory, "lora_run", build)
+
+
+def _adapter(pretrained, k):
+    return load_file(str(pretrained / "adapters" / f"task{k}" / "adapter_model.safetensors"))
+
+
+def test_base_is_frozen_and_stored_under_stock_keys(lora_run, demo_base):
+    base = load_file(str(demo_base / "model.safetensors"))
+    for k, name in enumerate(TASK_NAMES, start=1):
+        pretrained = final_pretrained(lora_run, name)
+        saved = load_file(str(pretrained / "model.safetensors"))
+        assert saved.keys() == base.keys()
+        assert all(torch.equal(saved[n], base[n]) for n in base), f"stage {k} changed the base"
+        assert sorted(p.name for p in (pretrained / "adapters").iterdir()) == [f"task{j}" for j in range(1, k + 1)]
+        for j in range(1, k):  # earlier adapters are carried over unchanged
+            before, now = _adapter(final_pretrained(lora_run, TASK_NAMES[j - 1]), j), _adapter(pretrained, j)
+            assert before.keys() == now.keys() and all(torch.equal(before[n], now[n]) for n in now)
+        own = _adapter(pretrained, k)
+        assert any(float(t.abs().sum()) > 0 for n, t in own.items() if "lora_B" in n), "the adapter did not train"
+
+
+def test_earlier_tasks_rows_repeat_their_own_stage_exactly(lora_run):
+    report = json.loads((lora_run / "report.json").read_text())
+    for metric in ("val_loss", "action_error"):
+        R = report["matrices"][metric]
+        for k in range(1, 5):
+            for j in range(1, k + 1):
+                assert R[k][j - 1] == R[j][j - 1], (metric, k, j)
+        assert report["metrics"][metric]["bwt"] == 0.0
+    # and the adapters matter: task 1 on its own adapter differs from the untrained base's row
+    assert report["matrices"]["val_loss"][1][0] != report["matrices"]["val_loss"][0][0]
+
+
+def raw_obs(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = {f"observation.images.{c}": rng.integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8) for c in CAMS}
+    obs["observation.state"] = rng.normal(size=(batch, 16)).astype(np.float32)
+    return obs
+
+
+def test_wrapper_runs_each_row_with_its_tasks_adapter_as_peft_does(lora_run):
+    """One checkpoint, switched by language: a batch mixing tasks 1 and 2 gives each row what PEFT's
+    own loader (the stock class plus `PeftModel.from_pretrained` of that task's adapter) gives."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from peft import PeftModel
+
+    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
+
+    w = SmolVLAPolicyWrapper.from_pretrained(lora_run, seed=0)
+    mixed = w.predict_action_chunk({**raw_obs(2), "task": w.instructions[:2]})
+    pretrained = final_pretrained(lora_run, TASK_NAMES[-1])
+    noise = torch.randn((2, w.config.chunk_size, w.config.max_action_dim), generator=torch.Generator().manual_seed(0))
+    for row, k in enumerate((1, 2)):
+        peft_model = PeftModel.from_pretrained(SmolVLAPolicy.from_pretrained(str(pretrained)),
+                                               str(pretrained / "adapters" / f"task{k}")).eval()
+        batch, _ = w.to_batch({**raw_obs(2), "task": w.instructions[:2]})
+        one = {key: (v[row:row + 1] if torch.is_tensor(v) else v[row:row + 1]) for key, v in batch.items()}
+        with torch.no_grad():
+            theirs = w.postprocessor(peft_model.base_model.model.predict_action_chunk(
+                w.preprocessor(one), noise=noise[row:row + 1]))
+        assert torch.allclose(mixed[row], theirs[0, :, : mixed.shape[-1]], atol=1e-5), k
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+def test_export_merged_writes_one_stock_checkpoint_per_task(lora_run, python_exe, tmp_path):
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from kuavo_train.policy import adapters, factory
+
+    out = tmp_path / "merged"
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "export-merged", str(lora_run), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "adapter size per task: task1" in r.stdout
+    pretrained = final_pretrained(lora_run, TASK_NAMES[-1])
+    cfg = factory.read_pretrained_config(pretrained)
+    ours = factory.load_policy(pretrained, cfg).eval()
+    layers = {p: m for p, m in ours.named_modules() if m in adapters.lora_layers(ours)}
+    base = load_file(str(pretrained / "model.safetensors"))
+    for k, name in enumerate(TASK_NAMES, start=1):
+        merged_dir = out / name / "pretrained_model"
+        assert not (merged_dir / "adapters").exists()
+        assert json.loads((merged_dir / "kuavo_tasks.json").read_text())["tasks"][0]["task_id"] == k
+        stock = SmolVLAPolicy.from_pretrained(str(merged_dir)).eval()
+        merged = load_file(str(merged_dir / "model.safetensors"))
+        assert merged.keys() == base.keys()
+        changed = {n for n in base if not torch.equal(merged[n], base[n])}
+        assert changed and changed <= {f"{p}.weight" for p in layers}  # only the adapted layers differ
+        # each adapted layer of the stock model computes what the base layer with the task's adapter does
+        with adapters.for_task(ours, k), torch.no_grad():
+            for path, layer in layers.items():
+                x = torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(k))
+                assert torch.allclose(layer(x), stock.get_submodule(path)(x), atol=1e-5), (name, path)
+
+
+@pytest.mark.parametrize("override, problem", [("strategy.rank=0", "strategy.rank: must be > 0"),
+                                               ("strategy.dropout=-0.1", "strategy.dropout: must be >= 0")])
+def test_a_bad_option_is_one_line_naming_the_strategy_file(override, problem):
+    from kuavo_train.config.schema import ConfigError
+    from kuavo_train.strategies import get_strategy
+
+    with pytest.raises(ConfigError) as e:
+        get_strategy(load_run_config(["strategy=lora_per_task", override]))
+    assert problem in str(e.value) and "configs/policy/strategy/lora_per_task.yaml" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
+    """The resumed stage reloads adapters 1 and 2 from `last` (it must not add task 2's again) and ends
+    with the uninterrupted run's adapters, bit for bit."""
+    import os
+    import signal
+    import time
+
+    def args(run_dir, task, *extra):
+        return [python_exe, "-m", "kuavo_train.cli.main", "train",
+                *tiny_overrides(run_dir, demo_base, demo_data, *EXTRA, f"task=tasks/{task}",
+                                "evaluation.after_each_stage=false", "stages.task2_weighing.max_epoch=3", *extra)]
+
+    for run_dir in (tmp_path / "ref", tmp_path / "cut"):
+        r = subprocess.run(args(run_dir, TASK_NAMES[0]), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(args(tmp_path / "ref", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    proc = subprocess.Popen(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    meta = tmp_path / "cut" / "stage2_task2_weighing" / "checkpoints" / "last" / "kuavo_checkpoint.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not meta.is_file() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(meta.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    r = subprocess.run(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from last" in r.stdout + r.stderr
+    a, b = (final_pretrained(tmp_path / d, TASK_NAMES[1]) for d in ("ref", "cut"))
+    for k in (1, 2):
+        x, y = _adapter(a, k), _adapter(b, k)
+        assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
