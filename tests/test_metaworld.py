@@ -67,6 +67,12 @@ def test_success_matrix_is_filled_for_every_strategy(smoke):
     md = (spec.out_dir / "benchmark.md").read_text()
     assert "| before training |" in md and "ACC" in md and "expert success" in md
     assert "1 held-out seeds evaluated closed loop after every stage and 2 for the final model" in md
+    from kuavo_train.benchmark.metaworld import episode_sem
+
+    final = seq[2]  # binomial standard error of the mean over tasks, from the 2 final episodes per task
+    sem = (sum(p * (1 - p) / 2 for p in final)) ** 0.5 / len(final)
+    assert f"(± {sem:.2f} standard error of the final row's 2 episodes per task)" in md
+    assert episode_sem([0.5, 1.0], 20) == pytest.approx((0.25 / 20) ** 0.5 / 2)
     assert result["expert"]["push-v3"]["eval_success_rate"] == 1.0
 
 

@@ -293,6 +293,14 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def episode_sem(rates: list[float | None], episodes: int) -> float | None:
+    """Standard error of the mean success over tasks from the episodes alone (binomial per task):
+    the spread one training run's ACC would show if its evaluation were repeated on new scenes."""
+    if any(r is None for r in rates) or episodes < 1:
+        return None
+    return math.sqrt(sum(r * (1 - r) / episodes for r in rates)) / len(rates)
+
+
 def _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize) -> dict:
     """benchmark.json / benchmark.md, rewritten after every run so a partial benchmark is readable."""
     from kuavo_train.data.metaworld.writer import read_meta
@@ -335,8 +343,10 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                        / max(1, min(spec.final_episodes, len(metas[t]["expert_eval_successes"]))) for t in spec.tasks]
             lines.append("| scripted expert (ceiling) | " + " | ".join(_fmt(v) for v in ceiling) + " |")
             met = rep["metrics"]["success"]
-            lines += ["", "ACC {}, BWT {}, FWT {}, mean forgetting {}".format(
-                *(_fmt(met.get(k)) for k in ("acc", "bwt", "fwt", "mean_forgetting")))]
+            lines += ["", "ACC {} (± {} standard error of the final row's {} episodes per task), BWT {}, FWT {}, "
+                      "mean forgetting {}".format(_fmt(met.get("acc")), _fmt(episode_sem(R[-1], spec.final_episodes)),
+                                                  spec.final_episodes,
+                                                  *(_fmt(met.get(k)) for k in ("bwt", "fwt", "mean_forgetting")))]
     lines += ["", "## Over seeds", "", format_summary(summary, seeds=seeds_done)] if done else []
     out = {"spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()},
            "data_seconds": round(data_seconds, 1), "run_seconds": timings, "runs": runs, "summary": summary,

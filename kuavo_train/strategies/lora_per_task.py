@@ -51,6 +51,12 @@ class LoRAPerTask(Strategy):
     def stage_plan(self, stage, task_sizes):
         import dataclasses
 
+        # each stage starts from the previous one, whatever the stage's config says: that checkpoint
+        # holds the (unchanged) base and every earlier task's adapter
+        order = [s.task_id for s in self.cfg.ordered_stages()]
+        i = order.index(stage.task_id)
+        stage = dataclasses.replace(stage, resume_from="pretrained" if i == 0 else "task",
+                                    resume_task_id=None if i == 0 else order[i - 1])
         plan = super().stage_plan(stage, task_sizes)
         return dataclasses.replace(plan, stock_unsupported="the stage trains a LoRA adapter beside earlier tasks' "
                                                            "adapters; stock lerobot-train --resume would train the base")
