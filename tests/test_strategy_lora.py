@@ -169,3 +169,16 @@ def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_bas
     for k in (1, 2):
         x, y = _adapter(a, k), _adapter(b, k)
         assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+
+
+def test_one_rate_for_every_adapter_scaled_from_the_rule_unless_given():
+    from kuavo_train.strategies import get_strategy
+
+    sizes = {k: 100 for k in range(1, 5)}
+    cfg = load_run_config(["profile=demo", "strategy=lora_per_task", "learning_rate.base_lr=2e-4"])
+    plans = get_strategy(cfg).plan(sizes)
+    assert [p.lr for p in plans] == [10 * 2e-4] * 4 and "lr_scale 10" in plans[0].lr_source
+    assert [p.weights for p in plans] == [{k: 1.0} for k in range(1, 5)]
+    assert [(p.stage.resume_from, p.stage.resume_task_id) for p in plans] == [("pretrained", None)] + [("task", k) for k in range(1, 4)]
+    given = get_strategy(load_run_config(["profile=demo", "strategy=lora_per_task", "strategy.lr=0.003"])).plan(sizes)
+    assert [p.lr for p in given] == [0.003] * 4 and given[0].lr_source == "strategy.lr of lora_per_task"

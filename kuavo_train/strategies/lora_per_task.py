@@ -29,9 +29,12 @@ class LoRAOptions:
     rank: PositiveInt = 16
     alpha: PositiveFloat = 32.0
     dropout: NonNegativeFloat = 0.0
-    # Learning rate of every adapter. None: stage 1's by the run's rule (no decay: each adapter
-    # starts fresh). LoRA usually wants more than full fine-tuning.
+    # Learning rate of every adapter (no decay across stages: each adapter starts fresh).
+    # None: lr_scale x stage 1's rate by the run's rule, since a low-rank update wants a larger
+    # step than full fine-tuning (measured on MetaWorld push, 4 epochs: validation loss 1.08 at
+    # 1x the recipe's rate, 0.43 at 5x, 0.25 at 12.5x, 0.21 at 25x).
     lr: PositiveFloat | None = None
+    lr_scale: PositiveFloat = 10.0
 
 
 class LoRAPerTask(Strategy):
@@ -46,7 +49,7 @@ class LoRAPerTask(Strategy):
         if self.options.lr is not None:
             return self.options.lr, "strategy.lr of lora_per_task"
         lr, source = super().lr(self.cfg.ordered_stages()[0])
-        return lr, f"stage 1's ({source}), no decay"
+        return self.options.lr_scale * lr, f"strategy.lr_scale {self.options.lr_scale:g} x stage 1's ({source}), no decay"
 
     def stage_plan(self, stage, task_sizes):
         import dataclasses
