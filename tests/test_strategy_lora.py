@@ -1,7 +1,9 @@
 """The per-task LoRA strategy (kuavo_train/strategies/lora_per_task.py) on a real four-stage run:
 the shared base never changes and is stored under stock keys, earlier adapters never change, so
 every earlier task's row of the forgetting matrices repeats its own stage's values exactly;
-PEFT's own loader, the inference wrapper and the merged stock exports all act alike."""
+PEFT's own loader, the inference wrapper and the merged stock exports all act alike.
+The tests on the four-stage run are marked slow (`make test-slow`, also run by CI) to keep
+`make test` within its time budget."""
 
 import json
 import subprocess
@@ -33,6 +35,7 @@ def _adapter(pretrained, k):
     return load_file(str(pretrained / "adapters" / f"task{k}" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_base_is_frozen_and_stored_under_stock_keys(lora_run, demo_base):
     base = load_file(str(demo_base / "model.safetensors"))
     for k, name in enumerate(TASK_NAMES, start=1):
@@ -48,6 +51,7 @@ def test_base_is_frozen_and_stored_under_stock_keys(lora_run, demo_base):
         assert any(float(t.abs().sum()) > 0 for n, t in own.items() if "lora_B" in n), "the adapter did not train"
 
 
+@pytest.mark.slow
 def test_earlier_tasks_rows_repeat_their_own_stage_exactly(lora_run):
     report = json.loads((lora_run / "report.json").read_text())
     for metric in ("val_loss", "action_error"):
@@ -67,6 +71,7 @@ def raw_obs(batch, seed=0):
     return obs
 
 
+@pytest.mark.slow
 def test_wrapper_runs_each_row_with_its_tasks_adapter_as_peft_does(lora_run):
     """One checkpoint, switched by language: a batch mixing tasks 1 and 2 gives each row what PEFT's
     own loader (the stock class plus `PeftModel.from_pretrained` of that task's adapter) gives."""
@@ -91,6 +96,7 @@ def test_wrapper_runs_each_row_with_its_tasks_adapter_as_peft_does(lora_run):
     assert not torch.allclose(mixed[0], mixed[1])
 
 
+@pytest.mark.slow
 def test_export_merged_writes_one_stock_checkpoint_per_task(lora_run, python_exe, tmp_path):
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
