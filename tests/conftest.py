@@ -104,6 +104,23 @@ def tiny_overrides(run_dir: Path, demo_base: Path, demo_data: Path, *extra: str)
     ]
 
 
+def kill_after_first_checkpoint(cmd: list[str], meta: Path, max_epoch: int) -> None:
+    """Run `cmd` and SIGKILL its whole process group as soon as the checkpoint `meta` file
+    (kuavo_checkpoint.json of a stage's `last`) appears, before the stage's last epoch."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not meta.is_file() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(meta.read_text())["epoch"] < max_epoch, "the run finished before it could be killed"
+
+
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable

@@ -7,14 +7,12 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_RUN_EXTRA, REPO, TASK_NAMES, final_pretrained, tiny_overrides
+from conftest import FULL_RUN_EXTRA, REPO, TASK_NAMES, final_pretrained, kill_after_first_checkpoint, tiny_overrides
 from safetensors.torch import load_file
 
 
@@ -185,15 +183,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    meta = cut_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "kuavo_checkpoint.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not meta.is_file() and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert json.loads(meta.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    kill_after_first_checkpoint([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
+                                cut_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "kuavo_checkpoint.json", 3)
     state = json.loads((cut_dir / "run.json").read_text())
     assert state["stages"]["task1_moving_grasp"]["status"] == "running"
 

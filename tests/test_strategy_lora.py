@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TASK_NAMES, final_pretrained, shared, tiny_overrides
+from conftest import REPO, TASK_NAMES, final_pretrained, kill_after_first_checkpoint, shared, tiny_overrides
 from safetensors.torch import load_file
 
 from kuavo_train.config.loading import load_run_config
@@ -144,10 +144,6 @@ def test_a_bad_option_is_one_line_naming_the_strategy_file(override, problem):
 def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
     """The resumed stage reloads adapters 1 and 2 from `last` (it must not add task 2's again) and ends
     with the uninterrupted run's adapters, bit for bit."""
-    import os
-    import signal
-    import time
-
     def args(run_dir, task, *extra):
         return [python_exe, "-m", "kuavo_train.cli.main", "train",
                 *tiny_overrides(run_dir, demo_base, demo_data, *EXTRA, f"task=tasks/{task}",
@@ -159,15 +155,8 @@ def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_bas
     r = subprocess.run(args(tmp_path / "ref", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
 
-    proc = subprocess.Popen(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    meta = tmp_path / "cut" / "stage2_task2_weighing" / "checkpoints" / "last" / "kuavo_checkpoint.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not meta.is_file() and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert json.loads(meta.read_text())["epoch"] < 3, "the run finished before it could be killed"
+    kill_after_first_checkpoint(args(tmp_path / "cut", TASK_NAMES[1]),
+                                tmp_path / "cut" / "stage2_task2_weighing" / "checkpoints" / "last" / "kuavo_checkpoint.json", 3)
     r = subprocess.run(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from last" in r.stdout + r.stderr
