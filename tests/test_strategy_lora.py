@@ -144,6 +144,7 @@ def test_a_bad_option_is_one_line_naming_the_strategy_file(override, problem):
 def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
     """The resumed stage reloads adapters 1 and 2 from `last` (it must not add task 2's again) and ends
     with the uninterrupted run's adapters, bit for bit."""
+
     def args(run_dir, task, *extra):
         return [python_exe, "-m", "kuavo_train.cli.main", "train",
                 *tiny_overrides(run_dir, demo_base, demo_data, *EXTRA, f"task=tasks/{task}",
