@@ -340,12 +340,18 @@ class SmolVLAPolicyWrapper:
             noise = torch.randn((len(batch["task"]), cfg.chunk_size, cfg.max_action_dim), generator=self._generator)
             noise = noise.to(next(self.policy.parameters()).device)
         chunk = None
-        for task_id, rows in self._rows_by_adapter(batch["task"]).items():
-            part = {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows]) for k, v in batch.items()}
+        groups = self._rows_by_adapter(batch["task"])
+        for task_id, rows in groups.items():
+            whole = len(groups) == 1  # the usual case: no per-row copy of the batch or the noise
+            part = dict(batch) if whole else {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows])
+                                              for k, v in batch.items()}
             with adapters.for_task(self.policy, task_id):
                 processed = self.preprocessor(part)
                 out = self.postprocessor(self.policy.predict_action_chunk(
-                    processed, noise=None if noise is None else noise[rows])).detach().cpu()
+                    processed, noise=noise if noise is None or whole else noise[rows])).detach().cpu()
+            if whole:
+                chunk = out
+                break
             chunk = out.new_empty((len(batch["task"]), *out.shape[1:])) if chunk is None else chunk
             chunk[rows] = out
         if not bool(torch.isfinite(chunk).all()):
