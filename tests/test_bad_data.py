@@ -230,21 +230,47 @@ def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoin
     assert hub.connections == 0, f"{hub.connections} connection(s) to the hub"
 
 
-def test_kill_between_the_two_renames_of_a_checkpoint_swap_keeps_a_loadable_last(full_run, tmp_path):
-    """The swap moves `last` aside, then renames the new one in: a kill in between leaves only
-    `.old-last-<pid>` and a `.tmp-last-*`; the restart puts the old `last` back."""
+# Runs `replace_dir` (the checkpoint swap) in a process that SIGKILLs itself just before its
+# k-th file-system step: 1 = move the old `last` aside, 2 = rename the new one in, 3 = delete the old.
+_SWAP_KILLER = """
+import os, shutil, signal, sys
+from pathlib import Path
+from kuavo_train.policy.factory import replace_dir
+
+kill_before, calls = int(sys.argv[1]), [0]
+
+def step(fn):
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return run
+
+os.replace, shutil.rmtree = step(os.replace), step(shutil.rmtree)
+replace_dir(Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("kill_before", [1, 2, 3, 4])
+def test_a_kill_at_any_point_of_a_checkpoint_swap_keeps_a_loadable_last(full_run, tmp_path, python_exe, kill_before):
+    """A process killed anywhere inside the swap of `last` (4 = not killed) leaves, after the
+    restart's clean-up, a whole `last`: the old one before the new one is renamed in, the new one after."""
     from kuavo_train.training import checkpoint as ckpt
 
     _, run_dir = full_run
     ckpts = tmp_path / "checkpoints"
-    shutil.copytree(run_dir / "stage4_task4_sorting" / "checkpoints", ckpts)
-    step = ckpt.read_meta(ckpts / "last")["step"]
-    os.replace(ckpts / "last", ckpts / ".old-last-4242")
-    partial = ckpts / ".tmp-last-x1y2"
-    shutil.copytree(ckpts / ".old-last-4242", partial)
-    (partial / "pretrained_model" / "model.safetensors").unlink()  # the new one was still being written
-    assert not (ckpts / "last").exists()
+    shutil.copytree(run_dir / "stage4_task4_sorting" / "checkpoints" / "last", ckpts / "last")
+    new = ckpts / ".tmp-last-new"
+    shutil.copytree(run_dir / "stage3_task3_placement" / "checkpoints" / "last", new)
+    old_stage, new_stage = ckpt.read_meta(ckpts / "last")["stage"], ckpt.read_meta(new)["stage"]
+    r = subprocess.run([python_exe, "-c", _SWAP_KILLER, str(kill_before), str(new), str(ckpts / "last")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == (0 if kill_before == 4 else -9), r.stderr[-2000:]
+    if kill_before == 2:  # the moment the issue named: the old `last` aside, the new one not yet in
+        assert not (ckpts / "last").exists()
     ckpt.clean_temporaries(ckpts)
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".")) == []
-    assert ckpt.is_complete(ckpts / "last") and ckpt.read_meta(ckpts / "last")["step"] == step
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"]
+    assert ckpt.is_complete(ckpts / "last")
+    assert ckpt.read_meta(ckpts / "last")["stage"] == (old_stage if kill_before <= 2 else new_stage)
     SmolVLAPolicyWrapper.from_pretrained(ckpts / "last")
