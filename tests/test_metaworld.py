@@ -142,6 +142,8 @@ STOCK_TASK = "coffee-button-v3"  # its expert needs ~35 steps: the cheapest reco
 STOCK_SEED = 1000  # lerobot-eval's default --seed; the dataset's held-out scene
 
 
+# Its tests are all marked slow: rendering stock's 480 px frames makes this fixture cost about
+# 2.5 min, and `make test` stays under its 15-minute budget only without it.
 @pytest.fixture(scope="module")
 def stock_smoke(tmp_path_factory):
     """`--observation stock --smoke` on one task. The success matrix is off: a stock episode is
@@ -173,6 +175,7 @@ def _stock_first_frame(seed: int, size: int):
     return fork_map(one, [seed], 1)[0]
 
 
+@pytest.mark.slow
 def test_stock_observation_data_is_what_lerobots_env_shows(stock_smoke):
     import numpy as np
     import torch
@@ -208,6 +211,7 @@ def test_stock_observation_data_is_what_lerobots_env_shows(stock_smoke):
     assert "LeRobot's own `metaworld` env" in result["markdown"]
 
 
+@pytest.mark.slow
 def test_stock_dataset_evaluates_in_lerobots_own_env(stock_smoke):
     from lerobot.envs.metaworld import MetaworldEnv
 
@@ -287,6 +291,7 @@ def test_lerobot_eval_metaworld_runs_a_stock_checkpoint_as_we_do(stock_smoke, tm
     assert [ep["sum_reward"]] == stock["sum_rewards"] and [ep["max_reward"]] == stock["max_rewards"]
 
 
+@pytest.mark.slow
 def test_the_wrapper_drives_a_stock_observation_checkpoint(stock_smoke):
     """Stock's single camera key (observation.image) at stock's render size, as `kuavo-train infer`
     feeds it from LeRobot's env; a size check on request still refuses it in one line."""
