@@ -66,6 +66,11 @@ def test_success_matrix_is_filled_for_every_strategy(smoke):
         assert run["config"]["policy"]["max_state_dim"] == 39
     md = (spec.out_dir / "benchmark.md").read_text()
     assert "| before training |" in md and "ACC" in md and "expert success" in md
+    # rows named after the run's stages: a task's own stage, or joint's one stage over both tasks
+    sections = md.split("\n## ")
+    seq_md, joint_md = (next(x for x in sections if x.startswith(f"{s} (")) for s in ("replay_freeze_decay", "joint"))
+    assert "| after stage 1 |" in seq_md and "| after stage 2 |" in seq_md and "after joint" not in seq_md
+    assert "| after joint training |" in joint_md and "after stage" not in joint_md
     assert "1 held-out seeds evaluated closed loop after every stage and 2 for the final model" in md
     from kuavo_train.benchmark.metaworld import episode_sem
 

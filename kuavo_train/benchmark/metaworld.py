@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kuavo_train.files import write_json_atomic, write_text_atomic
+from kuavo_train.run_state import RunState
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
     DEFAULT_TASKS,
@@ -334,10 +335,14 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                 lines.append("no success matrix (closed-loop episodes = 0)")
                 continue
             lines += ["| model | " + " | ".join(spec.tasks) + " |", "|---" * (len(spec.tasks) + 1) + "|"]
+            # A row is named after the run's stage that ends at its task: a task's own stage is
+            # "stage i"; a stage that trains several tasks at once keeps its own name.
+            stage_names = {v["task_id"]: k for k, v in RunState.load(Path(run_dir)).data.get("stages", {}).items()}
             for i, row in enumerate(R):
                 if all(v is None for v in row):
                     continue
-                label = "before training" if i == 0 else (f"after stage {i}" if strategy != "joint" else "after joint training")
+                name = stage_names.get(i, spec.tasks[i - 1] if i else "")
+                label = "before training" if i == 0 else (f"after stage {i}" if name == spec.tasks[i - 1] else f"after {name} training")
                 lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
             ceiling = [sum(metas[t]["expert_eval_successes"][: spec.final_episodes])
                        / max(1, min(spec.final_episodes, len(metas[t]["expert_eval_successes"]))) for t in spec.tasks]
