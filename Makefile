@@ -50,8 +50,10 @@ metaworld-deps: setup
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(EGL_PKGS); \
 	fi
 
-# The full MetaWorld closed-loop benchmark (about an hour on 2 CPU cores): 4 tasks, 3 strategies,
-# seed 0; results in outputs/metaworld/benchmark.md. Extra options: make benchmark-metaworld ARGS="--seeds 0,1".
+# The full MetaWorld closed-loop benchmark: 4 tasks, 3 strategies, seed 0, about 1 h 50 min on
+# 2 CPU cores with the data (README, Measured results); results in outputs/metaworld/benchmark.md.
+# Finished runs are reused, so strategies and seeds can be added later:
+# make benchmark-metaworld ARGS="--strategies replay_freeze_decay,sequential_naive,joint,lora_per_task,ewc --seeds 0,1,2".
 benchmark-metaworld: metaworld-deps
 	MUJOCO_GL=egl $(BIN)/kuavo-train benchmark metaworld $(ARGS)
 

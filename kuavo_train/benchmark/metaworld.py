@@ -49,7 +49,7 @@ WARMUP_STEPS = 100
 DEFAULT_STRATEGIES = ("replay_freeze_decay", "sequential_naive", "joint")
 TIMING_FILE = "benchmark_seconds.json"  # wall time of a finished run (training + after-stage evaluation)
 
-# Full run: calibrated so 3 strategies x 4 tasks x 1 seed take about an hour on 2 CPU cores.
+# Full run: 35-45 min per strategy and seed on 2 CPU cores (4 tasks, closed-loop evaluation included).
 # Earlier rows show forgetting; the final model, what a run delivers, gets 20 held-out seeds.
 FULL = {"train_episodes": 40, "eval_seeds": 20, "episodes": 10, "final_episodes": 20, "epochs": 16}
 # CI smoke: every code path, minimal sizes.
