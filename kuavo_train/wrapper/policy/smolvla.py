@@ -339,21 +339,23 @@ class SmolVLAPolicyWrapper:
             cfg = self.config
             noise = torch.randn((len(batch["task"]), cfg.chunk_size, cfg.max_action_dim), generator=self._generator)
             noise = noise.to(next(self.policy.parameters()).device)
-        chunk = None
-        groups = self._rows_by_adapter(batch["task"])
-        for task_id, rows in groups.items():
-            whole = len(groups) == 1  # the usual case: no per-row copy of the batch or the noise
-            part = dict(batch) if whole else {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows])
-                                              for k, v in batch.items()}
+
+        def run(task_id: int, part: dict, part_noise) -> torch.Tensor:
             with adapters.for_task(self.policy, task_id):
-                processed = self.preprocessor(part)
-                out = self.postprocessor(self.policy.predict_action_chunk(
-                    processed, noise=noise if noise is None or whole else noise[rows])).detach().cpu()
-            if whole:
-                chunk = out
-                break
-            chunk = out.new_empty((len(batch["task"]), *out.shape[1:])) if chunk is None else chunk
-            chunk[rows] = out
+                return self.postprocessor(self.policy.predict_action_chunk(
+                    self.preprocessor(part), noise=part_noise)).detach().cpu()
+
+        groups = self._rows_by_adapter(batch["task"])
+        if len(groups) == 1:  # the usual case: the batch and the noise go whole, no per-row copy
+            (task_id,) = groups
+            chunk = run(task_id, dict(batch), noise)
+        else:
+            chunk = None
+            for task_id, rows in groups.items():
+                part = {k: (v[rows] if torch.is_tensor(v) else [v[r] for r in rows]) for k, v in batch.items()}
+                out = run(task_id, part, None if noise is None else noise[rows])
+                chunk = out.new_empty((len(batch["task"]), *out.shape[1:])) if chunk is None else chunk
+                chunk[rows] = out
         if not bool(torch.isfinite(chunk).all()):
             # a robot must never receive NaN: refuse rather than act
             raise NonFiniteActionError(f"the policy of {self.source} produced non-finite actions for {batch['task'][0][:60]!r}: "
