@@ -341,8 +341,9 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
             for i, row in enumerate(R):
                 if all(v is None for v in row):
                     continue
-                name = stage_names.get(i, spec.tasks[i - 1] if i else "")
-                label = "before training" if i == 0 else (f"after stage {i}" if name == spec.tasks[i - 1] else f"after {name} training")
+                name = stage_names.get(i)
+                label = ("before training" if i == 0 else f"after stage {i}" if name in (None, spec.tasks[i - 1])
+                         else f"after {name} training")
                 lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
             ceiling = [sum(metas[t]["expert_eval_successes"][: spec.final_episodes])
                        / max(1, min(spec.final_episodes, len(metas[t]["expert_eval_successes"]))) for t in spec.tasks]
