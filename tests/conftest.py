@@ -96,6 +96,7 @@ def tiny_overrides(run_dir: Path, demo_base: Path, demo_data: Path, *extra: str)
         f"policy.pretrained_path={demo_base}",
         "dataloader.batch_size=16",
         "validation.validation_episodes=2",
+        "validation.validation_freq_epoch=1",
         "logging.progress_bars=false",
         "logging.log_freq_steps=1",
         "evaluation.closed_loop_episodes=0",

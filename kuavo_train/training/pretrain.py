@@ -5,8 +5,11 @@ pretraining set (`kuavo_train/data/demo_world/pretraining.py`), never on the tas
    other images before any robot data; the stages then keep it frozen. The embedded base's
    tower is random, and a frozen random tower leaves the action expert unable to find the
    object (README measurements). `pretrain_vision` trains the tower and the connector (the
-   image tokens the rest of the model reads): a linear readout of a camera's image tokens must
-   give the image position of every object, mark and hand in view. The readout is thrown away.
+   image tokens the rest of the model reads): a readout of a camera's image tokens must give the
+   image position of every object, mark and hand in view. The readout is thrown away. It reads
+   the tokens the way the action expert will, by attention (one query per thing), so the tower
+   learns to put each thing's position where attention can pick it up; a linear readout of all
+   tokens at once left the stages' success lower (README, "Measured results").
 2. The robot skills: `pretrain_skills` then trains the language model, the connector and the
    action expert (vision tower frozen) with SmolVLA's own loss on the skills' episodes and
    their generic instructions, as smolvla_base was pretrained on community datasets.
@@ -64,7 +67,7 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
 
     with torch.no_grad():
         tokens = feats(val[:2]).shape
-    head = torch.nn.Linear(tokens[1] * tokens[2], y.shape[1] * 3)
+    head = AttentionReadout(tokens[2], y.shape[1])
     params = vision_parameters(policy)
 
     def evaluate() -> float:
@@ -72,12 +75,12 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
         with torch.no_grad():
             for i in range(0, n_val, 256):
                 idx = val[i : i + 256]
-                errs.append(float(locate_loss(head(feats(idx).flatten(1)).view(len(idx), -1, 3), y[idx])[1]) * len(idx))
+                errs.append(float(locate_loss(head(feats(idx)).view(len(idx), -1, 3), y[idx])[1]) * len(idx))
         return sum(errs) / n_val
 
     def step_loss():
         idx = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
-        return locate_loss(head(feats(idx).flatten(1)).view(batch_size, -1, 3), y[idx])[0]
+        return locate_loss(head(feats(idx)).view(batch_size, -1, 3), y[idx])[0]
 
     with _training_only(policy, params):
         _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
@@ -86,6 +89,27 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "images": int(len(x)), "held_out_images": n_val,
             "held_out_position_error": round(after, 4),
             "seconds": round(seconds, 1)}
+
+
+class AttentionReadout(torch.nn.Module):
+    """One learned query per entity, multi-head attention over a camera's image tokens, then
+    (u, v, in-view logit) per entity."""
+
+    def __init__(self, dim: int, entities: int, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads, self.width = heads, width
+        self.query = torch.nn.Parameter(torch.randn(entities, width) * width**-0.5)
+        self.key, self.value = torch.nn.Linear(dim, width), torch.nn.Linear(dim, width)
+        self.out = torch.nn.Linear(width, 3)
+
+    def forward(self, tokens):
+        b, n, _ = tokens.shape
+        h, d = self.heads, self.width // self.heads
+        k = self.key(tokens).view(b, n, h, d).transpose(1, 2)
+        v = self.value(tokens).view(b, n, h, d).transpose(1, 2)
+        q = self.query.view(-1, h, d).transpose(0, 1).expand(b, h, -1, d)
+        pooled = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, self.width)
+        return self.out(pooled)
 
 
 @contextlib.contextmanager
