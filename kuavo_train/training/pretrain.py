@@ -67,8 +67,8 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
         return vwe.embed_image(img * 2.0 - 1.0)  # SmolVLA's own pixel range
 
     with torch.no_grad():
-        tokens = feats(val[:2]).shape
-    head = AttentionReadout(tokens[2], y.shape[1])
+        dim = feats(val[:2]).shape[-1]
+    head = AttentionReadout(dim, y.shape[1])
     params = vision_parameters(policy)
 
     def evaluate() -> float:
@@ -76,12 +76,12 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
         with torch.no_grad():
             for i in range(0, n_val, 256):
                 idx = val[i : i + 256]
-                errs.append(float(locate_loss(head(feats(idx)).view(len(idx), -1, 3), y[idx])[1]) * len(idx))
+                errs.append(float(locate_loss(head(feats(idx)), y[idx])[1]) * len(idx))
         return sum(errs) / n_val
 
     def step_loss():
         idx = train[torch.randint(0, len(train), (batch_size,), generator=gen)]
-        return locate_loss(head(feats(idx)).view(batch_size, -1, 3), y[idx])[0]
+        return locate_loss(head(feats(idx)), y[idx])[0]
 
     with _training_only(policy, params):
         _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
