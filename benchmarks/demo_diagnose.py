@@ -1,0 +1,170 @@
+"""Why a demo-world policy fails: how far its episodes get, and whether it looks for the object.
+
+    .venv/bin/python benchmarks/demo_diagnose.py outputs/demo/run/stage4_task4_sorting/checkpoints/last/pretrained_model
+    .venv/bin/python benchmarks/demo_diagnose.py <checkpoint>/pretrained_model --tasks task3_placement --scenes 60
+
+A research tool (not part of `make demo`); it needs the demo datasets (`make demo` or
+`kuavo-train make-data`). For each task it prints two things:
+
+1. Closed loop on the held-out scenes: how many episodes reached each number of key events,
+   and, for the episodes that never grasped, how far the grasping hand was from the object
+   when its claw first closed. The episodes here run one after another with their own noise
+   draw, not batched as in the forgetting matrices, so the success count can differ from
+   theirs by sampling noise.
+2. The first chunk on `--scenes` fresh scenes (never in any dataset): the policy's chunk from
+   the very first observation against the scripted expert's next actions from the same state.
+   At that instant every scene starts from the same arm pose, so only the cameras can tell
+   where the object is. Printed: the mean distance of the grasping hand's (x, y) targets to
+   the expert's, beside the same for the best constant chunk (the mean of the expert's chunks
+   over the scenes), and the correlation of the policy's chunk-end target with the expert's
+   per coordinate that varies across scenes. A policy that reads the object's place from the
+   images has a distance well below the constant's and a correlation near 1; one that replays
+   an average motion has a distance near or above the constant's and a correlation near 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# First scene seed of the first-chunk probe: above every scene seed the dataset writer draws
+# (training scenes below 10,000,000 + count, held-out ones from 1,000,000 up to 11,000,000 + count).
+FRESH_SCENES = 20_000_000
+
+
+def policy_actors(checkpoint: str):
+    """A checkpoint as the two callables the diagnosis needs: `act(envs, obs)` -> (n, 16) actions
+    through `select_action` (its action queue, as closed-loop evaluation), and `chunk(envs, obs)`
+    -> (n, chunk_size, 16) from `predict_action_chunk`; both un-normalized."""
+    from lerobot.envs import preprocess_observation
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from kuavo_train.data.demo_world.tasks import CAMERAS
+
+    policy = SmolVLAPolicy.from_pretrained(checkpoint)
+    policy.eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
+
+    def batch_of(envs, obs):  # as lerobot-eval's vector env stacks them
+        batch = preprocess_observation({"pixels": {c: np.stack([o["pixels"][c] for o in obs]) for c in CAMERAS},
+                                        "agent_pos": np.stack([o["agent_pos"] for o in obs])})
+        batch["task"] = [e.task_description for e in envs]
+        return batch
+
+    def act(envs, obs):
+        with torch.inference_mode():
+            return post(policy.select_action(pre(batch_of(envs, obs)))).numpy()
+
+    def chunk(envs, obs):
+        with torch.inference_mode():
+            return post(policy.predict_action_chunk(pre(batch_of(envs, obs)))).numpy()
+
+    act.reset = policy.reset
+    chunk.size = policy.config.chunk_size
+    return act, chunk
+
+
+def expert_chunk(world, steps: int) -> np.ndarray:
+    """The scripted expert's next `steps` actions from the world's current state (on a copy)."""
+    w = copy.deepcopy(world)
+    out = []
+    for _ in range(steps):
+        a = w.expert_action()
+        out.append(a)
+        w.step(a)
+    return np.asarray(out)
+
+
+def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
+    """`episodes` held-out scenes stepped together: events reached per episode, and where the
+    grasping hand was when its claw first closed in episodes that never grasped."""
+    from kuavo_train.data.demo_world.world import SUCCESS_EVENTS
+    from kuavo_train.envs.demo import KuavoDemoEnv
+
+    envs = [KuavoDemoEnv(task, root) for _ in range(episodes)]
+    obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]
+    hand = envs[0].world.plan[0][0]  # the arm of the first grasp
+    first_close: list[float | None] = [None] * episodes
+    done = np.zeros(episodes, dtype=bool)
+    if hasattr(act, "reset"):
+        act.reset()
+    torch.manual_seed(seed)
+    for _ in range(envs[0].world.max_steps):
+        actions = act(envs, obs)
+        for i, env in enumerate(envs):
+            if done[i]:
+                continue
+            w = env.world
+            was_closed = w.q[hand + 7] > 0.5
+            obs[i], _, terminated, truncated, _ = env.step(actions[i])
+            if first_close[i] is None and w.q[hand + 7] > 0.5 and not was_closed:
+                first_close[i] = float(np.linalg.norm(w.hand(hand)[:2] - w.obj[:2]))
+            done[i] = terminated or truncated
+    never = [d for e, d in zip(envs, first_close) if not e.world.events]
+    return {"events": [len(e.world.events) for e in envs], "of": len(SUCCESS_EVENTS[task]),
+            "success": sum(e.world.success for e in envs),
+            "never_grasped_close_distance": [d for d in never if d is not None],
+            "never_closed": sum(d is None for d in never)}
+
+
+def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
+    """The first chunk on fresh scenes against the expert's: the grasping hand's (x, y) targets."""
+    from kuavo_train.envs.demo import KuavoDemoEnv
+
+    envs = [KuavoDemoEnv(task, root, scenes="seed") for _ in range(scenes)]
+    obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]
+    hand = envs[0].world.plan[0][0]
+    torch.manual_seed(seed)
+    pred = np.asarray(chunk(envs, obs))[..., hand : hand + 2]
+    expert = np.stack([expert_chunk(e.world, pred.shape[1]) for e in envs])[..., hand : hand + 2]
+    corr = {name: float(np.corrcoef(pred[:, -1, axis], expert[:, -1, axis])[0, 1])
+            for axis, name in enumerate("xy") if expert[:, -1, axis].std() > 1e-6 and pred[:, -1, axis].std() > 1e-9}
+    return {"distance": float(np.linalg.norm(pred - expert, axis=-1).mean()),
+            "constant_distance": float(np.linalg.norm(expert.mean(0, keepdims=True) - expert, axis=-1).mean()),
+            "correlation": corr}
+
+
+def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> str:
+    reached = collections.Counter(loop["events"])
+    lines = [task, (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
+                    f"key events reached (of {loop['of']}): {dict(sorted(reached.items()))}")]
+    missed = loop["never_grasped_close_distance"]
+    if missed or loop["never_closed"]:
+        lines.append(f"  never grasped: {len(missed) + loop['never_closed']}; hand-object distance at the claw's first "
+                     f"close: median {np.median(missed) if missed else float('nan'):.3f} (grasp radius 0.07); "
+                     f"{loop['never_closed']} never closed it")
+    corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
+    lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
+                 f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from kuavo_train.data.demo_world.tasks import TASKS_BY_NAME
+    from kuavo_train.data.generated import EVAL_START_SEED
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a pretrained_model directory")
+    ap.add_argument("--tasks", default=",".join(TASKS_BY_NAME))
+    ap.add_argument("--data-root", default="outputs/demo/datasets")
+    ap.add_argument("--episodes", type=int, default=20, help="held-out scenes run closed loop per task")
+    ap.add_argument("--scenes", type=int, default=60, help="fresh scenes for the first-chunk probe")
+    args = ap.parse_args()
+    act, chunk = policy_actors(args.checkpoint)
+    for task in args.tasks.split(","):
+        root = f"{args.data_root}/{task}"
+        loop = closed_loop(act, task, root, args.episodes, EVAL_START_SEED)
+        probe = first_chunk(chunk, task, root, args.scenes, FRESH_SCENES)
+        print(report(task, loop, probe, args.episodes, args.scenes), flush=True)
+
+
+if __name__ == "__main__":
+    main()

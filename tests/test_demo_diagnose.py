@@ -1,0 +1,70 @@
+"""`benchmarks/demo_diagnose.py`: its two measurements, checked against the scripted expert (which
+does every task and whose chunk is the reference) and against a constant chunk; then the script
+on a trained checkpoint."""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, final_pretrained
+
+spec = importlib.util.spec_from_file_location("demo_diagnose", REPO / "benchmarks" / "demo_diagnose.py")
+diag = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(diag)
+
+
+def expert_act(envs, obs):
+    return np.stack([e.world.expert_action() for e in envs])
+
+
+def expert_chunk(envs, obs):
+    return np.stack([diag.expert_chunk(e.world, 10) for e in envs])
+
+
+@pytest.mark.parametrize("task", ["task1_moving_grasp", "task3_placement"])
+def test_the_expert_succeeds_and_its_chunk_is_the_reference(demo_data, task):
+    loop = diag.closed_loop(expert_act, task, str(demo_data / task), 3, 1000)
+    assert loop["success"] == 3 and loop["events"] == [loop["of"]] * 3
+    assert loop["never_grasped_close_distance"] == [] and loop["never_closed"] == 0
+    probe = diag.first_chunk(expert_chunk, task, str(demo_data / task), 8, diag.FRESH_SCENES)
+    assert probe["distance"] == 0.0
+    assert probe["constant_distance"] > 0.02  # the object's place varies across scenes
+    assert all(c == pytest.approx(1.0) for c in probe["correlation"].values()) and probe["correlation"]
+
+
+def test_a_constant_chunk_scores_the_constant_distance_and_a_missed_grasp_is_measured(demo_data):
+    task = "task4_sorting"
+    root = str(demo_data / task)
+    ref = diag.first_chunk(expert_chunk, task, root, 8, diag.FRESH_SCENES)
+
+    def constant(envs, obs):  # the expert's chunks averaged over the same scenes, for every scene
+        return np.repeat(expert_chunk(envs, obs).mean(0, keepdims=True), len(envs), axis=0)
+
+    probe = diag.first_chunk(constant, task, root, 8, diag.FRESH_SCENES)
+    assert probe["distance"] == pytest.approx(ref["constant_distance"])
+    assert probe["correlation"] == {}
+
+    # closing the claw at home, far from the workpiece: never grasped, and the distance is where it closed
+    def close_at_home(envs, obs):
+        a = np.stack([e.world.q.copy() for e in envs])
+        a[:, 7] = 1.0
+        return a
+
+    loop = diag.closed_loop(close_at_home, task, root, 2, 1000)
+    assert loop["success"] == 0 and loop["events"] == [0, 0]
+    assert len(loop["never_grasped_close_distance"]) == 2 and min(loop["never_grasped_close_distance"]) > 0.07
+
+
+def test_the_script_on_a_trained_checkpoint(full_run, demo_data):
+    ckpt = final_pretrained(full_run[1], "task4_sorting")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(ckpt), "--tasks",
+                        "task2_weighing", "--data-root", str(demo_data), "--episodes", "2", "--scenes", "4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    lines = lines[lines.index("task2_weighing"):]  # after LeRobot's own loading messages
+    assert "closed loop, 2 held-out scenes: success" in lines[1] and "(of 5)" in lines[1]
+    assert "first chunk, 4 new scenes: hand targets" in lines[-1] and "correlation with the expert: x" in lines[-1]
