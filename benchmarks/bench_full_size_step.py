@@ -10,7 +10,7 @@ SmolVLA's defaults (`freeze_vision_encoder`, `train_expert_only`), three
 
 A step is: LeRobot preprocessor -> `policy.forward` -> backward -> grad clip ->
 AdamW step, on a new frame each step, exactly as in training. Variants:
-- stock: that step, nothing else;
+- stock: that step, nothing else, with AdamW as lerobot-train builds it;
 - vision: the same step with the frozen-feature cache at the vision-output
   level (image features served), measured on a second pass over the frames
   (what every epoch after the first and every replayed frame costs); the
@@ -18,6 +18,8 @@ AdamW step, on a new frame each step, exactly as in training. Variants:
 - prefix: the same with the prefix cache (every VLM layer's keys and values
   of the image and language tokens served; the state token and the action
   expert run live), as training runs it by default with `train_expert_only`;
+- vision and prefix step with our stages' fused AdamW (`optimizer.fused`), stock with
+  torch's default AdamW, as lerobot-train;
 - *-bf16: the same under torch.autocast(bfloat16), as
   `policy.mixed_precision=bf16` runs it.
 Each variant runs in its own process (so its peak RSS is its own), one after
@@ -73,6 +75,7 @@ def child(args) -> dict:
     from kuavo_train.config.schema import FeatureCacheSettings
     from kuavo_train.policy.feature_cache import serving
     from kuavo_train.policy.prefix_cache import create_cache
+    from kuavo_train.training.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,7 +99,9 @@ def child(args) -> dict:
                  "min": -np.ones(d, np.float32), "max": np.ones(d, np.float32)}
              for k, d in (("observation.state", STATE_DIM), ("action", ACTION_DIM))}
     pre, _ = make_pre_post_processors(cfg, dataset_stats=stats)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    # stock: AdamW as lerobot-train builds it (torch's default implementation); ours: as our stages
+    # build it (`optimizer.fused`, default true). Same preset hyper-parameters for both.
+    optimizer = build_optimizer(cfg, params, fused=not args.variant.startswith("stock"))
     b = args.batch_size
     frames = b * args.steps
     rng = np.random.default_rng(0)

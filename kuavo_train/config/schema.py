@@ -111,6 +111,7 @@ class OptimizerSettings:
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 5e-7
     grad_clip_norm: PositiveFloat = 1.0
+    fused: StrictBool = True
 
 
 @settings

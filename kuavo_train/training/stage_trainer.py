@@ -32,6 +32,7 @@ from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
+from kuavo_train.training.optim import build_optimizer
 from kuavo_train.run_state import RunState
 from kuavo_train.strategies import StagePlan, Strategy
 from kuavo_train.training.stock_resume import StockSpec
@@ -166,7 +167,7 @@ class StageTrainer:
         # Over ALL parameters, like stock lerobot-train (`policy.get_optim_params()`): the saved optimizer state
         # must have its layout for `lerobot-train --resume` to load it. Frozen ones get no gradient, so
         # AdamW skips them: the updates are those of an optimizer over `params` alone.
-        optimizer = pcfg.get_optimizer_preset().build(policy.get_optim_params())
+        optimizer = build_optimizer(pcfg, policy.get_optim_params(), fused=cfg.optimizer.fused)
         scheduler = pcfg.get_scheduler_preset().build(optimizer, total_steps)
         step = 0
         if resuming:
