@@ -38,6 +38,7 @@ from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.feature_cache import free_bytes
 from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir, save_policy
 from kuavo_train.training import stock_resume
+from kuavo_train.training.optim import stock_param_groups
 
 META_FILE = "kuavo_checkpoint.json"
 TASKS_FILE = "kuavo_tasks.json"
@@ -136,7 +137,8 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
             (pretrained / TASKS_FILE).write_text(json.dumps({"tasks": trained_tasks}, indent=2) + "\n")
             if stock is not None:
                 meta = {**meta, "stock_resume": stock_resume.write_train_config(pretrained, policy.config, stock)}
-            save_training_state(tmp, step, optimizer, scheduler)
+            with stock_param_groups(optimizer):
+                save_training_state(tmp, step, optimizer, scheduler)
             (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
             if strategy_state:
                 _save_tensors(strategy_state, tmp / STRATEGY_FILE)

@@ -32,7 +32,7 @@ from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
-from kuavo_train.training.optim import build_optimizer
+from kuavo_train.training.optim import build_optimizer, stock_param_groups
 from kuavo_train.run_state import RunState
 from kuavo_train.strategies import StagePlan, Strategy
 from kuavo_train.training.stock_resume import StockSpec
@@ -173,7 +173,8 @@ class StageTrainer:
         if resuming:
             from lerobot.common.train_utils import load_training_state
 
-            step, optimizer, scheduler = load_training_state(last, optimizer, scheduler)
+            with stock_param_groups(optimizer):
+                step, optimizer, scheduler = load_training_state(last, optimizer, scheduler)
         meta_best = ckpt.read_meta(self.ckpt_dir / "best") if ckpt.is_complete(self.ckpt_dir / "best") else {}
         best_loss = meta_best.get("current_task_val_loss", float("inf"))
 
