@@ -10,7 +10,7 @@ SmolVLA's defaults (`freeze_vision_encoder`, `train_expert_only`), three
 
 A step is: LeRobot preprocessor -> `policy.forward` -> backward -> grad clip ->
 AdamW step, on a new frame each step, exactly as in training. Variants:
-- stock: that step, nothing else, with AdamW as lerobot-train builds it;
+- stock: that step, nothing else;
 - vision: the same step with the frozen-feature cache at the vision-output
   level (image features served), measured on a second pass over the frames
   (what every epoch after the first and every replayed frame costs); the
@@ -99,8 +99,7 @@ def child(args) -> dict:
                  "min": -np.ones(d, np.float32), "max": np.ones(d, np.float32)}
              for k, d in (("observation.state", STATE_DIM), ("action", ACTION_DIM))}
     pre, _ = make_pre_post_processors(cfg, dataset_stats=stats)
-    # stock: AdamW as lerobot-train builds it (torch's default implementation); ours: as our stages
-    # build it (`optimizer.fused`, default true). Same preset hyper-parameters for both.
+    # the same preset hyper-parameters; only ours fused (see the variants above)
     optimizer = build_optimizer(cfg, params, fused=not args.variant.startswith("stock"))
     b = args.batch_size
     frames = b * args.steps

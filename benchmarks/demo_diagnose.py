@@ -68,7 +68,6 @@ def policy_actors(checkpoint: str):
             return post(policy.predict_action_chunk(pre(batch_of(envs, obs)))).numpy()
 
     act.reset = policy.reset
-    chunk.size = policy.config.chunk_size
     return act, chunk
 
 
