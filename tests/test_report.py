@@ -8,7 +8,7 @@ import pytest
 
 from kuavo_train.evaluation.forgetting import classify_retention, format_validation_table
 from kuavo_train.evaluation.plots import plot_validation_curves
-from kuavo_train.evaluation.report import load_report, write_report
+from kuavo_train.evaluation.report import load_report, render_markdown, write_report
 
 NAMES = ["grasp", "weigh", "place"]
 SUCCESS = [[0.1, 0.0, 0.2], [0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
@@ -77,6 +77,20 @@ def test_report_without_log_with_missing_cells(tmp_path):
     _assert_png(tmp_path / "heatmap_action_error.png")
     assert not (tmp_path / "validation_curves.png").exists()
     assert "No validation log" in (tmp_path / "report.md").read_text()
+
+
+def test_rows_are_named_after_the_stage_that_filled_them(tmp_path):
+    # a joint run fills the last row with a stage that trained every task: not "after stage 2"
+    loss = [[1.0, 1.0], [None, None], [0.25, 0.5]]
+    write_report(tmp_path / "j", matrices={"val_loss": loss}, directions={"val_loss": False}, task_names=["a", "b"],
+                 config={}, extra={"row_stages": {2: "joint"}})
+    md = (tmp_path / "j" / "report.md").read_text()
+    assert "| after joint training | 0.250 | 0.500 |" in md and "after stage" not in md
+    # report.json's keys are strings; re-rendering from it names the rows the same way
+    assert render_markdown(load_report(tmp_path / "j")) == md
+    write_report(tmp_path / "s", matrices={"val_loss": loss}, directions={"val_loss": False}, task_names=["a", "b"],
+                 config={}, extra={"row_stages": {1: "a", 2: "b"}})
+    assert "| after stage 2 | 0.250 | 0.500 |" in (tmp_path / "s" / "report.md").read_text()
 
 
 def test_validation_curves_skip_torn_line_and_missing_file(tmp_path):

@@ -82,6 +82,9 @@ def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
     rows = report["matrices"]["val_loss"]
     assert all(v is not None for v in rows[0] + rows[4]) and all(v is None for r in rows[1:4] for v in r)
     assert report["metrics"]["val_loss"]["bwt"] is None and report["metrics"]["val_loss"]["acc"] is not None
+    # the last row is the joint model's, and the report says so instead of "after stage 4"
+    md = (tmp_path / "joint" / "report.md").read_text()
+    assert "| after joint training | " in md and "after stage" not in md.split("## Validation loss")[0]
 
 
 @pytest.mark.slow

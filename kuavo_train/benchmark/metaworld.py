@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kuavo_train.files import write_json_atomic, write_text_atomic
 from kuavo_train.run_state import RunState
+from kuavo_train.evaluation.plots import row_labels
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
     DEFAULT_TASKS,
@@ -335,15 +336,10 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                 lines.append("no success matrix (closed-loop episodes = 0)")
                 continue
             lines += ["| model | " + " | ".join(spec.tasks) + " |", "|---" * (len(spec.tasks) + 1) + "|"]
-            # A row is named after the run's stage that ends at its task: a task's own stage is
-            # "stage i"; a stage that trains several tasks at once keeps its own name.
             stage_names = {v["task_id"]: k for k, v in RunState.load(Path(run_dir)).data.get("stages", {}).items()}
-            for i, row in enumerate(R):
+            for label, row in zip(row_labels(len(R), spec.tasks, stage_names), R):
                 if all(v is None for v in row):
                     continue
-                name = stage_names.get(i)
-                label = ("before training" if i == 0 else f"after stage {i}" if name in (None, spec.tasks[i - 1])
-                         else f"after {name} training")
                 lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
             ceiling = [sum(metas[t]["expert_eval_successes"][: spec.final_episodes])
                        / max(1, min(spec.final_episodes, len(metas[t]["expert_eval_successes"]))) for t in spec.tasks]

@@ -33,11 +33,21 @@ def _save(fig, path) -> Path:
     return path
 
 
-def row_labels(n_rows: int) -> list[str]:
-    return ["before training"] + [f"after stage {k}" for k in range(1, n_rows)]
+def row_labels(n_rows: int, task_names=(), row_stages: dict | None = None) -> list[str]:
+    """'before training', then 'after stage k' where row k's stage is task k's own; a stage that
+    trains several tasks at once (joint) ends at the last task's row and keeps its own name.
+    `row_stages`: matrix row -> name of the stage that filled it (JSON's string keys accepted)."""
+    stages = {int(k): v for k, v in (row_stages or {}).items()}
+    labels = ["before training"]
+    for k in range(1, n_rows):
+        name = stages.get(k)
+        own = name is None or k > len(task_names) or name == task_names[k - 1]
+        labels.append(f"after stage {k}" if own else f"after {name} training")
+    return labels
 
 
-def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bool) -> Path:
+def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bool,
+                        row_stages: dict | None = None) -> Path:
     """Rows = before training / after stage k (stage k trains task k), columns = tasks; missing cells grey."""
     plt = _plt()
     data = np.array([[np.nan if v is None else float(v) for v in (row or [None] * len(task_names))] for row in R],
@@ -52,7 +62,7 @@ def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bo
         vmin, vmax = vmin - 0.5, vmax + 0.5
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(task_names)), [n.replace("_", "\n", 1) for n in task_names], fontsize=8)
-    ax.set_yticks(range(len(R)), row_labels(len(R)), fontsize=8)
+    ax.set_yticks(range(len(R)), row_labels(len(R), list(task_names), row_stages), fontsize=8)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if np.isfinite(data[i, j]):

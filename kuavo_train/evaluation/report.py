@@ -52,9 +52,11 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _matrix_md(R, task_names) -> list[str]:
+def _matrix_md(R, task_names, row_stages=None) -> list[str]:
     lines = ["| model | " + " | ".join(task_names) + " |", "|---" * (len(task_names) + 1) + "|"]
-    for label, row in zip(row_labels(len(R)), R):
+    for label, row in zip(row_labels(len(R), list(task_names), row_stages), R):
+        if all(v is None for v in row):  # no model was evaluated there (a joint run's rows 1..T-1, a partial run)
+            continue
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     return lines
 
@@ -82,7 +84,7 @@ def render_markdown(report: dict) -> str:
         met = report["metrics"][m]
         out += [f"## {m}", "", f"{DESCRIPTIONS.get(m, m)} ({'higher' if report['directions'][m] else 'lower'} is better).",
                 ""]
-        out += _matrix_md(R, names) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
+        out += _matrix_md(R, names, extra.get("row_stages")) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
     out += ["## Validation loss over the run", ""]
     if report.get("figures", {}).get("validation_curves"):
         out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark stage starts.",
@@ -101,7 +103,8 @@ def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[
     dirs = {m: bool(directions[m]) for m in mats}
     figures = {}
     for m, R in mats.items():
-        figures[m] = plot_matrix_heatmap(R, task_names, m, run_dir / heatmap_name(m), higher_is_better=dirs[m]).name
+        figures[m] = plot_matrix_heatmap(R, task_names, m, run_dir / heatmap_name(m), higher_is_better=dirs[m],
+                                         row_stages=(extra or {}).get("row_stages")).name
     curves = plot_validation_curves(run_dir / "validation.jsonl", run_dir / CURVES_PNG, task_names=list(task_names),
                                     stage_boundaries=list((extra or {}).get("stage_boundaries") or []))
     figures["validation_curves"] = curves.name if curves else None

@@ -23,6 +23,7 @@ import torch
 
 from kuavo_train.config.schema import RunConfig
 from kuavo_train.evaluation.closed_loop import StockPolicyFn, success_rate
+from kuavo_train.evaluation.plots import row_labels
 from kuavo_train.data.features import build_feature_space, make_task_dataset
 from kuavo_train.data.stats import STATS_FILE, stats_from_json
 from kuavo_train.data.frames import DIM_PAD_KEY
@@ -135,12 +136,12 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
         t0 = time.perf_counter()
         ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space)
         write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
-        log.info("%s (%.0f s)", format_row(row, ev["rows"][str(row)], tasks), time.perf_counter() - t0)
+        label = row_labels(row + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))[row]
+        log.info("%s (%.0f s)", format_row(label, ev["rows"][str(row)], tasks), time.perf_counter() - t0)
     return ev
 
 
-def format_row(row: int, values: dict, tasks) -> str:
-    label = "before training" if row == 0 else f"after stage {row}"
+def format_row(label: str, values: dict, tasks) -> str:
     parts = []
     for i, tid in enumerate(sorted(tasks)):
         s = values["success"][i]
@@ -177,6 +178,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     names = [tasks[t].name for t in sorted(tasks)]
     boundaries = [state.global_step_offset(t) for t in sorted(tasks)]
     report = write_report(run_dir, matrices=mats, directions={m: DIRECTIONS[m] for m in mats}, task_names=names,
-                          config=cfg.to_dict(), extra={"strategy": cfg.strategy.name, "stage_boundaries": boundaries})
+                          config=cfg.to_dict(), extra={"strategy": cfg.strategy.name, "stage_boundaries": boundaries,
+                                                       "row_stages": completed_rows(state)})
     log.info("report: %s", run_dir / "report.md")
     return report
