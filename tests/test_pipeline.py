@@ -238,6 +238,44 @@ def test_run_report_has_every_matrix_row_and_metric(full_run):
     assert set(report["figures"].values()) >= {"heatmap_val_loss.png", "heatmap_action_error.png", "validation_curves.png"}
 
 
+def test_base_row_is_evaluated_once_for_runs_that_share_its_inputs(full_run, tmp_path, demo_base, demo_data, caplog):
+    """Row 0 (the base model) depends on no strategy and no seed: with evaluation.base_row_dir,
+    a second run reads it instead of evaluating it, and gets exactly what it would compute; a
+    changed input (here the validation seed) is a different key."""
+    import logging
+
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.data.stats import STATS_FILE
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+
+    _, run_dir = full_run
+    rows = tmp_path / "rows"
+
+    def row0(name, *extra):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(run_dir / STATS_FILE, d / STATS_FILE)  # no run.json: only row 0 is evaluated
+        cfg = load_run_config(tiny_overrides(d, demo_base, demo_data, *FULL_RUN_EXTRA,
+                                             "evaluation.closed_loop_episodes=2", *extra))
+        with caplog.at_level(logging.INFO, logger="kuavo_train.evaluation.run_evaluation"):
+            caplog.clear()
+            evaluate_run(cfg)
+        return json.loads((d / "evaluation.json").read_text())["rows"]["0"], caplog.text
+
+    first, log1 = row0("a", f"evaluation.base_row_dir={rows}")
+    assert "evaluating the base model" in log1 and len(list(rows.iterdir())) == 1
+    assert first["success"] and all(v is not None for v in first["success"] + first["val_loss"])
+    shared = next(rows.iterdir())
+    written = shared.stat().st_mtime_ns
+    second, log2 = row0("b", f"evaluation.base_row_dir={rows}", "seed=7", "strategy=sequential_naive")
+    assert "evaluating the base model" not in log2 and str(shared) in log2
+    assert second == first and shared.stat().st_mtime_ns == written
+    own, _ = row0("c", "seed=7", "strategy=sequential_naive")  # evaluated by the run itself
+    assert own == first
+    _, log4 = row0("d", f"evaluation.base_row_dir={rows}", "validation.seed=3")
+    assert "evaluating the base model" in log4 and len(list(rows.iterdir())) == 2
+
+
 def test_truncated_instruction_is_warned_at_training_start(full_run):
     # the embedded tiny tokenizer cuts task 3's instruction (58 tokens > 48); the log shows what is kept
     cfg, run_dir = full_run

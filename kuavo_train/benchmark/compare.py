@@ -32,7 +32,9 @@ def run_comparison(overrides: list[str], *, out_dir: Path, strategies: list[str]
     for seed in seeds:
         for strategy in strategies:
             run_dir = out_dir / f"seed{seed}" / strategy
-            cfg = load_run_config([*overrides, f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"], config_dir)
+            # the base model's row is the same for every strategy and seed: evaluated once (an override wins)
+            cfg = load_run_config([f"evaluation.base_row_dir={out_dir / 'base_rows'}", *overrides,
+                                   f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"], config_dir)
             get_strategy(cfg)
             runs.append((seed, strategy, cfg))
     reports: dict[str, list[dict]] = {s: [] for s in strategies}

@@ -194,6 +194,7 @@ def run_config(spec: BenchmarkSpec, strategy: str, seed: int, roots: dict[str, P
                    f"policy.max_state_dim={max_state_dim(spec)}",
                    f"evaluation.closed_loop_episodes={spec.episodes}",  # --episodes (an override still wins)
                    f"evaluation.closed_loop_final_episodes={spec.final_episodes}",
+                   f"evaluation.base_row_dir={spec.out_dir / 'base_rows'}",  # row 0: once for all runs
                    *plain,
                    f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"])
     stages = {}

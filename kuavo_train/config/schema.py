@@ -172,6 +172,9 @@ class EvaluationSettings:
     # (lerobot-eval's --eval.batch_size, which gives the same per-episode results).
     closed_loop_batch_size: PositiveInt = 1
     action_error_episodes: PositiveInt = 20
+    # A folder where row 0 (the base model, before any training) is kept under a digest of its
+    # inputs, so that runs over the same base and data evaluate it once (null: each run does).
+    base_row_dir: StrictStr | None = None
 
     @property
     def final_episodes(self) -> int:
