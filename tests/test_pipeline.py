@@ -241,26 +241,30 @@ def test_run_report_has_every_matrix_row_and_metric(full_run):
 def test_base_row_is_evaluated_once_for_runs_that_share_its_inputs(full_run, tmp_path, demo_base, demo_data, caplog):
     """Row 0 (the base model) depends on no strategy and no seed: with evaluation.base_row_dir,
     a second run reads it instead of evaluating it, and gets exactly what it would compute; a
-    changed input (here the validation seed) is a different key."""
+    changed input (the validation seed, the statistics) is a different key."""
     import logging
 
     from kuavo_train.config.loading import load_run_config
     from kuavo_train.data.stats import STATS_FILE
-    from kuavo_train.evaluation.run_evaluation import evaluate_run
+    from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.evaluation.run_evaluation import evaluate_run, shared_base_row
 
     _, run_dir = full_run
     rows = tmp_path / "rows"
 
-    def row0(name, *extra):
+    def config(name, *extra):
         d = tmp_path / name
-        d.mkdir()
-        shutil.copy(run_dir / STATS_FILE, d / STATS_FILE)  # no run.json: only row 0 is evaluated
-        cfg = load_run_config(tiny_overrides(d, demo_base, demo_data, *FULL_RUN_EXTRA,
-                                             "evaluation.closed_loop_episodes=2", *extra))
+        if not d.is_dir():
+            d.mkdir()
+            shutil.copy(run_dir / STATS_FILE, d / STATS_FILE)  # no run.json: only row 0 is evaluated
+        return load_run_config(tiny_overrides(d, demo_base, demo_data, *FULL_RUN_EXTRA,
+                                              "evaluation.closed_loop_episodes=1", *extra))
+
+    def row0(name, *extra):
         with caplog.at_level(logging.INFO, logger="kuavo_train.evaluation.run_evaluation"):
             caplog.clear()
-            evaluate_run(cfg)
-        return json.loads((d / "evaluation.json").read_text())["rows"]["0"], caplog.text
+            evaluate_run(config(name, *extra))
+        return json.loads((tmp_path / name / "evaluation.json").read_text())["rows"]["0"], caplog.text
 
     first, log1 = row0("a", f"evaluation.base_row_dir={rows}")
     assert "evaluating the base model" in log1 and len(list(rows.iterdir())) == 1
@@ -272,8 +276,16 @@ def test_base_row_is_evaluated_once_for_runs_that_share_its_inputs(full_run, tmp
     assert second == first and shared.stat().st_mtime_ns == written
     own, _ = row0("c", "seed=7", "strategy=sequential_naive")  # evaluated by the run itself
     assert own == first
-    _, log4 = row0("d", f"evaluation.base_row_dir={rows}", "validation.seed=3")
-    assert "evaluating the base model" in log4 and len(list(rows.iterdir())) == 2
+
+    def key(name, *extra):
+        cfg = config(name, f"evaluation.base_row_dir={rows}", *extra)
+        return shared_base_row(cfg, {s.task_id: open_task_data(s) for s in cfg.ordered_stages()})
+
+    assert key("b") == shared and key("d", "validation.seed=3") != shared
+    stats = tmp_path / "e" / STATS_FILE
+    key("e")
+    stats.write_text(stats.read_text().replace("1", "2", 1))
+    assert key("e") != shared
 
 
 def test_truncated_instruction_is_warned_at_training_start(full_run):
