@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kuavo_train.files import write_json_atomic, write_text_atomic
-from kuavo_train.run_state import RunState
 from kuavo_train.evaluation.plots import row_labels
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
@@ -337,8 +336,9 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                 lines.append("no success matrix (closed-loop episodes = 0)")
                 continue
             lines += ["| model | " + " | ".join(spec.tasks) + " |", "|---" * (len(spec.tasks) + 1) + "|"]
-            stage_names = {v["task_id"]: k for k, v in RunState.load(Path(run_dir)).data.get("stages", {}).items()}
-            for label, row in zip(row_labels(len(R), spec.tasks, stage_names), R):
+            # the report names the stage that filled each row (a joint run's last row is its own)
+            row_stages = (rep.get("extra") or {}).get("row_stages")
+            for label, row in zip(row_labels(len(R), spec.tasks, row_stages), R):
                 if all(v is None for v in row):
                     continue
                 lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")

@@ -155,6 +155,7 @@ def shared_base_row(cfg: RunConfig, tasks: dict[int, TaskData]) -> Path | None:
 def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState, space) -> dict:
     """Evaluate the missing rows among `rows`, caching each in evaluation.json."""
     ev = load_evaluation(cfg.run_dir)
+    labels = row_labels(max(rows, default=0) + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))
     for row in rows:
         if str(row) in ev["rows"]:
             continue
@@ -169,8 +170,7 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
             if shared is not None:
                 write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"]})
         write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
-        label = row_labels(row + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))[row]
-        log.info("%s (%.0f s)", format_row(label, ev["rows"][str(row)], tasks), time.perf_counter() - t0)
+        log.info("%s (%.0f s)", format_row(labels[row], ev["rows"][str(row)], tasks), time.perf_counter() - t0)
     return ev
 
 
