@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kuavo_train.files import write_json_atomic, write_text_atomic
-from kuavo_train.evaluation.plots import row_labels
+from kuavo_train.evaluation.report import matrix_md
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
     DEFAULT_TASKS,
@@ -335,13 +335,8 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
             if R is None:
                 lines.append("no success matrix (closed-loop episodes = 0)")
                 continue
-            lines += ["| model | " + " | ".join(spec.tasks) + " |", "|---" * (len(spec.tasks) + 1) + "|"]
             # the report names the stage that filled each row (a joint run's last row is its own)
-            row_stages = (rep.get("extra") or {}).get("row_stages")
-            for label, row in zip(row_labels(len(R), spec.tasks, row_stages), R):
-                if all(v is None for v in row):
-                    continue
-                lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+            lines += matrix_md(R, spec.tasks, (rep.get("extra") or {}).get("row_stages"), digits=2)
             ceiling = [sum(metas[t]["expert_eval_successes"][: spec.final_episodes])
                        / max(1, min(spec.final_episodes, len(metas[t]["expert_eval_successes"]))) for t in spec.tasks]
             lines.append("| scripted expert (ceiling) | " + " | ".join(_fmt(v) for v in ceiling) + " |")

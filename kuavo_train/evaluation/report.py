@@ -52,12 +52,13 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _matrix_md(R, task_names, row_stages=None) -> list[str]:
+def matrix_md(R, task_names, row_stages=None, digits: int = 3) -> list[str]:
+    """A matrix as a markdown table, one line per row some model filled, named by `row_labels`."""
     lines = ["| model | " + " | ".join(task_names) + " |", "|---" * (len(task_names) + 1) + "|"]
     for label, row in zip(row_labels(len(R), list(task_names), row_stages), R):
         if all(v is None for v in row):  # no model was evaluated there (a joint run's rows 1..T-1, a partial run)
             continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in row) + " |")
     return lines
 
 
@@ -84,7 +85,7 @@ def render_markdown(report: dict) -> str:
         met = report["metrics"][m]
         out += [f"## {m}", "", f"{DESCRIPTIONS.get(m, m)} ({'higher' if report['directions'][m] else 'lower'} is better).",
                 ""]
-        out += _matrix_md(R, names, extra.get("row_stages")) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
+        out += matrix_md(R, names, extra.get("row_stages")) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
     out += ["## Validation loss over the run", ""]
     if report.get("figures", {}).get("validation_curves"):
         out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark stage starts.",
