@@ -129,7 +129,8 @@ def test_export_merged_writes_one_stock_checkpoint_per_task(lora_run, python_exe
 
 
 @pytest.mark.parametrize("override, problem", [("strategy.rank=0", "strategy.rank: must be > 0"),
-                                               ("strategy.dropout=-0.1", "strategy.dropout: must be >= 0")])
+                                               ("strategy.dropout=-0.1", "strategy.dropout: must be >= 0"),
+                                               ("strategy.targets=all", "strategy.targets: unknown value 'all'")])
 def test_a_bad_option_is_one_line_naming_the_strategy_file(override, problem):
     from kuavo_train.config.schema import ConfigError
     from kuavo_train.strategies import get_strategy
@@ -138,6 +139,33 @@ def test_a_bad_option_is_one_line_naming_the_strategy_file(override, problem):
         get_strategy(load_run_config(["strategy=lora_per_task", override]))
     assert problem in str(e.value) and "configs/policy/strategy/lora_per_task.yaml" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_expert_all_linear_adapts_every_linear_layer_of_the_expert_and_reloads(demo_base, tmp_path):
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from peft.tuners.lora import LoraLayer
+
+    from kuavo_train.policy import adapters
+
+    def wrapped(policy):
+        return {n for n, m in policy.named_modules() if isinstance(m, LoraLayer)}
+
+    default, wide, fresh = (SmolVLAPolicy.from_pretrained(demo_base) for _ in range(3))
+    adapters.add_adapter(default, "task1", adapters.lora_config(default, rank=4, alpha=8.0))
+    adapters.add_adapter(wide, "task1", adapters.lora_config(wide, rank=4, alpha=8.0, targets="expert_all_linear"))
+    expert = {n for n in wrapped(wide) if ".lm_expert." in n}
+    assert {n.rsplit(".", 1)[1] for n in expert} == {f"{k}_proj" for k in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert wrapped(default) < wrapped(wide)  # SmolVLA's own targets, and more
+    assert wrapped(wide) - expert == wrapped(default) - expert  # outside the expert: the same projections
+    torch.manual_seed(0)
+    for name, p in wide.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    adapters.save(wide, tmp_path)
+    assert adapters.load(fresh, tmp_path) == ["task1"]
+    assert wrapped(fresh) == wrapped(wide)
+    ours, theirs = dict(wide.named_parameters()), dict(fresh.named_parameters())
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours if "lora_" in n)
 
 
 @pytest.mark.slow

@@ -46,13 +46,30 @@ def lora_layers(policy) -> list:
     return [m for m in policy.modules() if isinstance(m, LoraLayer)]
 
 
-def lora_config(policy, *, rank: int, alpha: float, dropout: float = 0.0, target_modules: str | None = None):
-    """LoRA on SmolVLA's default PEFT targets (the action expert's q/v projections and the
-    state/action/time projections), as `lerobot-train --peft` chooses them."""
+# Which layers get an adapter. smolvla_default: SmolVLA's own PEFT targets, as `lerobot-train
+# --peft` chooses them (the action expert's q/v projections and the state/action/time
+# projections). expert_all_linear: those plus every other linear layer of the action expert
+# (k/o projections and the MLPs, which hold most of the expert's weights).
+TARGETS = ("smolvla_default", "expert_all_linear")
+_EXPERT_LINEAR = r"model\.vlm_with_expert\.lm_expert\..*\.(q|k|v|o|gate|up|down)_proj"
+
+
+def target_modules(policy, targets: str = "smolvla_default") -> str:
+    """PEFT's target_modules regex for one of TARGETS."""
+    default = policy._get_default_peft_targets()["target_modules"]
+    if targets == "smolvla_default":
+        return default
+    if targets == "expert_all_linear":
+        return f"({_EXPERT_LINEAR}|{default})"
+    raise ValueError(f"unknown LoRA targets {targets!r} (choose one of {', '.join(TARGETS)})")
+
+
+def lora_config(policy, *, rank: int, alpha: float, dropout: float = 0.0, targets: str = "smolvla_default"):
+    """A LoRA config on the layers `targets` names (see TARGETS)."""
     from peft import LoraConfig
 
-    targets = target_modules or policy._get_default_peft_targets()["target_modules"]
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(policy, targets),
+                      bias="none")
 
 
 def add_adapter(policy, name: str, config) -> None:

@@ -1,8 +1,8 @@
 """One LoRA adapter per task over a frozen shared base (parameter isolation).
 
 Stage k starts from stage k-1's checkpoint (the unchanged base and adapters 1..k-1), adds a
-fresh adapter for task k (PEFT LoRA on SmolVLA's default PEFT targets: the action expert's
-q/v projections and the state/action/time projections) and trains only it, on task k's own
+fresh adapter for task k (PEFT LoRA on the layers `strategy.targets` names, see
+kuavo_train/policy/adapters.py TARGETS) and trains only it, on task k's own
 frames (no replay: no old data is needed). Nothing an earlier task uses changes, so its
 results after any later stage are those at the end of its own stage: zero backward transfer
 by construction. The checkpoint is the base plus every adapter (kuavo_train/policy/adapters.py);
@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from typing import Literal
+
 from kuavo_train.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, settings
 from kuavo_train.policy import adapters
 from kuavo_train.strategies.base import Strategy
@@ -29,6 +31,7 @@ class LoRAOptions:
     rank: PositiveInt = 16
     alpha: PositiveFloat = 32.0
     dropout: NonNegativeFloat = 0.0
+    targets: Literal[adapters.TARGETS] = "smolvla_default"
     # Learning rate of every adapter (no decay across stages: each adapter starts fresh).
     # None: lr_scale x stage 1's rate by the run's rule, since a low-rank update wants a larger
     # step than full fine-tuning (measured on MetaWorld push, 4 epochs: validation loss 1.08 at
@@ -72,10 +75,10 @@ class LoRAPerTask(Strategy):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed * 1000 + plan.stage.task_id)
                 adapters.add_adapter(policy, name, adapters.lora_config(policy, rank=o.rank, alpha=o.alpha,
-                                                                        dropout=o.dropout))
+                                                                        dropout=o.dropout, targets=o.targets))
         adapters.activate(policy, name)
         adapters.train_only(policy, name)
         size = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        log.info("lora_per_task: adapter %s (rank %d) has %s parameters (%.1f KiB in float32); earlier adapters: %s",
-                 name, self.options.rank, f"{size:,}", size * 4 / 1024,
+        log.info("lora_per_task: adapter %s (rank %d on %s) has %s parameters (%.1f KiB in float32); earlier adapters: %s",
+                 name, self.options.rank, self.options.targets, f"{size:,}", size * 4 / 1024,
                  ", ".join(n for n in adapters.names(policy) if n != name) or "none")
