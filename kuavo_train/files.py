@@ -30,3 +30,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def hash_file(h, path: str | Path, chunk: int = 1 << 20) -> None:
+    """Feed a file's bytes into the hash `h` a chunk at a time: the digest of reading it whole,
+    without holding a base model's weights (about 1 GB for smolvla_base) in memory."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)

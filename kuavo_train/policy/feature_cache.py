@@ -59,6 +59,7 @@ import torch
 
 from kuavo_train.data.frames import NOT_DECODED_KEY
 from kuavo_train.errors import KuavoError
+from kuavo_train.files import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def dataset_fingerprint(root: str | Path) -> str:
     for f in sorted(meta.rglob("*")) if meta.is_dir() else []:
         if f.is_file():
             h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
+            hash_file(h, f)
     for sub in ("data", "videos"):
         for f in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
             if f.is_file():

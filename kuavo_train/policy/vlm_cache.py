@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kuavo_train.files import write_text_atomic
+from kuavo_train.files import hash_file, write_text_atomic
 
 REPO_PREFIX = "kuavo-train/tiny-smolvlm-"
 BUNDLED_DIR = "vlm"
@@ -43,7 +43,7 @@ def content_revision(vlm_dir: Path) -> str:
         f = vlm_dir / name
         if f.is_file():
             h.update(name.encode())
-            h.update(f.read_bytes())
+            hash_file(h, f)
     return h.hexdigest()
 
 
