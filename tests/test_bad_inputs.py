@@ -241,6 +241,37 @@ def test_resume_sources_against_run_json(tmp_path):
     assert not fresh.exists()
 
 
+def _tree(run_dir):
+    """Every file under run_dir with its bytes (what a refused invocation must leave as it was)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_stage_is_never_reused_or_resumed_with_other_settings_cli(python_exe, tmp_path, demo_base, demo_data):
+    run_dir = tmp_path / "run"
+    stage1 = tiny_overrides(run_dir, demo_base, demo_data, "task=tasks/task1_moving_grasp", "evaluation.after_each_stage=false")
+    r = _run(python_exe, *CLI, "train", *stage1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = _tree(run_dir)
+    # stage 2 under another base rate: stage 1, done at the old one, would be reused silently
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "task=all", "learning_rate.base_lr=2e-3"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert lines[0].startswith("error: config error: learning_rate.base_lr: stage task1_moving_grasp of "), lines[0]
+    assert "was trained with 0.001, this config says 0.002 (and 1 more setting(s))" in lines[0], lines[0]
+    assert "choose another run_dir" in lines[0] and BASE_FILE in lines[0], lines[0]
+    assert _tree(run_dir) == before  # nothing written, nothing lost
+    # a strategy option names the strategy's file
+    r = _run(python_exe, *CLI, "train", *stage1, "strategy=lora_per_task", "strategy.rank=4")
+    assert r.returncode == 2 and "config error: strategy." in r.stderr, r.stderr[-3000:]
+    assert "configs/policy/strategy/lora_per_task.yaml" in r.stderr and _tree(run_dir).keys() == before.keys()
+    # what does not decide the weights may change, and the old name of the strategy is the same strategy
+    r = _run(python_exe, *CLI, "train", *stage1, "strategy=sequential_spec", "logging.log_freq_steps=5",
+             "evaluation.closed_loop_episodes=1", "validation.validation_episodes=1", "dataloader.num_workers=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 1 task1_moving_grasp is complete already: skipped" in r.stdout + r.stderr
+
+
 # ---- 8. the inference wrapper's refusal of an unknown instruction --------------------------------------
 
 def _known():

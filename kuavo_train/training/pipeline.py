@@ -24,6 +24,7 @@ from kuavo_train.policy import factory
 from kuavo_train.strategies import StagePlan, get_strategy
 from kuavo_train.files import write_json_atomic, write_text_atomic
 from kuavo_train.run_state import RunState, check_resume_sources
+from kuavo_train.training.stage_settings import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Pipeline:
         self.plans = self.strategy.plan(sizes, num_processes())
         # a stage resuming from another needs it complete or trained first
         check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
+        check_settings(cfg, self.plans, self.run_dir)  # a stage begun or done keeps its settings
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name

@@ -33,6 +33,7 @@ from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
 from kuavo_train.training import checkpoint as ckpt
 from kuavo_train.training.optim import build_optimizer, stock_param_groups
+from kuavo_train.training.stage_settings import stage_settings
 from kuavo_train.run_state import RunState
 from kuavo_train.strategies import StagePlan, Strategy
 from kuavo_train.training.stock_resume import StockSpec
@@ -184,7 +185,8 @@ class StageTrainer:
         if self.main:
             self.run_state.update_stage(stage.name, task_id=stage.task_id, status="running", total_steps=total_steps,
                                         replay_mix=mix, lr=self.plan.lr, trainable_parameters=trainable,
-                                        total_parameters=total, source=str(source))
+                                        total_parameters=total, source=str(source),
+                                        settings=stage_settings(self.cfg, self.plan))
         val_sets = self.val_sets(pcfg.chunk_size)
         ref_losses = self._reference_losses()
         start_epoch = step // steps_per_epoch

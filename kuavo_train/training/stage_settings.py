@@ -1,0 +1,76 @@
+"""What a stage was trained with, kept in run.json, so that a finished stage is never reused
+and an interrupted one never resumed under other settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from kuavo_train.config.schema import source_of
+from kuavo_train.errors import KuavoError
+from kuavo_train.run_state import RunState
+from kuavo_train.strategies import strategy_class
+
+
+class SettingsChangedError(KuavoError):
+    """A stage of the run was trained (or begun) with other settings than the config's."""
+
+
+# Keys that do not decide a stage's weights: paths, devices, speed, logging, checkpoints,
+# validation and evaluation. Every other key of the config does, and so does the stage's
+# own config, its learning rate and its sampling shares as the strategy plans them.
+_NOT_TRAINING = ("run_dir", "data_root", "task", "stages", "validation", "checkpoint", "logging", "evaluation",
+                 "feature_cache", "demo", "policy.device", "optimizer.fused", "dataloader.num_workers",
+                 "dataloader.prefetch_factor", "dataloader.persistent_workers")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict) and data:
+        out = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _ignored(key: str, ignored) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in ignored)
+
+
+def stage_settings(cfg, plan) -> dict:
+    """{dotted key: value} of everything that decides what stage `plan` (a strategy's StagePlan)
+    trains, as stored in run.json when the stage starts."""
+    flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not _ignored(k, _NOT_TRAINING)}
+    flat["strategy.name"] = strategy_class(cfg.strategy.name).name  # an alias trains the same
+    stage = {k: v for k, v in _flat(dataclasses.asdict(plan.stage)).items() if k != "dataset.root"}
+    flat.update({f"stages.{plan.stage.name}.{k}": v for k, v in stage.items()})
+    flat[f"stages.{plan.stage.name}.planned_lr"] = plan.lr
+    flat[f"stages.{plan.stage.name}.planned_shares"] = {str(t): w for t, w in plan.weights.items()}
+    return json.loads(json.dumps(flat, default=str))  # as run.json gives it back
+
+
+def check_settings(cfg, plans: list, run_dir: Path) -> None:
+    """A stage that run.json has complete or begun keeps the settings it started with: a finished
+    stage is reused, an interrupted one resumed, so other settings now would be silently mixed
+    with the old ones. Checked before anything is written."""
+    state = RunState.load(run_dir)
+    for plan in plans:
+        old = state.stage(plan.stage.name).get("settings")
+        if old is None:  # not begun, or begun before run.json recorded settings
+            continue
+        new = stage_settings(cfg, plan)
+        # the keys a user sets first, those derived from them (planned_*) last
+        changed = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
+                         key=lambda k: (".planned_" in k, k))
+        if not changed:
+            continue
+        key = changed[0]
+        source = (f"configs/policy/strategy/{cfg.strategy.name}.yaml" if key.startswith("strategy.")
+                  else source_of(key))
+        done = "trained" if state.is_complete(plan.stage.name) else "begun"
+        more = f" (and {len(changed) - 1} more setting(s))" if len(changed) > 1 else ""
+        raise SettingsChangedError(
+            f"config error: {key}: stage {plan.stage.name} of {run_dir} was {done} with {old.get(key)!r}, this "
+            f"config says {new.get(key)!r}{more}; a stage is never reused or resumed with other settings: choose "
+            f"another run_dir, or delete this one (in {source} or its overrides)")
