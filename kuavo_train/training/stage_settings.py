@@ -60,8 +60,9 @@ def check_settings(cfg, plans: list, run_dir: Path) -> None:
         if old is None:  # not begun, or begun before run.json recorded settings
             continue
         new = stage_settings(cfg, plan)
-        # the keys a user sets first, those derived from them (planned_*) last
-        changed = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
+        # Keys both sides have: a key added since keeps, by its default, what runs did before it.
+        # The keys a user sets first, those derived from them (planned_*) last.
+        changed = sorted((k for k in old.keys() & new.keys() if old[k] != new[k]),
                          key=lambda k: (".planned_" in k, k))
         if not changed:
             continue
