@@ -36,6 +36,16 @@ def test_run_layout(full_run):
     assert not list(run_dir.rglob(".tmp-*"))
 
 
+def test_every_cell_of_a_fine_tuning_run_is_evaluated_on_its_own_model(full_run):
+    # the expert changes in every stage, so no cell may stand for another (a cell is reused only
+    # when the tensors its task runs on are the same; see the lora_per_task tests for reuse)
+    _, run_dir = full_run
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    keys = [k for row in ev["rows"].values() for k in row["cells"]]
+    assert len(keys) == len(set(keys)) == 5 * len(TASK_NAMES)
+    assert all(ev["cells"][k]["row"] == int(r) for r, row in ev["rows"].items() for k in row["cells"])
+
+
 def test_validation_log_covers_tasks_so_far_on_held_out_data(full_run):
     cfg, run_dir = full_run
     records = [json.loads(l) for l in (run_dir / "validation.jsonl").read_text().splitlines()]

@@ -64,6 +64,37 @@ def test_earlier_tasks_rows_repeat_their_own_stage_exactly(lora_run):
     assert report["matrices"]["val_loss"][1][0] != report["matrices"]["val_loss"][0][0]
 
 
+@pytest.mark.slow
+def test_a_cell_whose_model_did_not_change_is_evaluated_once_and_reused_exactly(lora_run, demo_base, demo_data):
+    from kuavo_train.data.features import build_feature_space
+    from kuavo_train.data.stats import STATS_FILE, stats_from_json
+    from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.evaluation import run_evaluation as rev
+    from kuavo_train.policy import adapters
+    from kuavo_train.run_state import RunState
+
+    ev = json.loads((lora_run / "evaluation.json").read_text())
+    keys = {int(r): v["cells"] for r, v in ev["rows"].items()}
+    for k in range(1, 5):  # the same episode count in every row here (no closed loop)
+        for j in range(1, 5):
+            # an earlier task keeps its own stage's cell, a later one the base's (row 0)
+            assert keys[k][j - 1] == keys[min(j, k) if j <= k else 0][j - 1], (k, j)
+        assert keys[k][k - 1] not in keys[k - 1]  # the task trained in stage k: a new model
+    assert len(ev["cells"]) == 8  # 4 on the base, one per adapter
+    # reused, and exact: task 1's cell of row 3 computed afresh equals the stored one of row 1
+    cfg = load_run_config(tiny_overrides(lora_run, demo_base, demo_data, *EXTRA))
+    tasks = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
+    stats = stats_from_json(json.loads((lora_run / STATS_FILE).read_text()))
+    space = build_feature_space(list(tasks.values()), max_state_dim=cfg.policy.max_state_dim,
+                                max_action_dim=cfg.policy.max_action_dim)
+    policy, pre, post = rev.load_model_row(cfg, 3, RunState.load(lora_run), tasks, stats, space)
+    with adapters.for_task(policy, 1):
+        fresh = rev._evaluate_task(cfg, 1, tasks[1], policy, pre, post, stats, space, 0)
+    stored = ev["cells"][keys[3][0]]
+    assert stored["row"] == 1
+    assert {m: fresh[m] for m in ("val_loss", "action_error")} == {m: stored[m] for m in ("val_loss", "action_error")}
+
+
 def raw_obs(batch, seed=0):
     rng = np.random.default_rng(seed)
     obs = {f"observation.images.{c}": rng.integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8) for c in CAMS}

@@ -99,35 +99,76 @@ def completed_rows(state: RunState) -> dict[int, str]:
     return {s["task_id"]: name for name, s in state.data["stages"].items() if s.get("status") == "complete"}
 
 
-def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space) -> dict:
+# SmolVLA config fields that only training reads: a cell's model is the same without them.
+_TRAINING_ONLY = ("optimizer_", "scheduler_", "pretrained_path", "pretrained_revision", "push_to_hub", "repo_id",
+                  "private", "tags", "license", "device", "use_peft", "freeze_vision_encoder", "train_expert_only",
+                  "train_state_proj")
+
+
+def cell_key(policy, tid: int, episodes: int) -> str:
+    """A digest of what one cell's numbers are made from besides the run's data, statistics and
+    settings: the tensors the policy computes with for task `tid` (its adapter only), its
+    inference settings, and the episode count. Equal keys in one run give equal numbers (every
+    draw is seeded), so a model that did not change for a task (an earlier task's adapter, an
+    untrained task on a frozen base) is evaluated once."""
+    import dataclasses
+
+    h = hashlib.sha256()
+    for name, t in adapters.active_tensors(policy):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    config = {k: v for k, v in dataclasses.asdict(policy.config).items() if not k.startswith(_TRAINING_ONLY)}
+    h.update(json.dumps({"task": tid, "episodes": episodes, "config": config}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space,
+                 cells: dict | None = None) -> dict:
+    """Row `row`'s values per task. `cells` ({cell_key: values}) holds the cells evaluated before in
+    this run (reused, and this row's added)."""
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
+    cells = {} if cells is None else cells
     out = {m: [] for m in DIRECTIONS}
     episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
+    keys = []
     for tid in sorted(tasks):
         with adapters.for_task(policy, tid):  # a model with per-task adapters runs each task with its own
-            _evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes, out)
+            key = cell_key(policy, tid, episodes)
+            if key in cells:
+                log.info("row %d, %s: the same model as row %d's, which was evaluated: reused", row, tasks[tid].name,
+                         cells[key]["row"])
+            else:
+                cells[key] = {"row": row, **_evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes)}
+        for m in DIRECTIONS:
+            out[m].append(cells[key][m])
+        keys.append(key)
     out["closed_loop_episodes"] = episodes if out["success"] and out["success"][0] is not None else 0
+    out["cells"] = keys
     return out
 
 
-def _evaluate_task(cfg: RunConfig, tid: int, task: TaskData, policy, pre, post, stats, space, episodes: int,
-                   out: dict) -> None:
+def _evaluate_task(cfg: RunConfig, tid: int, task: TaskData, policy, pre, post, stats, space, episodes: int) -> dict:
     eps = list(task.val_episodes)[: cfg.evaluation.action_error_episodes]
     ds = make_task_dataset(task, eps, policy.config.chunk_size, space, stats)
     idx = validation_frames(ds, eps, FRAMES_PER_EPISODE)
-    out["val_loss"].append(validation_loss(policy, pre, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                                           batch_size=cfg.validation.batch_size, device=next(policy.parameters()).device))
-    mae, nmae = action_errors(policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed,
-                              batch_size=cfg.validation.batch_size, action_std=stats[ACTION_KEY]["std"])
-    out["action_error"].append(mae)
-    out["action_error_normalized"].append(nmae)
-    out["success"].append(success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
-                                       batch_size=cfg.evaluation.closed_loop_batch_size))
+    out = {"val_loss": validation_loss(policy, pre, ds, idx, task_id=tid, seed=cfg.validation.seed,
+                                       batch_size=cfg.validation.batch_size, device=next(policy.parameters()).device)}
+    out["action_error"], out["action_error_normalized"] = action_errors(
+        policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed, batch_size=cfg.validation.batch_size,
+        action_std=stats[ACTION_KEY]["std"])
+    out["success"] = success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
+                                  batch_size=cfg.evaluation.closed_loop_batch_size)
+    return out
 
 
 def load_evaluation(run_dir: Path) -> dict:
     p = Path(run_dir) / EVAL_FILE
     return json.loads(p.read_text()) if p.is_file() else {"rows": {}}
+
+
+def _cells(ev: dict) -> dict:
+    """The run's evaluated cells by cell_key (rows evaluated before cells were kept have none)."""
+    return dict(ev.get("cells", {}))
 
 
 def shared_base_row(cfg: RunConfig, tasks: dict[int, TaskData]) -> Path | None:
@@ -156,6 +197,7 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
     """Evaluate the missing rows among `rows`, caching each in evaluation.json."""
     ev = load_evaluation(cfg.run_dir)
     labels = row_labels(max(rows, default=0) + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))
+    cells = _cells(ev)
     for row in rows:
         if str(row) in ev["rows"]:
             continue
@@ -163,12 +205,16 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
         shared = shared_base_row(cfg, tasks) if row == 0 else None
         if shared is not None and shared.is_file():
             log.info("the base model's row: %s (evaluated by an earlier run with the same inputs)", shared)
-            ev["rows"]["0"] = json.loads(shared.read_text())["row"]
+            stored = json.loads(shared.read_text())
+            ev["rows"]["0"] = stored["row"]
+            cells.update(stored.get("cells", {}))
         else:
             log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"stage {row}")
-            ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space)
+            ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space, cells)
             if shared is not None:
-                write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"]})
+                write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"],
+                                           "cells": {k: cells[k] for k in ev["rows"]["0"]["cells"]}})
+        ev["cells"] = cells
         write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
         log.info("%s (%.0f s)", format_row(labels[row], ev["rows"][str(row)], tasks), time.perf_counter() - t0)
     return ev

@@ -106,6 +106,19 @@ def active(policy) -> str | None:
     return layers[0].active_adapters[0]
 
 
+def active_tensors(policy):
+    """(name, tensor) of every parameter and buffer the policy computes with now: other adapters'
+    LoRA weights left out, and names as the plain policy has them (no PEFT `base_layer`), so that
+    a policy with adapters running on its base lists what the plain base lists."""
+    act = active(policy)
+    for name, t in [*policy.named_parameters(), *policy.named_buffers()]:
+        parts = name.split(".")
+        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        if lora is not None and (act is None or parts[lora + 1:lora + 2] != [act]):
+            continue
+        yield ".".join(part for part in parts if part != "base_layer"), t
+
+
 @contextlib.contextmanager
 def for_task(policy, task_id: int):
     """Run task `task_id` with its adapter, or on the base if it has none; restored afterwards.
