@@ -38,3 +38,11 @@ def hash_file(h, path: str | Path, chunk: int = 1 << 20) -> None:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+
+
+def hash_folder(h, folder: str | Path) -> None:
+    """Feed every file under `folder` (relative path, then bytes; sorted) into the hash `h`."""
+    folder = Path(folder)
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        hash_file(h, f)

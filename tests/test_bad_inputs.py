@@ -265,8 +265,11 @@ def test_a_stage_is_never_reused_or_resumed_with_other_settings_cli(python_exe, 
     r = _run(python_exe, *CLI, "train", *stage1, "strategy=lora_per_task", "strategy.rank=4")
     assert r.returncode == 2 and "config error: strategy." in r.stderr, r.stderr[-3000:]
     assert "configs/policy/strategy/lora_per_task.yaml" in r.stderr and _tree(run_dir).keys() == before.keys()
-    # what does not decide the weights may change, and the old name of the strategy is the same strategy
-    r = _run(python_exe, *CLI, "train", *stage1, "strategy=sequential_spec", "logging.log_freq_steps=5",
+    # what does not decide the weights may change, the old name of the strategy is the same strategy,
+    # and a base copied elsewhere is the same base
+    copy = shutil.copytree(demo_base, tmp_path / "moved_base")
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, copy, demo_data, "task=tasks/task1_moving_grasp"),
+             "strategy=sequential_spec", "logging.log_freq_steps=5", "evaluation.after_each_stage=false",
              "evaluation.closed_loop_episodes=1", "validation.validation_episodes=1", "dataloader.num_workers=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 task1_moving_grasp is complete already: skipped" in r.stdout + r.stderr

@@ -34,7 +34,7 @@ from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
 from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import dataset_fingerprint
-from kuavo_train.files import hash_file, write_json_atomic
+from kuavo_train.files import hash_folder, write_json_atomic
 from kuavo_train.run_state import RunState
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,7 @@ def shared_base_row(cfg: RunConfig, tasks: dict[int, TaskData]) -> Path | None:
     if cfg.evaluation.base_row_dir is None or not base.is_dir():
         return None
     h = hashlib.sha256()
-    for f in sorted(p for p in base.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(base)).encode())
-        hash_file(h, f)
+    hash_folder(h, base)
     d = cfg.to_dict()
     settings = {k: d[k] for k in ("policy", "validation")}
     settings["evaluation"] = {k: v for k, v in d["evaluation"].items() if k != "base_row_dir"}

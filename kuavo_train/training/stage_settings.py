@@ -4,11 +4,14 @@ and an interrupted one never resumed under other settings."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 from pathlib import Path
 
 from kuavo_train.config.schema import source_of
 from kuavo_train.errors import KuavoError
+from kuavo_train.files import hash_folder
 from kuavo_train.run_state import RunState
 from kuavo_train.strategies import strategy_class
 
@@ -38,11 +41,22 @@ def _ignored(key: str, ignored) -> bool:
     return any(key == k or key.startswith(k + ".") for k in ignored)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_id(path: str) -> str:
+    """A local model folder by its content (a digest of its files), a hub id as it is."""
+    if not Path(path).is_dir():
+        return path
+    h = hashlib.sha256()
+    hash_folder(h, path)
+    return f"content sha256 {h.hexdigest()[:24]}"
+
+
 def stage_settings(cfg, plan) -> dict:
     """{dotted key: value} of everything that decides what stage `plan` (a strategy's StagePlan)
     trains, as stored in run.json when the stage starts."""
     flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not _ignored(k, _NOT_TRAINING)}
     flat["strategy.name"] = strategy_class(cfg.strategy.name).name  # an alias trains the same
+    flat["policy.pretrained_path"] = _model_id(str(cfg.policy.pretrained_path))  # moved or copied: the same
     stage = {k: v for k, v in _flat(dataclasses.asdict(plan.stage)).items() if k != "dataset.root"}
     flat.update({f"stages.{plan.stage.name}.{k}": v for k, v in stage.items()})
     flat[f"stages.{plan.stage.name}.planned_lr"] = plan.lr
