@@ -105,6 +105,33 @@ def tiny_overrides(run_dir: Path, demo_base: Path, demo_data: Path, *extra: str)
     ]
 
 
+def stage_2_killed_and_resumed(tmp_path: Path, python_exe: str, demo_base: Path, demo_data: Path, *extra: str):
+    """Two runs of stages 1-2 (`stages.task2_weighing.max_epoch=3`, one CLI invocation per stage):
+    `ref` uninterrupted, `cut` killed after stage 2's first checkpoint and resumed. Returns
+    (ref, cut) run dirs; the resumed invocation must say it resumed."""
+    import subprocess
+
+    def args(run_dir, task):
+        return [python_exe, "-m", "kuavo_train.cli.main", "train",
+                *tiny_overrides(run_dir, demo_base, demo_data, *extra, f"task=tasks/{task}",
+                                "evaluation.after_each_stage=false", "stages.task2_weighing.max_epoch=3")]
+
+    def run(run_dir, task):
+        r = subprocess.run(args(run_dir, task), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for run_dir in (ref, cut):
+        run(run_dir, TASK_NAMES[0])
+    run(ref, TASK_NAMES[1])
+    kill_after_first_checkpoint(args(cut, TASK_NAMES[1]),
+                                cut / f"stage2_{TASK_NAMES[1]}" / "checkpoints" / "last" / "kuavo_checkpoint.json", 3)
+    r = run(cut, TASK_NAMES[1])
+    assert "resuming from last" in r.stdout + r.stderr
+    return ref, cut
+
+
 def kill_after_first_checkpoint(cmd: list[str], meta: Path, max_epoch: int) -> None:
     """Run `cmd` and SIGKILL its whole process group as soon as the checkpoint `meta` file
     (kuavo_checkpoint.json of a stage's `last`) appears, before the stage's last epoch."""

@@ -78,25 +78,11 @@ def test_fisher_batches_must_be_a_count(value):
 def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
     """The resumed stage reloads the Fisher information and anchor from `last` and ends with the
     uninterrupted run's weights and state, bit for bit."""
-    from conftest import final_pretrained, kill_after_first_checkpoint
+    from conftest import final_pretrained, stage_2_killed_and_resumed
 
-    def args(run_dir, task):
-        return [python_exe, "-m", "kuavo_train.cli.main", "train",
-                *tiny_overrides(run_dir, demo_base, demo_data, "strategy=ewc", "strategy.ewc_lambda=1e7",
-                                f"task=tasks/{task}", "evaluation.after_each_stage=false",
-                                "stages.task2_weighing.max_epoch=3")]
-
-    for run_dir in (tmp_path / "ref", tmp_path / "cut"):
-        r = subprocess.run(args(run_dir, TASK_NAMES[0]), cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(args(tmp_path / "ref", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    kill_after_first_checkpoint(args(tmp_path / "cut", TASK_NAMES[1]),
-                                _final(tmp_path / "cut", 2) / "kuavo_checkpoint.json", 3)
-    r = subprocess.run(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from last" in r.stdout + r.stderr
-    a, b = (load_file(str(final_pretrained(tmp_path / d, TASK_NAMES[1]) / "model.safetensors")) for d in ("ref", "cut"))
+    ref, cut = stage_2_killed_and_resumed(tmp_path, python_exe, demo_base, demo_data, "strategy=ewc",
+                                          "strategy.ewc_lambda=1e7")
+    a, b = (load_file(str(final_pretrained(d, TASK_NAMES[1]) / "model.safetensors")) for d in (ref, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    x, y = (load_file(str(_final(tmp_path / d, 2) / "strategy_state_final.safetensors")) for d in ("ref", "cut"))
+    x, y = (load_file(str(_final(d, 2) / "strategy_state_final.safetensors")) for d in (ref, cut))
     assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TASK_NAMES, final_pretrained, kill_after_first_checkpoint, shared, tiny_overrides
+from conftest import REPO, TASK_NAMES, final_pretrained, shared, stage_2_killed_and_resumed, tiny_overrides
 from safetensors.torch import load_file
 
 from kuavo_train.config.loading import load_run_config
@@ -204,23 +204,8 @@ def test_kill_in_stage_2_and_resume_matches_uninterrupted_run(tmp_path, demo_bas
     """The resumed stage reloads adapters 1 and 2 from `last` (it must not add task 2's again) and ends
     with the uninterrupted run's adapters, bit for bit."""
 
-    def args(run_dir, task, *extra):
-        return [python_exe, "-m", "kuavo_train.cli.main", "train",
-                *tiny_overrides(run_dir, demo_base, demo_data, *EXTRA, f"task=tasks/{task}",
-                                "evaluation.after_each_stage=false", "stages.task2_weighing.max_epoch=3", *extra)]
-
-    for run_dir in (tmp_path / "ref", tmp_path / "cut"):
-        r = subprocess.run(args(run_dir, TASK_NAMES[0]), cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(args(tmp_path / "ref", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-    kill_after_first_checkpoint(args(tmp_path / "cut", TASK_NAMES[1]),
-                                tmp_path / "cut" / "stage2_task2_weighing" / "checkpoints" / "last" / "kuavo_checkpoint.json", 3)
-    r = subprocess.run(args(tmp_path / "cut", TASK_NAMES[1]), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from last" in r.stdout + r.stderr
-    a, b = (final_pretrained(tmp_path / d, TASK_NAMES[1]) for d in ("ref", "cut"))
+    ref, cut = stage_2_killed_and_resumed(tmp_path, python_exe, demo_base, demo_data, *EXTRA)
+    a, b = (final_pretrained(d, TASK_NAMES[1]) for d in (ref, cut))
     for k in (1, 2):
         x, y = _adapter(a, k), _adapter(b, k)
         assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
