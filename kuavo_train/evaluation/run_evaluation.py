@@ -116,18 +116,17 @@ def cell_key(policy, tid: int, episodes: int) -> str:
     h = hashlib.sha256()
     for name, t in adapters.active_tensors(policy):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 1-D: a 0-dim buffer too
     config = {k: v for k, v in dataclasses.asdict(policy.config).items() if not k.startswith(_TRAINING_ONLY)}
     h.update(json.dumps({"task": tid, "episodes": episodes, "config": config}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
 def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space,
-                 cells: dict | None = None) -> dict:
+                 cells: dict) -> dict:
     """Row `row`'s values per task. `cells` ({cell_key: values}) holds the cells evaluated before in
     this run (reused, and this row's added)."""
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
-    cells = {} if cells is None else cells
     out = {m: [] for m in DIRECTIONS}
     episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
     keys = []
@@ -166,11 +165,6 @@ def load_evaluation(run_dir: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {"rows": {}}
 
 
-def _cells(ev: dict) -> dict:
-    """The run's evaluated cells by cell_key (rows evaluated before cells were kept have none)."""
-    return dict(ev.get("cells", {}))
-
-
 def shared_base_row(cfg: RunConfig, tasks: dict[int, TaskData]) -> Path | None:
     """`evaluation.base_row_dir`/<key>.json, the key a digest of everything row 0 is made from:
     the base's files, the policy, evaluation and validation settings, each task's name,
@@ -195,7 +189,7 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
     """Evaluate the missing rows among `rows`, caching each in evaluation.json."""
     ev = load_evaluation(cfg.run_dir)
     labels = row_labels(max(rows, default=0) + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))
-    cells = _cells(ev)
+    cells = dict(ev.get("cells", {}))  # rows evaluated before cells were kept have none
     for row in rows:
         if str(row) in ev["rows"]:
             continue

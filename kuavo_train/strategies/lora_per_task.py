@@ -14,10 +14,9 @@ writes one stock checkpoint per task (base and that task's adapter merged).
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
-
-from typing import Literal
 
 from kuavo_train.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, settings
 from kuavo_train.policy import adapters

@@ -14,6 +14,7 @@ from kuavo_train.errors import KuavoError
 from kuavo_train.files import hash_folder
 from kuavo_train.run_state import RunState
 from kuavo_train.strategies import strategy_class
+from kuavo_train.strategies.base import strategy_source
 
 
 class SettingsChangedError(KuavoError):
@@ -81,11 +82,10 @@ def check_settings(cfg, plans: list, run_dir: Path) -> None:
         if not changed:
             continue
         key = changed[0]
-        source = (f"configs/policy/strategy/{cfg.strategy.name}.yaml" if key.startswith("strategy.")
-                  else source_of(key))
+        source = strategy_source(cfg.strategy.name) if key.startswith("strategy.") else source_of(key)
         done = "trained" if state.is_complete(plan.stage.name) else "begun"
         more = f" (and {len(changed) - 1} more setting(s))" if len(changed) > 1 else ""
         raise SettingsChangedError(
-            f"config error: {key}: stage {plan.stage.name} of {run_dir} was {done} with {old.get(key)!r}, this "
-            f"config says {new.get(key)!r}{more}; a stage is never reused or resumed with other settings: choose "
+            f"config error: {key}: stage {plan.stage.name} of {run_dir} was {done} with {old[key]!r}, this "
+            f"config says {new[key]!r}{more}; a stage is never reused or resumed with other settings: choose "
             f"another run_dir, or delete this one (in {source} or its overrides)")
