@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from kuavo_train.strategies.base import Strategy
+from kuavo_train.strategies.sequential_naive import SequentialNaive
 
 
-class ExperienceReplay(Strategy):
+class ExperienceReplay(SequentialNaive):
+    """sequential_naive's stages, step count and learning rate, with the seen tasks replayed."""
+
     name = "experience_replay"
     description = "every task seen so far replayed in an equal share, at a no-replay stage's cost, no lr decay"
 
@@ -24,10 +26,6 @@ class ExperienceReplay(Strategy):
         order = [s.task_id for s in self.cfg.ordered_stages()]
         seen = order[: order.index(stage.task_id) + 1]
         return {t: 1.0 / len(seen) for t in sorted(seen)}
-
-    def lr(self, stage):
-        lr, source = super().lr(self.cfg.ordered_stages()[0])
-        return lr, f"stage 1's ({source}), no decay"
 
     def stage_plan(self, stage, task_sizes):
         plan = super().stage_plan(stage, task_sizes)
