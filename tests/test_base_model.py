@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+
 from conftest import REPO
 
 # Stock loading is strict=False (it only logs key problems): compare with the file ourselves.
@@ -66,14 +68,39 @@ def test_embedded_default_goes_offline_by_itself(tmp_path):
 
 
 def test_pretraining_set_is_not_the_tasks_data():
-    from kuavo_train.data.demo_world.pretraining import SKILLS, skill_seeds
+    from kuavo_train.data.demo_world.pretraining import FAMILY_WORLD, SKILLS, skill_seeds, vision_scene_seeds
     from kuavo_train.data.demo_world.tasks import DEMO_TASKS
     from kuavo_train.data.demo_world.writer import scene_seeds
 
     task_scenes = {s for t in DEMO_TASKS for split in ("train", "val") for s in scene_seeds(t.name, 0, 500, split)}
     skill_scenes = {s for i in range(len(SKILLS)) for s in skill_seeds(i, 0, 500)}
-    assert not task_scenes & skill_scenes
+    vision_scenes = {s for f in FAMILY_WORLD for s in vision_scene_seeds(f, 0, 5000)}
+    assert not task_scenes & skill_scenes and not task_scenes & vision_scenes
     assert not {t.instruction for t in DEMO_TASKS} & {s.instruction for s in SKILLS}
+
+
+
+def test_random_pose_frames_label_where_each_thing_is_drawn():
+    """`scene_frames`' labels are the vision tower's targets: where a label says the object is in
+    the head camera, the object's colour is drawn (within a pixel: the bottle's label and a hand's
+    outline may be drawn over its middle)."""
+    from kuavo_train.data.demo_world.pretraining import ENTITIES, scene_frames
+    from kuavo_train.data.demo_world.render import COLORS
+
+    size, n = 64, 40
+    frames = scene_frames(3, n, size)
+    assert frames["images"].shape == (3 * n, 3, size, size, 3) and frames["targets"].shape == (3 * n, 3, len(ENTITIES), 3)
+    colours = [COLORS["object"]] * n + [COLORS["bottle"]] * n + [COLORS["workpiece"]] * n
+    hits = 0
+    for img, t, colour in zip(frames["images"][:, 0], frames["targets"][:, 0, ENTITIES.index("object")], colours):
+        assert t[2] == 1.0  # the head camera sees the whole table
+        px, py = (int((c + 1) / 2 * size) for c in t[:2])
+        hits += bool((img[max(py - 1, 0) : py + 2, max(px - 1, 0) : px + 2] == colour).all(-1).any())
+    assert hits >= 0.8 * len(colours), hits
+    # random poses: the hands are spread over the table, not at home
+    hands = frames["targets"][:, 0, ENTITIES.index("right_hand"), :2]
+    assert hands.std(0).min() > 0.4
+    assert not np.array_equal(scene_frames(4, 2, size)["images"], scene_frames(3, 2, size)["images"])
 
 
 def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
@@ -87,13 +114,14 @@ def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
     kw = dict(instructions=[s.instruction for s in SKILLS], image_size=32, chunk_size=4, n_action_steps=2, seed=0)
     plain = load_file(build_base_model(tmp_path / "plain", **kw) / "model.safetensors")
 
-    def pretrained(name, vision, skills):
+    def pretrained(name, vision, skills, scenes=0):
         path = build_base_model(tmp_path / name, pretrain=demo_world_pretraining(
-            vision_steps=vision, skill_steps=skills, episodes_per_skill=1, image_size=32, seed=0), **kw)
+            vision_steps=vision, skill_steps=skills, episodes_per_skill=1, image_size=32, seed=0,
+            vision_scenes=scenes), **kw)
         info = json.loads((tmp_path / name / "base_info.json").read_text())["pretraining"]
         return load_file(path / "model.safetensors"), info
 
-    vision, info = pretrained("vision", 120, 0)
+    vision, info = pretrained("vision", 120, 0, scenes=10)
     changed = {k for k in plain if not torch.equal(plain[k], vision[k])}
     assert changed and all("vision_model" in k or "connector" in k for k in changed), sorted(changed)[:5]
     assert any("vision_model" in k for k in changed) and any("connector" in k for k in changed)
@@ -101,6 +129,8 @@ def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
     t = pretraining_frames(0, 1, 32)["targets"]
     assert info["vision"]["held_out_position_error"] < float(abs(t[..., :2][t[..., 2] > 0]).mean()) * 0.8, info
     assert info["frames"] == len(t)
+    # every camera image of the skills' frames and of 10 random-pose frames per scene family
+    assert info["vision_scene_frames"] == 30 and info["vision"]["images"] == 3 * (len(t) + 30)
 
     skills, info = pretrained("skills", 0, 60)
     changed = {k for k in plain if not torch.equal(plain[k], skills[k])}

@@ -193,10 +193,12 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
             "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(seconds, 1)}
 
 
-def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int):
+def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int,
+                           vision_scenes: int = 0, vision_lr: float = 2e-3):
     """`build_base_model`'s `pretrain` callback: the pretraining set's frames, then `pretrain_vision`
-    and `pretrain_skills` (either skipped at 0 steps)."""
-    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
+    (on the skills' frames and `vision_scenes` random-pose frames per scene family) and
+    `pretrain_skills` (either skipped at 0 steps)."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames, scene_frames
 
     def run(policy) -> dict:
         t0 = time.perf_counter()
@@ -207,7 +209,15 @@ def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_
         out = {"skills": [s.instruction for s in SKILLS], "episodes_per_skill": episodes_per_skill,
                "frames": int(len(frames["images"])), "generation_seconds": round(made, 1)}
         if vision_steps > 0:
-            out["vision"] = pretrain_vision(policy, frames["images"], frames["targets"], steps=vision_steps, seed=seed)
+            images, targets = frames["images"], frames["targets"]
+            if vision_scenes > 0:
+                t0 = time.perf_counter()
+                scenes = scene_frames(seed, vision_scenes, image_size)
+                images, targets = np.concatenate([images, scenes["images"]]), np.concatenate([targets, scenes["targets"]])
+                out["vision_scene_frames"] = int(len(scenes["images"]))
+                log.info("vision pretraining set: %d more frames of random poses in %d scenes per family, %.0f s",
+                         len(scenes["images"]), vision_scenes, time.perf_counter() - t0)
+            out["vision"] = pretrain_vision(policy, images, targets, steps=vision_steps, lr=vision_lr, seed=seed)
             log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
                      out["vision"]["seconds"], out["vision"]["held_out_position_error"])
         if skill_steps > 0:

@@ -8,6 +8,11 @@ scene seeds that neither the tasks' training nor their held-out episodes use, an
 of the four tasks' instructions or multi-step sequences (no weighing, no handover, no
 turn-then-place, no re-grasp). Each frame comes with where each thing is in each camera's
 image (`where_targets`), the labels of the vision tower's pretraining.
+
+The vision tower also sees `scene_frames`: single frames of many more such scenes, with the
+arms in random poses. The skills' episodes alone show 20 scenes per skill: a tower trained on
+them found task 3's red bottle among the other bottles of fresh scenes hardly better than a
+constant guess (`benchmarks/vision_probe.py`, README "The embedded default").
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from kuavo_train.data.demo_world.world import (
     HOME, LEFT, RIGHT, KuavoDemoWorld, _grasp_phases, _here, _mark, _place_phases,
 )
 
-# Scene seeds of the tasks are below 12,000,000 (writer.scene_seeds); these start above.
+# Scene seeds of the tasks are below 12,000,000 (writer.scene_seeds); these start above: the
+# skills' from 20,000,000 (below 30,000,000 + episodes), `scene_frames`' from 40,000,000
+# (below 50,000,000 + scenes).
 PRETRAIN_SEED_OFFSET = 20_000_000
+SCENE_SEED_OFFSET = 40_000_000
 # The world (physics, rendering) of each scene family.
 FAMILY_WORLD = {"conveyor": "task1_moving_grasp", "bottles": "task3_placement", "rack": "task4_sorting"}
 MAX_SKILL_STEPS = 70
@@ -114,3 +122,39 @@ def pretraining_frames(seed: int, episodes_per_skill: int, image_size: int) -> d
                 obs = w.step(action)
             episode += 1
     return {k: np.stack(v) if k in ("images", "targets", "state", "action") else np.asarray(v) for k, v in cols.items()}
+
+
+def vision_scene_seeds(family: str, seed: int, count: int) -> list[int]:
+    """The scene seeds of `scene_frames` for one scene family."""
+    rng = np.random.default_rng([int(seed), 91, list(FAMILY_WORLD).index(family)])
+    first = SCENE_SEED_OFFSET + int(rng.integers(0, 10_000_000))
+    return [first + i for i in range(count)]
+
+
+def scene_frames(seed: int, scenes_per_family: int, image_size: int) -> dict[str, np.ndarray]:
+    """One frame of each of `scenes_per_family` pretraining scenes per scene family, the arms in
+    random poses (hands anywhere over the table at any height, claws open or closed, the turn and
+    wrist-roll joints sometimes moved), the object sometimes in a hand and, on the conveyor,
+    anywhere along the belt: `images` (frames, cameras, H, W, 3) uint8 and `targets`
+    (`where_targets`), as `pretraining_frames` gives them."""
+    rng = np.random.default_rng([int(seed), 91])
+    images, targets = [], []
+    for family, task in FAMILY_WORLD.items():
+        for scene in vision_scene_seeds(family, seed, scenes_per_family):
+            w = KuavoDemoWorld(task, image_size)
+            w.reset(scene)
+            for arm in (LEFT, RIGHT):
+                w.q[arm : arm + 2] = rng.uniform(0.0, 1.0, 2)
+                w.q[arm + 2] = rng.uniform(0.0, 0.3)
+                w.q[arm + 7] = float(rng.random() < 0.3)
+            w.q[LEFT + 3] = rng.uniform(0.0, 1.3) if rng.random() < 0.3 else 0.0
+            w.q[RIGHT + 6] = rng.uniform(0.0, 1.0) if rng.random() < 0.3 else 0.0
+            if family == "conveyor":
+                w.obj[0], w.steps = rng.uniform(0.08, 0.97), int(rng.integers(0, 100))
+            if rng.random() < 0.2:
+                w.holder = LEFT if rng.random() < 0.5 else RIGHT
+                w.obj = w.hand(w.holder).copy()
+            obs = w.observation()
+            images.append(np.stack([obs[f"observation.images.{c}"] for c in CAMERAS]))
+            targets.append(where_targets(w))
+    return {"images": np.stack(images), "targets": np.stack(targets)}
