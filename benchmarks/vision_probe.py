@@ -27,6 +27,7 @@ import torch  # noqa: E402
 MARKS = {"task1_moving_grasp": ("A", "B"), "task2_weighing": ("scale", "container"),
          "task3_placement": ("yellow",), "task4_sorting": ("slot",)}
 HEAD_HALF_WIDTH = 0.5  # table units per image half-width of the head camera
+HEAD_CAMERA = "observation.images.head_cam_h"
 
 
 def features(policy, images: np.ndarray) -> dict[str, torch.Tensor]:
@@ -39,13 +40,11 @@ def features(policy, images: np.ndarray) -> dict[str, torch.Tensor]:
         hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, a, o, i=i: kv.__setitem__(("v", i), o)))
     out: dict[str, list] = {"image tokens": [], **{f"layer {i} K,V": [] for i in range(len(lm.layers))}}
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    size = policy.config.resize_imgs_with_padding
     with torch.no_grad():
         for s in range(0, len(x), 256):
-            img = x[s : s + 256]
-            if size is not None and tuple(img.shape[-2:]) != tuple(size):
-                img = torch.nn.functional.interpolate(img, size=tuple(size), mode="bilinear", align_corners=False)
-            t = vwe.embed_image(img * 2.0 - 1.0)
+            # SmolVLA's own image preparation (its resize and pixel range) for one camera
+            [img], _ = policy.prepare_images({HEAD_CAMERA: x[s : s + 256]})
+            t = vwe.embed_image(img)
             out["image tokens"].append(t)
             # image tokens attend to each other fully in SmolVLA's prefix, as here
             lm(inputs_embeds=t * t.shape[-1] ** 0.5, attention_mask=torch.zeros(len(t), 1, t.shape[1], t.shape[1]))
@@ -73,7 +72,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     policy = SmolVLAPolicy.from_pretrained(args.base).eval()
-    size = policy.config.input_features["observation.images.head_cam_h"].shape[-1]
+    size = policy.config.input_features[HEAD_CAMERA].shape[-1]
 
     train = scene_frames(args.seed, args.scenes, size)
     train_feats, train_t = features(policy, train["images"][:, 0]), torch.from_numpy(train["targets"][:, 0])

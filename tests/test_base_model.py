@@ -79,7 +79,6 @@ def test_pretraining_set_is_not_the_tasks_data():
     assert not {t.instruction for t in DEMO_TASKS} & {s.instruction for s in SKILLS}
 
 
-
 def test_random_pose_frames_label_where_each_thing_is_drawn():
     """`scene_frames`' labels are the vision tower's targets: where a label says the object is in
     the head camera, the object's colour is drawn (within a pixel: the bottle's label and a hand's
