@@ -58,12 +58,14 @@ def test_embedded_default_goes_offline_by_itself(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
     r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "build-base", "--out", str(tmp_path / "base"),
-                        "demo.pretrain_vision_steps=5", "demo.pretrain_skill_steps=3", "demo.pretrain_episodes_per_skill=1"],
+                        "demo.pretrain_vision_steps=5", "demo.pretrain_skill_steps=3", "demo.pretrain_episodes_per_skill=1",
+                        "demo.pretrain_skill_batch_size=4"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-1500:]
     info = json.loads((tmp_path / "base" / "base_info.json").read_text())
     pre = info["pretraining"]
     assert pre["vision"]["steps"] == 5 and pre["skills_training"]["steps"] == 3 and len(pre["skills"]) == 14
+    assert pre["skills_training"]["batch_size"] == 4
     assert "Retrying" not in r.stderr + r.stdout and (tmp_path / "base" / "pretrained_model" / "model.safetensors").is_file()
 
 

@@ -81,6 +81,7 @@ BAD_CONFIGS = [
     (["feature_cache.max_gb=-1"], "feature_cache.max_gb: must be >= 0, got -1.0", "smolvla_sequential_base.yaml"),
     (["feature_cache.prefix_max_gb=-2"], "feature_cache.prefix_max_gb: must be >= 0, got -2.0", "smolvla_sequential_base.yaml"),
     (["profile=demo", "demo.pretrain_vision_steps=-5"], "demo.pretrain_vision_steps: must be >= 0, got -5", "profile/demo.yaml"),
+    (["profile=demo", "demo.pretrain_skill_batch_size=0"], "demo.pretrain_skill_batch_size: must be > 0", "profile/demo.yaml"),
     (["feature_cache.enabled=maybe"], "feature_cache.enabled: expected true/false", "smolvla_sequential_base.yaml"),
 ]
 

@@ -203,6 +203,7 @@ class DemoSettings:
     pretrain_vision_steps: Count = 0
     pretrain_skill_steps: Count = 0
     pretrain_episodes_per_skill: Count = 20
+    pretrain_skill_batch_size: PositiveInt = 32
     # Random-pose frames of this many more pretraining scenes per scene family for the vision tower.
     pretrain_vision_scenes: Count = 0
     pretrain_vision_lr: PositiveFloat = 2.0e-3

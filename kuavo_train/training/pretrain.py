@@ -194,7 +194,7 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
 
 
 def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int,
-                           vision_scenes: int = 0, vision_lr: float = 2e-3):
+                           vision_scenes: int = 0, vision_lr: float = 2e-3, skill_batch_size: int = 32):
     """`build_base_model`'s `pretrain` callback: the pretraining set's frames, then `pretrain_vision`
     (on the skills' frames and `vision_scenes` random-pose frames per scene family) and
     `pretrain_skills` (either skipped at 0 steps)."""
@@ -221,7 +221,8 @@ def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_
             log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
                      out["vision"]["seconds"], out["vision"]["held_out_position_error"])
         if skill_steps > 0:
-            out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=skill_steps, seed=seed)
+            out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=skill_steps,
+                                                       batch_size=skill_batch_size, seed=seed)
             log.info("skill pretraining done in %.0f s: loss %.4f", out["skills_training"]["seconds"],
                      out["skills_training"]["final_loss"])
         return out
