@@ -45,9 +45,9 @@ BAD_VALUES = [
     # 1. empty or blank instruction
     (["stages.task2_weighing.instruction=''"], "stages.task2_weighing.instruction: must not be empty or blank, got ''", TASK2_FILE),
     (["stages.task2_weighing.instruction='   '"], "stages.task2_weighing.instruction: must not be empty or blank, got '   '", TASK2_FILE),
-    # 2. decay_lr at or above a stage's lr (demo lrs: 1e-3, 7e-4, 5e-4, 4e-4)
-    (["scheduler.decay_lr=5e-4"], "scheduler.decay_lr: 0.0005 >= the learning rate 0.0005 of stage task3_placement", BASE_FILE),
-    (["scheduler.decay_lr=2e-3"], "scheduler.decay_lr: 0.002 >= the learning rate 0.001 of stage task1_moving_grasp", BASE_FILE),
+    # 2. decay_lr at or above a stage's lr (demo lrs: 2e-3, 1.4e-3, 1e-3, 8e-4)
+    (["scheduler.decay_lr=1e-3"], "scheduler.decay_lr: 0.001 >= the learning rate 0.001 of stage task3_placement", BASE_FILE),
+    (["scheduler.decay_lr=3e-3"], "scheduler.decay_lr: 0.003 >= the learning rate 0.002 of stage task1_moving_grasp", BASE_FILE),
     (["stages.task4_sorting.optimizer_lr=1e-6"], "scheduler.decay_lr: 1e-06 >= the learning rate 1e-06 of stage task4_sorting", BASE_FILE),
     # 6. policy / optimizer values
     (["policy.resize_imgs_with_padding=[0,0]"], "policy.resize_imgs_with_padding: sizes must be > 0, got [0, 0]", BASE_FILE),
@@ -83,9 +83,9 @@ def test_blank_instruction_through_the_cli(python_exe, tmp_path, demo_base, demo
 
 def test_decay_lr_through_the_spec_entry_point(python_exe, tmp_path, demo_base, demo_data):
     run_dir = tmp_path / "run"
-    r = _run(python_exe, *SPEC_SCRIPT, *tiny_overrides(run_dir, demo_base, demo_data, "scheduler.decay_lr=7e-4"))
+    r = _run(python_exe, *SPEC_SCRIPT, *tiny_overrides(run_dir, demo_base, demo_data, "scheduler.decay_lr=1.4e-3"))
     msg = _one_line_error(r, run_dir)
-    assert "scheduler.decay_lr: 0.0007 >= the learning rate 0.0007 of stage task2_weighing" in msg and BASE_FILE in msg
+    assert "scheduler.decay_lr: 0.0014 >= the learning rate 0.0014 of stage task2_weighing" in msg and BASE_FILE in msg
 
 
 # ---- 3. replay shares that do not sum to 1: accepted, renormalised, one warning line -----------
@@ -253,12 +253,12 @@ def test_a_stage_is_never_reused_or_resumed_with_other_settings_cli(python_exe, 
     assert r.returncode == 0, r.stderr[-3000:]
     before = _tree(run_dir)
     # stage 2 under another base rate: stage 1, done at the old one, would be reused silently
-    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "task=all", "learning_rate.base_lr=2e-3"))
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "task=all", "learning_rate.base_lr=3e-3"))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
     assert lines[0].startswith("error: config error: learning_rate.base_lr: stage task1_moving_grasp of "), lines[0]
-    assert "was trained with 0.001, this config says 0.002 (and 1 more setting(s))" in lines[0], lines[0]
+    assert "was trained with 0.002, this config says 0.003 (and 1 more setting(s))" in lines[0], lines[0]
     assert "choose another run_dir" in lines[0] and BASE_FILE in lines[0], lines[0]
     assert _tree(run_dir) == before  # nothing written, nothing lost
     # a strategy option names the strategy's file

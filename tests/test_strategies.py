@@ -46,7 +46,7 @@ def test_naive_has_no_replay_and_no_lr_decay():
         assert naive[name].lr == spec[TASK_NAMES[0]].lr
     assert len(spec[TASK_NAMES[3]].weights) == 4
     assert math.isclose(sum(spec[TASK_NAMES[3]].weights.values()), 1.0)
-    assert [spec[n].lr for n in TASK_NAMES] == pytest.approx([1e-3, 7e-4, 5e-4, 4e-4])
+    assert [spec[n].lr for n in TASK_NAMES] == pytest.approx([2e-3, 1.4e-3, 1e-3, 8e-4])
 
 
 def test_the_old_name_is_the_default_recipe():
