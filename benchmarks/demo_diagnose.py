@@ -7,8 +7,9 @@ A research tool (not part of `make demo`); it needs the demo datasets (`make dem
 `kuavo-train make-data`). For each task it prints two things:
 
 1. Closed loop on the held-out scenes: how many episodes reached each number of key events,
-   and, for the episodes that never grasped, how far the grasping hand was from the object
-   when its claw first closed. The episodes here run one after another with their own noise
+   for the episodes that never grasped, how far the grasping hand was from the object when
+   its claw first closed, and, for each time the object was let go where placing it was the
+   next event and the place did not count, how far it was from that place's mark. The episodes here run one after another with their own noise
    draw, not batched as in the forgetting matrices, so the success count can differ from
    theirs by sampling noise.
 2. The first chunk on `--scenes` fresh scenes (never in any dataset): the policy's chunk from
@@ -83,15 +84,18 @@ def expert_chunk(world, steps: int) -> np.ndarray:
 
 
 def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
-    """`episodes` held-out scenes stepped together: events reached per episode, and where the
-    grasping hand was when its claw first closed in episodes that never grasped."""
-    from kuavo_train.data.demo_world.world import SUCCESS_EVENTS
+    """`episodes` held-out scenes stepped together: events reached per episode, where the
+    grasping hand was when its claw first closed in episodes that never grasped, and how far
+    from its mark the object was let go where a place-type event was next and did not happen."""
+    from kuavo_train.data.demo_world.world import PLACE_MARKS, SUCCESS_EVENTS
     from kuavo_train.envs.demo import KuavoDemoEnv
 
     envs = [KuavoDemoEnv(task, root) for _ in range(episodes)]
     obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]
     hand = envs[0].world.plan[0][0]  # the arm of the first grasp
     first_close: list[float | None] = [None] * episodes
+    missed_release: list[float] = []
+    expected = SUCCESS_EVENTS[task]
     done = np.zeros(episodes, dtype=bool)
     if hasattr(act, "reset"):
         act.reset()
@@ -102,16 +106,18 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
             if done[i]:
                 continue
             w = env.world
-            was_closed = w.q[hand + 7] > 0.5
+            was_closed, held, k = w.q[hand + 7] > 0.5, w.holder is not None, len(w.events)
             obs[i], _, terminated, truncated, _ = env.step(actions[i])
             if first_close[i] is None and w.q[hand + 7] > 0.5 and not was_closed:
                 first_close[i] = float(np.linalg.norm(w.hand(hand)[:2] - w.obj[:2]))
+            if held and w.holder is None and k < len(expected) and expected[k] in PLACE_MARKS and len(w.events) == k:
+                missed_release.append(float(np.linalg.norm(w.obj[:2] - w.scene.marks[PLACE_MARKS[expected[k]]])))
             done[i] = terminated or truncated
     never = [d for e, d in zip(envs, first_close) if not e.world.events]
     return {"events": [len(e.world.events) for e in envs], "of": len(SUCCESS_EVENTS[task]),
             "success": sum(e.world.success for e in envs),
             "never_grasped_close_distance": [d for d in never if d is not None],
-            "never_closed": sum(d is None for d in never)}
+            "never_closed": sum(d is None for d in never), "missed_release_distance": missed_release}
 
 
 def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
@@ -140,6 +146,12 @@ def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> st
         lines.append(f"  never grasped: {len(missed) + loop['never_closed']}; hand-object distance at the claw's first "
                      f"close: median {np.median(missed) if missed else float('nan'):.3f} (grasp radius 0.07); "
                      f"{loop['never_closed']} never closed it")
+    from kuavo_train.data.demo_world.world import PLACE_TOL
+
+    missed = loop["missed_release_distance"]
+    if missed:
+        lines.append(f"  releases where a place was next and did not count: {len(missed)}; object-mark distance: median "
+                     f"{np.median(missed):.3f} (a place counts within {PLACE_TOL})")
     corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
     lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
                  f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")

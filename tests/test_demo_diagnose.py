@@ -29,6 +29,7 @@ def test_the_expert_succeeds_and_its_chunk_is_the_reference(demo_data, task):
     loop = diag.closed_loop(expert_act, task, str(demo_data / task), 3, 1000)
     assert loop["success"] == 3 and loop["events"] == [loop["of"]] * 3
     assert loop["never_grasped_close_distance"] == [] and loop["never_closed"] == 0
+    assert loop["missed_release_distance"] == []
     probe = diag.first_chunk(expert_chunk, task, str(demo_data / task), 8, diag.FRESH_SCENES)
     assert probe["distance"] == 0.0
     assert probe["constant_distance"] > 0.02  # the object's place varies across scenes
@@ -68,3 +69,25 @@ def test_the_script_on_a_trained_checkpoint(full_run, demo_data):
     lines = lines[lines.index("task2_weighing"):]  # after LeRobot's own loading messages
     assert "closed loop, 2 held-out scenes: success" in lines[1] and "(of 5)" in lines[1]
     assert "first chunk, 4 new scenes: hand targets" in lines[-1] and "correlation with the expert: x" in lines[-1]
+
+
+def test_a_release_off_the_mark_is_measured(demo_data):
+    """The expert until its first grasp, then the claw opened at once: on task 1 the block is let go
+    on the belt, where marker A never is, and nothing else is let go."""
+    from kuavo_train.data.demo_world.world import PLACE_TOL
+
+    task = "task1_moving_grasp"
+
+    def drop_after_grasp(envs, obs):
+        a = np.stack([e.world.expert_action() for e in envs])
+        for i, e in enumerate(envs):
+            if e.world.holder is not None:
+                a[i] = e.world.q.copy()
+                a[i, e.world.holder + 7] = 0.0
+        return a
+
+    loop = diag.closed_loop(drop_after_grasp, task, str(demo_data / task), 2, 1000)
+    assert loop["events"] == [1, 1] and loop["success"] == 0
+    assert len(loop["missed_release_distance"]) >= 2 and min(loop["missed_release_distance"]) > PLACE_TOL
+    text = diag.report(task, loop, {"distance": 0.0, "constant_distance": 0.0, "correlation": {}}, 2, 0)
+    assert "releases where a place was next and did not count: " in text and f"(a place counts within {PLACE_TOL})" in text
