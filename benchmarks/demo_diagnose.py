@@ -9,9 +9,9 @@ A research tool (not part of `make demo`); it needs the demo datasets (`make dem
 1. Closed loop on the held-out scenes: how many episodes reached each number of key events,
    for the episodes that never grasped, how far the grasping hand was from the object when
    its claw first closed, and, for each time the object was let go where placing it was the
-   next event and the place did not count, how far it was from that place's mark. The episodes here run one after another with their own noise
-   draw, not batched as in the forgetting matrices, so the success count can differ from
-   theirs by sampling noise.
+   next event and the place did not count, how far it was from that place's mark. The
+   episodes here run one after another with their own noise draw, not batched as in the
+   forgetting matrices, so the success count can differ from theirs by sampling noise.
 2. The first chunk on `--scenes` fresh scenes (never in any dataset): the policy's chunk from
    the very first observation against the scripted expert's next actions from the same state.
    At that instant every scene starts from the same arm pose, so only the cameras can tell
@@ -114,7 +114,7 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
                 missed_release.append(float(np.linalg.norm(w.obj[:2] - w.scene.marks[PLACE_MARKS[expected[k]]])))
             done[i] = terminated or truncated
     never = [d for e, d in zip(envs, first_close) if not e.world.events]
-    return {"events": [len(e.world.events) for e in envs], "of": len(SUCCESS_EVENTS[task]),
+    return {"events": [len(e.world.events) for e in envs], "of": len(expected),
             "success": sum(e.world.success for e in envs),
             "never_grasped_close_distance": [d for d in never if d is not None],
             "never_closed": sum(d is None for d in never), "missed_release_distance": missed_release}
@@ -138,20 +138,20 @@ def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
 
 
 def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> str:
+    from kuavo_train.data.demo_world.world import GRASP_RADIUS, PLACE_TOL
+
     reached = collections.Counter(loop["events"])
     lines = [task, (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
                     f"key events reached (of {loop['of']}): {dict(sorted(reached.items()))}")]
     missed = loop["never_grasped_close_distance"]
     if missed or loop["never_closed"]:
         lines.append(f"  never grasped: {len(missed) + loop['never_closed']}; hand-object distance at the claw's first "
-                     f"close: median {np.median(missed) if missed else float('nan'):.3f} (grasp radius 0.07); "
+                     f"close: median {np.median(missed) if missed else float('nan'):.3f} (grasp radius {GRASP_RADIUS}); "
                      f"{loop['never_closed']} never closed it")
-    from kuavo_train.data.demo_world.world import PLACE_TOL
-
-    missed = loop["missed_release_distance"]
-    if missed:
-        lines.append(f"  releases where a place was next and did not count: {len(missed)}; object-mark distance: median "
-                     f"{np.median(missed):.3f} (a place counts within {PLACE_TOL})")
+    released = loop["missed_release_distance"]
+    if released:
+        lines.append(f"  releases where a place was next and did not count: {len(released)}; object-mark distance: median "
+                     f"{np.median(released):.3f} (a place counts within {PLACE_TOL})")
     corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
     lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
                  f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")
