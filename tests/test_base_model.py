@@ -110,15 +110,16 @@ def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
 
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
     from kuavo_train.policy.base_model import build_base_model
+    from kuavo_train.config.schema import DemoSettings
     from kuavo_train.training.pretrain import demo_world_pretraining
 
     kw = dict(instructions=[s.instruction for s in SKILLS], image_size=32, chunk_size=4, n_action_steps=2, seed=0)
     plain = load_file(build_base_model(tmp_path / "plain", **kw) / "model.safetensors")
 
     def pretrained(name, vision, skills, scenes=0):
-        path = build_base_model(tmp_path / name, pretrain=demo_world_pretraining(
-            vision_steps=vision, skill_steps=skills, episodes_per_skill=1, image_size=32, seed=0,
-            vision_scenes=scenes), **kw)
+        path = build_base_model(tmp_path / name, pretrain=demo_world_pretraining(DemoSettings(
+            pretrain_vision_steps=vision, pretrain_skill_steps=skills, pretrain_episodes_per_skill=1, image_size=32,
+            seed=0, pretrain_vision_scenes=scenes)), **kw)
         info = json.loads((tmp_path / name / "base_info.json").read_text())["pretraining"]
         return load_file(path / "model.safetensors"), info
 

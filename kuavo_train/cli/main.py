@@ -55,10 +55,7 @@ def _build_demo_base(cfg, out: Path, *, overwrite: bool) -> Path:
     d = cfg.demo
     instructions, pretrain, spec = [s.instruction for s in cfg.ordered_stages()], None, None
     if d.pretrain_vision_steps > 0 or d.pretrain_skill_steps > 0:
-        pretrain = demo_world_pretraining(vision_steps=d.pretrain_vision_steps, skill_steps=d.pretrain_skill_steps,
-                                          episodes_per_skill=d.pretrain_episodes_per_skill, image_size=d.image_size,
-                                          seed=d.seed, vision_scenes=d.pretrain_vision_scenes,
-                                          vision_lr=d.pretrain_vision_lr, skill_batch_size=d.pretrain_skill_batch_size)
+        pretrain = demo_world_pretraining(d)
         # the skills' words too, with room for them: at 512 tokens the tasks' instructions would be
         # split finer and task 1's cut at tokenizer_max_length
         instructions += [k.instruction for k in SKILLS]

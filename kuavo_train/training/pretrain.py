@@ -28,6 +28,8 @@ import time
 import numpy as np
 import torch
 
+from kuavo_train.config.schema import DemoSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +48,8 @@ def locate_loss(pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return loss, pos_err.abs().sum() / n / 2
 
 
-def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: int, batch_size: int = 64,
-                    lr: float = 2e-3, warmup: int = 100, seed: int = 0, held_out: float = 0.1) -> dict:
+def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: int, lr: float, batch_size: int = 64,
+                    warmup: int = 100, seed: int = 0, held_out: float = 0.1) -> dict:
     """Train the vision tower + connector of `policy` in place on (frames, cameras, H, W, 3) uint8
     images and their `where_targets`; every camera image is one sample. Returns a summary with the
     readout's mean position error (image half-widths) on a seeded 10% of the images never trained on."""
@@ -150,7 +152,7 @@ def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: in
     return losses, time.perf_counter() - t0
 
 
-def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int = 32,
+def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int,
                     lr: float = 1e-3, warmup: int = 50, seed: int = 0) -> dict:
     """Train everything but the vision tower of `policy` in place with SmolVLA's flow-matching loss
     on `pretraining_frames` (chunks cut within each episode, padded and masked past its end as
@@ -193,12 +195,15 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
             "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(seconds, 1)}
 
 
-def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_skill: int, image_size: int, seed: int,
-                           vision_scenes: int = 0, vision_lr: float = 2e-3, skill_batch_size: int = 32):
-    """`build_base_model`'s `pretrain` callback: the pretraining set's frames, then `pretrain_vision`
-    (on the skills' frames and `vision_scenes` random-pose frames per scene family) and
-    `pretrain_skills` (either skipped at 0 steps)."""
+def demo_world_pretraining(d: DemoSettings):
+    """`build_base_model`'s `pretrain` callback for the `demo:` settings (`DemoSettings`, where every
+    default lives): the pretraining set's frames, then `pretrain_vision` (on the skills' frames and
+    `pretrain_vision_scenes` random-pose frames per scene family) and `pretrain_skills` (either
+    skipped at 0 steps)."""
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames, scene_frames
+
+    seed, image_size, episodes_per_skill = d.seed, d.image_size, d.pretrain_episodes_per_skill
+    vision_steps, vision_scenes, skill_steps = d.pretrain_vision_steps, d.pretrain_vision_scenes, d.pretrain_skill_steps
 
     def run(policy) -> dict:
         t0 = time.perf_counter()
@@ -217,12 +222,13 @@ def demo_world_pretraining(*, vision_steps: int, skill_steps: int, episodes_per_
                 out["vision_scene_frames"] = int(len(scenes["images"]))
                 log.info("vision pretraining set: %d more frames of random poses in %d scenes per family, %.0f s",
                          len(scenes["images"]), vision_scenes, time.perf_counter() - t0)
-            out["vision"] = pretrain_vision(policy, images, targets, steps=vision_steps, lr=vision_lr, seed=seed)
+            out["vision"] = pretrain_vision(policy, images, targets, steps=vision_steps, lr=d.pretrain_vision_lr,
+                                            seed=seed)
             log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
                      out["vision"]["seconds"], out["vision"]["held_out_position_error"])
         if skill_steps > 0:
             out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=skill_steps,
-                                                       batch_size=skill_batch_size, seed=seed)
+                                                       batch_size=d.pretrain_skill_batch_size, seed=seed)
             log.info("skill pretraining done in %.0f s: loss %.4f", out["skills_training"]["seconds"],
                      out["skills_training"]["final_loss"])
         return out
