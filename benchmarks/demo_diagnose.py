@@ -9,7 +9,8 @@ A research tool (not part of `make demo`); it needs the demo datasets (`make dem
 1. Closed loop on the held-out scenes: how many episodes reached each number of key events,
    for the episodes that never grasped, how far the grasping hand was from the object when
    its claw first closed, and, for each time the object was let go where placing it was the
-   next event and the place did not count, how far it was from that place's mark. The
+   next event and the place did not count, how far it was from that place's mark and from the
+   nearest other mark of the scene (a policy that carries to the wrong mark lands near one). The
    episodes here run one after another with their own noise draw, not batched as in the
    forgetting matrices, so the success count can differ from theirs by sampling noise.
 2. The first chunk on `--scenes` fresh scenes (never in any dataset): the policy's chunk from
@@ -86,7 +87,8 @@ def expert_chunk(world, steps: int) -> np.ndarray:
 def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
     """`episodes` held-out scenes stepped together: events reached per episode, where the
     grasping hand was when its claw first closed in episodes that never grasped, and how far
-    from its mark the object was let go where a place-type event was next and did not happen."""
+    from its mark (and from the nearest other mark of the scene) the object was let go where a
+    place-type event was next and did not happen."""
     from kuavo_train.data.demo_world.world import PLACE_MARKS, SUCCESS_EVENTS
     from kuavo_train.envs.demo import KuavoDemoEnv
 
@@ -95,6 +97,7 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
     hand = envs[0].world.plan[0][0]  # the arm of the first grasp
     first_close: list[float | None] = [None] * episodes
     missed_release: list[float] = []
+    other_mark: list[float] = []  # for the same releases: the nearest mark of the scene at another place
     expected = SUCCESS_EVENTS[task]
     done = np.zeros(episodes, dtype=bool)
     if hasattr(act, "reset"):
@@ -111,13 +114,17 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
             if first_close[i] is None and w.q[hand + 7] > 0.5 and not was_closed:
                 first_close[i] = float(np.linalg.norm(w.hand(hand)[:2] - w.obj[:2]))
             if held and w.holder is None and k < len(expected) and expected[k] in PLACE_MARKS and len(w.events) == k:
-                missed_release.append(float(np.linalg.norm(w.obj[:2] - w.scene.marks[PLACE_MARKS[expected[k]]])))
+                target = w.scene.marks[PLACE_MARKS[expected[k]]]
+                missed_release.append(float(np.linalg.norm(w.obj[:2] - target)))
+                others = [float(np.linalg.norm(w.obj[:2] - m)) for m in w.scene.marks.values() if not np.allclose(m, target)]
+                other_mark.append(min(others, default=float("nan")))
             done[i] = terminated or truncated
     never = [d for e, d in zip(envs, first_close) if not e.world.events]
     return {"events": [len(e.world.events) for e in envs], "of": len(expected),
             "success": sum(e.world.success for e in envs),
             "never_grasped_close_distance": [d for d in never if d is not None],
-            "never_closed": sum(d is None for d in never), "missed_release_distance": missed_release}
+            "never_closed": sum(d is None for d in never), "missed_release_distance": missed_release,
+            "missed_release_other_mark": other_mark}
 
 
 def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
@@ -148,10 +155,13 @@ def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> st
         lines.append(f"  never grasped: {len(missed) + loop['never_closed']}; hand-object distance at the claw's first "
                      f"close: median {np.median(missed) if missed else float('nan'):.3f} (grasp radius {GRASP_RADIUS}); "
                      f"{loop['never_closed']} never closed it")
-    released = loop["missed_release_distance"]
+    released, other = loop["missed_release_distance"], np.asarray(loop["missed_release_other_mark"])
     if released:
         lines.append(f"  releases where a place was next and did not count: {len(released)}; object-mark distance: median "
                      f"{np.median(released):.3f} (a place counts within {PLACE_TOL})")
+        if np.isfinite(other).any():
+            lines.append(f"    the nearest other mark of the scene: median {np.nanmedian(other):.3f}; within {PLACE_TOL} of "
+                         f"one in {int((other < PLACE_TOL).sum())} of them")
     corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
     lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
                  f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")

@@ -89,5 +89,29 @@ def test_a_release_off_the_mark_is_measured(demo_data):
     loop = diag.closed_loop(drop_after_grasp, task, str(demo_data / task), 2, 1000)
     assert loop["events"] == [1, 1] and loop["success"] == 0
     assert len(loop["missed_release_distance"]) >= 2 and min(loop["missed_release_distance"]) > PLACE_TOL
+    assert min(loop["missed_release_other_mark"]) > PLACE_TOL  # the belt holds no mark
     text = diag.report(task, loop, {"distance": 0.0, "constant_distance": 0.0, "correlation": {}}, 2, 0)
     assert "releases where a place was next and did not count: " in text and f"(a place counts within {PLACE_TOL})" in text
+    assert f"within {PLACE_TOL} of one in 0 of them" in text
+
+
+def test_a_release_on_the_wrong_mark_is_told_apart(demo_data):
+    """The expert's motions, but carrying to marker B where A is next: each release lands on another
+    mark of the scene, which the report counts; the belt releases above land near none."""
+    from kuavo_train.data.demo_world.tasks import RIGHT
+    from kuavo_train.data.demo_world.world import PLACE_TOL, _grasp_phases, _place_phases
+
+    task = "task1_moving_grasp"
+
+    def carry_to_b(envs, obs):
+        for e in envs:
+            if e.world.steps == 0:
+                e.world.plan = [*_grasp_phases(RIGHT), *_place_phases(RIGHT, "B")]
+        return np.stack([e.world.expert_action() for e in envs])
+
+    loop = diag.closed_loop(carry_to_b, task, str(demo_data / task), 2, 1000)
+    assert loop["events"] == [1, 1]
+    assert len(loop["missed_release_distance"]) == 2 and min(loop["missed_release_distance"]) > PLACE_TOL
+    assert max(loop["missed_release_other_mark"]) < PLACE_TOL
+    text = diag.report(task, loop, {"distance": 0.0, "constant_distance": 0.0, "correlation": {}}, 2, 0)
+    assert "the nearest other mark of the scene: median " in text and f"within {PLACE_TOL} of one in 2 of them" in text
