@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/demo_diagnose.py outputs/demo/run/stage4_task4_sorting/checkpoints/last/pretrained_model
     .venv/bin/python benchmarks/demo_diagnose.py <checkpoint>/pretrained_model --tasks task3_placement --scenes 60
+    .venv/bin/python benchmarks/demo_diagnose.py outputs/demo/base/pretrained_model --tasks task1_moving_grasp \
+        --instruction "put the red block on the green square"
 
 A research tool (not part of `make demo`); it needs the demo datasets (`make demo` or
 `kuavo-train make-data`). For each task it prints two things:
@@ -30,6 +32,7 @@ import argparse
 import collections
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,7 +56,10 @@ def policy_actors(checkpoint: str):
 
     policy = SmolVLAPolicy.from_pretrained(checkpoint)
     policy.eval()
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
+    if (Path(checkpoint) / "policy_preprocessor.json").is_file():
+        pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
+    else:  # an embedded base: the statistics its skills phase trained with
+        pre, post = make_pre_post_processors(policy.config, dataset_stats=base_skill_stats(checkpoint))
 
     def batch_of(envs, obs):  # as lerobot-eval's vector env stacks them
         batch = preprocess_observation({"pixels": {c: np.stack([o["pixels"][c] for o in obs]) for c in CAMERAS},
@@ -73,6 +79,23 @@ def policy_actors(checkpoint: str):
     return act, chunk
 
 
+def base_skill_stats(checkpoint: str) -> dict:
+    """The normalization of a `kuavo-train build-base` folder's skills phase, from its pretraining set
+    regenerated as its base_info.json records it (a base from before the seed was recorded: the
+    demo's seed 0)."""
+    import json
+
+    from kuavo_train.data.demo_world.pretraining import pretraining_frames
+    from kuavo_train.training.pretrain import skill_stats
+
+    info_file = Path(checkpoint).parent / "base_info.json"
+    info = json.loads(info_file.read_text()).get("pretraining") if info_file.is_file() else None
+    if not info or "skills_training" not in info:
+        raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: nothing to normalize with")
+    size = json.loads(info_file.read_text())["tiny_vlm"]["image_size"]
+    return skill_stats(pretraining_frames(info.get("seed", 0), info["episodes_per_skill"], size))
+
+
 def expert_chunk(world, steps: int) -> np.ndarray:
     """The scripted expert's next `steps` actions from the world's current state (on a copy)."""
     w = copy.deepcopy(world)
@@ -84,7 +107,7 @@ def expert_chunk(world, steps: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
+def closed_loop(act, task: str, root: str, episodes: int, seed: int, instruction: str | None = None) -> dict:
     """`episodes` held-out scenes stepped together: events reached per episode, where the
     grasping hand was when its claw first closed in episodes that never grasped, and how far
     from its mark (and from the nearest other mark of the scene) the object was let go where a
@@ -93,6 +116,8 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int) -> dict:
     from kuavo_train.envs.demo import KuavoDemoEnv
 
     envs = [KuavoDemoEnv(task, root) for _ in range(episodes)]
+    for e in envs:
+        e.task_description = instruction or e.task_description
     obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]
     hand = envs[0].world.plan[0][0]  # the arm of the first grasp
     first_close: list[float | None] = [None] * episodes
@@ -144,11 +169,11 @@ def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
             "correlation": corr}
 
 
-def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> str:
+def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int, instruction: str | None = None) -> str:
     from kuavo_train.data.demo_world.world import GRASP_RADIUS, PLACE_TOL
 
     reached = collections.Counter(loop["events"])
-    lines = [task, (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
+    lines = [task + (f", instruction {instruction!r}" if instruction else ""), (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
                     f"key events reached (of {loop['of']}): {dict(sorted(reached.items()))}")]
     missed = loop["never_grasped_close_distance"]
     if missed or loop["never_closed"]:
@@ -162,6 +187,8 @@ def report(task: str, loop: dict, probe: dict, episodes: int, scenes: int) -> st
         if np.isfinite(other).any():
             lines.append(f"    the nearest other mark of the scene: median {np.nanmedian(other):.3f}; within {PLACE_TOL} of "
                          f"one in {int((other < PLACE_TOL).sum())} of them")
+    if probe is None:
+        return "\n".join(lines)
     corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
     lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
                  f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")
@@ -173,18 +200,20 @@ def main() -> None:
     from kuavo_train.data.generated import EVAL_START_SEED
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="a pretrained_model directory")
+    ap.add_argument("checkpoint", help="a pretrained_model directory (a stage's, or an embedded base's)")
     ap.add_argument("--tasks", default=",".join(TASKS_BY_NAME))
     ap.add_argument("--data-root", default="outputs/demo/datasets")
     ap.add_argument("--episodes", type=int, default=20, help="held-out scenes run closed loop per task")
     ap.add_argument("--scenes", type=int, default=60, help="fresh scenes for the first-chunk probe")
+    ap.add_argument("--instruction", help="run the closed loop with this instruction instead of the task's (e.g. a "
+                    "pretraining skill's, to see whether a base follows its words); no first-chunk probe then")
     args = ap.parse_args()
     act, chunk = policy_actors(args.checkpoint)
     for task in args.tasks.split(","):
         root = f"{args.data_root}/{task}"
-        loop = closed_loop(act, task, root, args.episodes, EVAL_START_SEED)
-        probe = first_chunk(chunk, task, root, args.scenes, FRESH_SCENES)
-        print(report(task, loop, probe, args.episodes, args.scenes), flush=True)
+        loop = closed_loop(act, task, root, args.episodes, EVAL_START_SEED, args.instruction)
+        probe = None if args.instruction else first_chunk(chunk, task, root, args.scenes, FRESH_SCENES)
+        print(report(task, loop, probe, args.episodes, args.scenes, args.instruction), flush=True)
 
 
 if __name__ == "__main__":

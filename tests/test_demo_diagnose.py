@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import REPO, final_pretrained
@@ -115,3 +116,32 @@ def test_a_release_on_the_wrong_mark_is_told_apart(demo_data):
     assert max(loop["missed_release_other_mark"]) < PLACE_TOL
     text = diag.report(task, loop, {"distance": 0.0, "constant_distance": 0.0, "correlation": {}}, 2, 0)
     assert "the nearest other mark of the scene: median " in text and f"within {PLACE_TOL} of one in 2 of them" in text
+
+
+def test_the_script_on_a_pretrained_base_with_another_instruction(tmp_path, demo_data, demo_base):
+    """An embedded base has no processors: the script normalizes with the statistics of the base's
+    own pretraining set (regenerated from base_info.json) and runs the closed loop with the
+    instruction given. A base without a skills phase has nothing to normalize with: one line."""
+    from kuavo_train.config.schema import DemoSettings
+    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
+    from kuavo_train.policy.base_model import build_base_model
+    from kuavo_train.training.pretrain import demo_world_pretraining, skill_stats
+
+    base = build_base_model(tmp_path / "base", instructions=[s.instruction for s in SKILLS], chunk_size=10,
+                            n_action_steps=5, seed=0, image_size=64, pretrain=demo_world_pretraining(DemoSettings(
+                                pretrain_skill_steps=2, pretrain_skill_batch_size=2, pretrain_episodes_per_skill=1,
+                                seed=3)))
+    stats = diag.base_skill_stats(str(base))
+    want = skill_stats(pretraining_frames(3, 1, 64))
+    assert all(torch.equal(stats[k][s], want[k][s]) for k in want for s in want[k])
+    assert not torch.equal(stats["action"]["mean"], skill_stats(pretraining_frames(0, 1, 64))["action"]["mean"])
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(base), "--tasks",
+                        "task1_moving_grasp", "--data-root", str(demo_data), "--episodes", "2",
+                        "--instruction", SKILLS[2].instruction], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    lines = lines[lines.index(f"task1_moving_grasp, instruction {SKILLS[2].instruction!r}"):]
+    assert "closed loop, 2 held-out scenes: success" in lines[1] and "(of 4)" in lines[1]
+    assert not any("first chunk" in line for line in lines)
+    with pytest.raises(SystemExit, match="no pre/post-processors and no skills phase"):
+        diag.base_skill_stats(str(demo_base))

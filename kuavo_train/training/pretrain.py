@@ -152,6 +152,15 @@ def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: in
     return losses, time.perf_counter() - t0
 
 
+def skill_stats(frames: dict) -> dict:
+    """The normalization statistics the skills phase trains with: the pretraining frames' own (the
+    base keeps no processors; a stage normalizes with its tasks' data, as a fine-tune of
+    smolvla_base does)."""
+    return {k: {"mean": v.mean(0), "std": v.std(0).clamp_min(1e-3), "min": v.min(0).values, "max": v.max(0).values}
+            for k, v in (("observation.state", torch.from_numpy(frames["state"])),
+                         ("action", torch.from_numpy(frames["action"])))}
+
+
 def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int,
                     lr: float = 1e-3, warmup: int = 50, seed: int = 0) -> dict:
     """Train everything but the vision tower of `policy` in place with SmolVLA's flow-matching loss
@@ -172,9 +181,7 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
     steps_ahead = torch.arange(n).unsqueeze(1) + torch.arange(cfg.chunk_size)
     pad = steps_ahead > end.unsqueeze(1)
     chunks = torch.minimum(steps_ahead, end.unsqueeze(1))
-    stats = {k: {"mean": v.mean(0), "std": v.std(0).clamp_min(1e-3), "min": v.min(0).values, "max": v.max(0).values}
-             for k, v in (("observation.state", state), ("action", action))}
-    pre, _ = make_pre_post_processors(cfg, dataset_stats=stats)
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=skill_stats(frames))
     cameras = [k for k in cfg.input_features if k.startswith("observation.images.")]
     params = [p for name, p in policy.named_parameters() if "vision_model" not in name]
     gen = torch.Generator().manual_seed(seed)
@@ -211,7 +218,7 @@ def demo_world_pretraining(d: DemoSettings):
         made = time.perf_counter() - t0
         log.info("pretraining set: %d frames of %d skills x %d scenes generated in %.0f s",
                  len(frames["images"]), len(SKILLS), episodes_per_skill, made)
-        out = {"skills": [s.instruction for s in SKILLS], "episodes_per_skill": episodes_per_skill,
+        out = {"skills": [s.instruction for s in SKILLS], "seed": seed, "episodes_per_skill": episodes_per_skill,
                "frames": int(len(frames["images"])), "generation_seconds": round(made, 1)}
         if vision_steps > 0:
             images, targets = frames["images"], frames["targets"]
