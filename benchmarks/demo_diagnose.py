@@ -89,10 +89,12 @@ def base_skill_stats(checkpoint: str) -> dict:
     from kuavo_train.training.pretrain import skill_stats
 
     info_file = Path(checkpoint).parent / "base_info.json"
-    info = json.loads(info_file.read_text()).get("pretraining") if info_file.is_file() else None
-    if not info or "skills_training" not in info:
-        raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: nothing to normalize with")
-    size = json.loads(info_file.read_text())["tiny_vlm"]["image_size"]
+    base = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = base.get("pretraining") or {}
+    if "skills_training" not in info:
+        raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: "
+                         "nothing to normalize with")
+    size = base["tiny_vlm"]["image_size"]
     return skill_stats(pretraining_frames(info.get("seed", 0), info["episodes_per_skill"], size))
 
 
@@ -141,7 +143,8 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int, instruction
             if held and w.holder is None and k < len(expected) and expected[k] in PLACE_MARKS and len(w.events) == k:
                 target = w.scene.marks[PLACE_MARKS[expected[k]]]
                 missed_release.append(float(np.linalg.norm(w.obj[:2] - target)))
-                others = [float(np.linalg.norm(w.obj[:2] - m)) for m in w.scene.marks.values() if not np.allclose(m, target)]
+                others = [float(np.linalg.norm(w.obj[:2] - m)) for m in w.scene.marks.values()
+                          if not np.allclose(m, target)]
                 other_mark.append(min(others, default=float("nan")))
             done[i] = terminated or truncated
     never = [d for e, d in zip(envs, first_close) if not e.world.events]
@@ -169,12 +172,14 @@ def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
             "correlation": corr}
 
 
-def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int, instruction: str | None = None) -> str:
+def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int,
+           instruction: str | None = None) -> str:
     from kuavo_train.data.demo_world.world import GRASP_RADIUS, PLACE_TOL
 
     reached = collections.Counter(loop["events"])
-    lines = [task + (f", instruction {instruction!r}" if instruction else ""), (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
-                    f"key events reached (of {loop['of']}): {dict(sorted(reached.items()))}")]
+    lines = [task + (f", instruction {instruction!r}" if instruction else ""),
+             (f"  closed loop, {episodes} held-out scenes: success {loop['success']}/{episodes}; episodes by "
+              f"key events reached (of {loop['of']}): {dict(sorted(reached.items()))}")]
     missed = loop["never_grasped_close_distance"]
     if missed or loop["never_closed"]:
         lines.append(f"  never grasped: {len(missed) + loop['never_closed']}; hand-object distance at the claw's first "
@@ -185,8 +190,8 @@ def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int
         lines.append(f"  releases where a place was next and did not count: {len(released)}; object-mark distance: median "
                      f"{np.median(released):.3f} (a place counts within {PLACE_TOL})")
         if np.isfinite(other).any():
-            lines.append(f"    the nearest other mark of the scene: median {np.nanmedian(other):.3f}; within {PLACE_TOL} of "
-                         f"one in {int((other < PLACE_TOL).sum())} of them")
+            lines.append(f"    the nearest other mark of the scene: median {np.nanmedian(other):.3f}; "
+                         f"within {PLACE_TOL} of one in {int((other < PLACE_TOL).sum())} of them")
     if probe is None:
         return "\n".join(lines)
     corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
