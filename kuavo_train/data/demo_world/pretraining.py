@@ -71,15 +71,8 @@ SKILLS: tuple[Skill, ...] = (
 
 
 def skill_seeds(skill_index: int, seed: int, count: int) -> list[int]:
-    """Scene seeds of one skill's episodes. Neighbouring skills of a scene family share half their
-    scenes (skill j of the family runs scenes j * count/2 .. j * count/2 + count - 1 of the
-    family's run), so the same scene is shown with two instructions and only the words tell the
-    two apart: with a scene set of its own per skill the policy went to one of the marks
-    whatever the instruction named."""
-    skill = SKILLS[skill_index]
-    family = [i for i, k in enumerate(SKILLS) if k.family == skill.family]
-    rng = np.random.default_rng([int(seed), 77, list(FAMILY_WORLD).index(skill.family)])
-    base = PRETRAIN_SEED_OFFSET + int(rng.integers(0, 10_000_000)) + family.index(skill_index) * (count // 2)
+    rng = np.random.default_rng([int(seed), 77, skill_index])
+    base = PRETRAIN_SEED_OFFSET + int(rng.integers(0, 10_000_000))
     return [base + i for i in range(count)]
 
 
