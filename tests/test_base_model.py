@@ -108,9 +108,9 @@ def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
     import torch
     from safetensors.torch import load_file
 
+    from kuavo_train.config.schema import DemoSettings
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
     from kuavo_train.policy.base_model import build_base_model
-    from kuavo_train.config.schema import DemoSettings
     from kuavo_train.training.pretrain import demo_world_pretraining
 
     kw = dict(instructions=[s.instruction for s in SKILLS], image_size=32, chunk_size=4, n_action_steps=2, seed=0)

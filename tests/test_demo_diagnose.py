@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from conftest import REPO, final_pretrained
 
