@@ -209,33 +209,31 @@ def demo_world_pretraining(d: DemoSettings):
     skipped at 0 steps)."""
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames, scene_frames
 
-    seed, image_size, episodes_per_skill = d.seed, d.image_size, d.pretrain_episodes_per_skill
-    vision_steps, vision_scenes, skill_steps = d.pretrain_vision_steps, d.pretrain_vision_scenes, d.pretrain_skill_steps
-
     def run(policy) -> dict:
         t0 = time.perf_counter()
-        frames = pretraining_frames(seed, episodes_per_skill, image_size)
+        frames = pretraining_frames(d.seed, d.pretrain_episodes_per_skill, d.image_size)
         made = time.perf_counter() - t0
         log.info("pretraining set: %d frames of %d skills x %d scenes generated in %.0f s",
-                 len(frames["images"]), len(SKILLS), episodes_per_skill, made)
-        out = {"skills": [s.instruction for s in SKILLS], "seed": seed, "episodes_per_skill": episodes_per_skill,
+                 len(frames["images"]), len(SKILLS), d.pretrain_episodes_per_skill, made)
+        out = {"skills": [s.instruction for s in SKILLS], "seed": d.seed,
+               "episodes_per_skill": d.pretrain_episodes_per_skill,
                "frames": int(len(frames["images"])), "generation_seconds": round(made, 1)}
-        if vision_steps > 0:
+        if d.pretrain_vision_steps > 0:
             images, targets = frames["images"], frames["targets"]
-            if vision_scenes > 0:
+            if d.pretrain_vision_scenes > 0:
                 t0 = time.perf_counter()
-                scenes = scene_frames(seed, vision_scenes, image_size)
+                scenes = scene_frames(d.seed, d.pretrain_vision_scenes, d.image_size)
                 images, targets = np.concatenate([images, scenes["images"]]), np.concatenate([targets, scenes["targets"]])
                 out["vision_scene_frames"] = int(len(scenes["images"]))
                 log.info("vision pretraining set: %d more frames of random poses in %d scenes per family, %.0f s",
-                         len(scenes["images"]), vision_scenes, time.perf_counter() - t0)
-            out["vision"] = pretrain_vision(policy, images, targets, steps=vision_steps, lr=d.pretrain_vision_lr,
-                                            seed=seed)
+                         len(scenes["images"]), d.pretrain_vision_scenes, time.perf_counter() - t0)
+            out["vision"] = pretrain_vision(policy, images, targets, steps=d.pretrain_vision_steps,
+                                            lr=d.pretrain_vision_lr, seed=d.seed)
             log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
                      out["vision"]["seconds"], out["vision"]["held_out_position_error"])
-        if skill_steps > 0:
-            out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=skill_steps,
-                                                       batch_size=d.pretrain_skill_batch_size, seed=seed)
+        if d.pretrain_skill_steps > 0:
+            out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=d.pretrain_skill_steps,
+                                                       batch_size=d.pretrain_skill_batch_size, seed=d.seed)
             log.info("skill pretraining done in %.0f s: loss %.4f", out["skills_training"]["seconds"],
                      out["skills_training"]["final_loss"])
         return out
