@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/demo_diagnose.py <checkpoint>/pretrained_model --tasks task3_placement --scenes 60
     .venv/bin/python benchmarks/demo_diagnose.py outputs/demo/base/pretrained_model --tasks task1_moving_grasp \
         --instruction "put the red block on the green square"
+    .venv/bin/python benchmarks/demo_diagnose.py outputs/demo/base/pretrained_model --skills 2,3,6
 
 A research tool (not part of `make demo`); it needs the demo datasets (`make demo` or
 `kuavo-train make-data`). For each task it prints two things:
@@ -24,6 +25,14 @@ A research tool (not part of `make demo`); it needs the demo datasets (`make dem
    per coordinate that varies across scenes. A policy that reads the object's place from the
    images has a distance well below the constant's and a correlation near 1; one that replays
    an average motion has a distance near or above the constant's and a correlation near 0.
+
+With `--skills` (an embedded base, or any checkpoint whose cameras and state are the demo
+world's), the same comparison on the pretraining skills' frames instead: for each skill given
+(its index in `kuavo_train/data/demo_world/pretraining.py`'s SKILLS) and each `--frames` offset,
+the chunk planned from that frame of the skill's episodes against the chunk the expert recorded
+from it, on the base's own pretraining scenes (what the skills phase trained on) and on as many
+fresh scenes of the same skills. It tells a skills phase that did not fit its own data from one
+that fit it and does not generalize.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -47,7 +57,8 @@ FRESH_SCENES = 20_000_000
 def policy_actors(checkpoint: str):
     """A checkpoint as the two callables the diagnosis needs: `act(envs, obs)` -> (n, 16) actions
     through `select_action` (its action queue, as closed-loop evaluation), and `chunk(envs, obs)`
-    -> (n, chunk_size, 16) from `predict_action_chunk`; both un-normalized."""
+    -> (n, chunk_size, 16) from `predict_action_chunk` (`chunk.plan(batch)` from a raw batch); both
+    un-normalized."""
     from lerobot.envs import preprocess_observation
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
@@ -71,22 +82,22 @@ def policy_actors(checkpoint: str):
         with torch.inference_mode():
             return post(policy.select_action(pre(batch_of(envs, obs)))).numpy()
 
-    def chunk(envs, obs):
+    def plan(batch):
         with torch.inference_mode():
-            return post(policy.predict_action_chunk(pre(batch_of(envs, obs)))).numpy()
+            return post(policy.predict_action_chunk(pre(batch))).numpy()
+
+    def chunk(envs, obs):
+        return plan(batch_of(envs, obs))
 
     act.reset = policy.reset
+    chunk.plan = plan  # the same from a raw batch (the `--skills` probe)
     return act, chunk
 
 
-def base_skill_stats(checkpoint: str) -> dict:
-    """The normalization of a `kuavo-train build-base` folder's skills phase, from its pretraining set
-    regenerated as its base_info.json records it (a base from before the seed was recorded: the
-    demo's seed 0)."""
+def base_pretraining_set(checkpoint: str) -> tuple[int, int, int]:
+    """(seed, episodes per skill, image size) of a `kuavo-train build-base` folder's pretraining set, as
+    its base_info.json records them (a base from before the seed was recorded: the demo's seed 0)."""
     import json
-
-    from kuavo_train.data.demo_world.pretraining import pretraining_frames
-    from kuavo_train.training.pretrain import skill_stats
 
     info_file = Path(checkpoint).parent / "base_info.json"
     base = json.loads(info_file.read_text()) if info_file.is_file() else {}
@@ -94,8 +105,23 @@ def base_skill_stats(checkpoint: str) -> dict:
     if "skills_training" not in info:
         raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: "
                          "nothing to normalize with")
-    size = base["tiny_vlm"]["image_size"]
-    return skill_stats(pretraining_frames(info.get("seed", 0), info["episodes_per_skill"], size))
+    return info.get("seed", 0), info["episodes_per_skill"], base["tiny_vlm"]["image_size"]
+
+
+@functools.lru_cache(maxsize=2)
+def _pretraining_frames(seed: int, episodes_per_skill: int, image_size: int) -> dict:
+    """The pretraining set, generated once per script run (the statistics and `--skills` both use it)."""
+    from kuavo_train.data.demo_world.pretraining import pretraining_frames
+
+    return pretraining_frames(seed, episodes_per_skill, image_size)
+
+
+def base_skill_stats(checkpoint: str) -> dict:
+    """The normalization of a `kuavo-train build-base` folder's skills phase, from its pretraining set
+    regenerated (`base_pretraining_set`)."""
+    from kuavo_train.training.pretrain import skill_stats
+
+    return skill_stats(_pretraining_frames(*base_pretraining_set(checkpoint)))
 
 
 def expert_chunk(world, steps: int) -> np.ndarray:
@@ -155,6 +181,17 @@ def closed_loop(act, task: str, root: str, episodes: int, seed: int, instruction
             "missed_release_other_mark": other_mark}
 
 
+def target_fit(pred: np.ndarray, expert: np.ndarray) -> dict:
+    """(n, steps, 2) planned hand targets against the expert's: their mean distance, the best
+    constant chunk's (the expert's mean chunk), and the chunk-end correlation per coordinate that
+    varies across the n samples."""
+    corr = {name: float(np.corrcoef(pred[:, -1, axis], expert[:, -1, axis])[0, 1])
+            for axis, name in enumerate("xy") if expert[:, -1, axis].std() > 1e-6 and pred[:, -1, axis].std() > 1e-9}
+    return {"distance": float(np.linalg.norm(pred - expert, axis=-1).mean()),
+            "constant_distance": float(np.linalg.norm(expert.mean(0, keepdims=True) - expert, axis=-1).mean()),
+            "correlation": corr}
+
+
 def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
     """The first chunk on fresh scenes against the expert's: the grasping hand's (x, y) targets."""
     from kuavo_train.envs.demo import KuavoDemoEnv
@@ -165,11 +202,34 @@ def first_chunk(chunk, task: str, root: str, scenes: int, seed: int) -> dict:
     torch.manual_seed(seed)
     pred = np.asarray(chunk(envs, obs))[..., hand : hand + 2]
     expert = np.stack([expert_chunk(e.world, pred.shape[1]) for e in envs])[..., hand : hand + 2]
-    corr = {name: float(np.corrcoef(pred[:, -1, axis], expert[:, -1, axis])[0, 1])
-            for axis, name in enumerate("xy") if expert[:, -1, axis].std() > 1e-6 and pred[:, -1, axis].std() > 1e-9}
-    return {"distance": float(np.linalg.norm(pred - expert, axis=-1).mean()),
-            "constant_distance": float(np.linalg.norm(expert.mean(0, keepdims=True) - expert, axis=-1).mean()),
-            "correlation": corr}
+    return target_fit(pred, expert)
+
+
+def skill_fit(plan, frames: dict, skill: int, offset: int, episodes: int, chunk_size: int = 10) -> dict | None:
+    """The chunk `plan(batch)` makes from frame `offset` of each of the first `episodes` episodes of
+    `skill` in `pretraining_frames` output that run at least `chunk_size` frames past it, against the
+    actions the expert recorded from there: `target_fit` of the skill's hand (x, y), and `n`. None
+    when no episode is long enough."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS
+    from kuavo_train.data.demo_world.tasks import CAMERAS
+
+    starts = []
+    for e in np.unique(frames["episode"][frames["skill"] == skill])[:episodes]:
+        idx = np.flatnonzero(frames["episode"] == e)
+        if offset + chunk_size <= len(idx):
+            starts.append(idx[offset])
+    if not starts:
+        return None
+    starts = np.asarray(starts)
+    batch = {"observation.state": torch.from_numpy(frames["state"][starts]),
+             "task": [SKILLS[skill].instruction] * len(starts)}
+    for c, cam in enumerate(CAMERAS):
+        batch[f"observation.images.{cam}"] = torch.from_numpy(frames["images"][starts, c]).permute(0, 3, 1, 2).float() / 255
+    hand = SKILLS[skill].plan[0][0]
+    torch.manual_seed(0)
+    pred = np.asarray(plan(batch))[:, :chunk_size, hand : hand + 2]
+    expert = frames["action"][starts[:, None] + np.arange(chunk_size)][..., hand : hand + 2]
+    return {**target_fit(pred, expert), "n": len(starts)}
 
 
 def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int,
@@ -200,6 +260,31 @@ def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int
     return "\n".join(lines)
 
 
+def skills_report(plan, checkpoint: str, skills: list[int], offsets: list[int], episodes: int) -> str:
+    """`skill_fit` of each skill and offset on the base's own pretraining scenes and on fresh scenes
+    (the same skills drawn with the next seed), as lines."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS
+
+    seed, per_skill, size = base_pretraining_set(checkpoint)
+    sets = {"own scenes": _pretraining_frames(seed, per_skill, size),
+            "fresh scenes": _pretraining_frames(seed + 1, min(per_skill, episodes), size)}
+    lines = []
+    for i in skills:
+        if not 0 <= i < len(SKILLS):
+            raise SystemExit(f"--skills: no skill {i} (0..{len(SKILLS) - 1})")
+        lines.append(f"skill {i} {SKILLS[i].instruction!r}")
+        for k in offsets:
+            for name, frames in sets.items():
+                fit = skill_fit(plan, frames, i, k, episodes)
+                if fit is None:
+                    lines.append(f"  frame {k}, {name}: no episode that long")
+                    continue
+                corr = ", ".join(f"{a} {v:+.2f}" for a, v in fit["correlation"].items()) or "n/a (constant)"
+                lines.append(f"  frame {k}, {name} ({fit['n']}): hand targets {fit['distance']:.3f} from the expert's "
+                             f"(best constant chunk {fit['constant_distance']:.3f}); chunk-end correlation {corr}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from kuavo_train.data.demo_world.tasks import TASKS_BY_NAME
     from kuavo_train.data.generated import EVAL_START_SEED
@@ -208,12 +293,19 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a pretrained_model directory (a stage's, or an embedded base's)")
     ap.add_argument("--tasks", default=",".join(TASKS_BY_NAME))
     ap.add_argument("--data-root", default="outputs/demo/datasets")
-    ap.add_argument("--episodes", type=int, default=20, help="held-out scenes run closed loop per task")
+    ap.add_argument("--episodes", type=int, default=20, help="held-out scenes run closed loop per task (with --skills: episodes per skill and scene set)")
     ap.add_argument("--scenes", type=int, default=60, help="fresh scenes for the first-chunk probe")
     ap.add_argument("--instruction", help="run the closed loop with this instruction instead of the task's (e.g. a "
                     "pretraining skill's, to see whether a base follows its words); no first-chunk probe then")
+    ap.add_argument("--skills", help="instead of the tasks: these pretraining skills (indexes, comma-separated), the "
+                    "planned chunk against the expert's on the base's own pretraining scenes and on fresh ones")
+    ap.add_argument("--frames", default="0,10", help="with --skills: the frame offsets in each episode to plan from")
     args = ap.parse_args()
     act, chunk = policy_actors(args.checkpoint)
+    if args.skills:
+        print(skills_report(chunk.plan, args.checkpoint, [int(i) for i in args.skills.split(",")],
+                            [int(k) for k in args.frames.split(",")], args.episodes), flush=True)
+        return
     for task in args.tasks.split(","):
         root = f"{args.data_root}/{task}"
         loop = closed_loop(act, task, root, args.episodes, EVAL_START_SEED, args.instruction)

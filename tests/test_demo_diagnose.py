@@ -118,6 +118,31 @@ def test_a_release_on_the_wrong_mark_is_told_apart(demo_data):
     assert "the nearest other mark of the scene: median " in text and f"within {PLACE_TOL} of one in 2 of them" in text
 
 
+def test_the_skill_probe_scores_the_expert_exactly_and_a_constant_chunk_as_the_constant():
+    """`skill_fit` against the chunks the expert recorded: a planner that returns them scores 0 and a
+    correlation of 1, one that returns their mean the constant's distance; frames too near an
+    episode's end are left out."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
+
+    frames = pretraining_frames(0, 4, 64)
+    where = {frames["images"][i, 0].tobytes(): i for i in range(len(frames["images"]))}
+
+    def recorded(batch):  # the expert's next 10 actions from each frame given (found by its head image)
+        head = (batch["observation.images.head_cam_h"] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        idx = np.asarray([where[h.tobytes()] for h in head])
+        assert [SKILLS[int(frames["skill"][i])].instruction for i in idx] == batch["task"]
+        return frames["action"][idx[:, None] + np.arange(10)]
+
+    skill = 2  # pick and place with the right hand: the targets vary in x (the belt) and y (the mark)
+    fit = diag.skill_fit(recorded, frames, skill, 10, episodes=4)
+    assert fit["n"] == 4 and fit["distance"] == 0.0 and fit["constant_distance"] > 0.05
+    assert set(fit["correlation"]) == {"x", "y"} and all(c == pytest.approx(1.0) for c in fit["correlation"].values())
+    const = diag.skill_fit(lambda b: np.repeat(recorded(b).mean(0, keepdims=True), len(b["task"]), 0), frames, skill, 10, 4)
+    assert const["distance"] == pytest.approx(fit["constant_distance"]) and const["correlation"] == {}
+    assert diag.skill_fit(recorded, frames, skill, 10, episodes=2)["n"] == 2
+    assert diag.skill_fit(recorded, frames, skill, 500, episodes=4) is None
+
+
 def test_the_script_on_a_pretrained_base_with_another_instruction(tmp_path, demo_data, demo_base):
     """An embedded base has no processors: the script normalizes with the statistics of the base's
     own pretraining set (regenerated from base_info.json) and runs the closed loop with the
@@ -143,5 +168,15 @@ def test_the_script_on_a_pretrained_base_with_another_instruction(tmp_path, demo
     lines = lines[lines.index(f"task1_moving_grasp, instruction {SKILLS[2].instruction!r}"):]
     assert "closed loop, 2 held-out scenes: success" in lines[1] and "(of 4)" in lines[1]
     assert not any("first chunk" in line for line in lines)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(base), "--skills", "2",
+                        "--frames", "0", "--episodes", "1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    lines = lines[lines.index(f"skill 2 {SKILLS[2].instruction!r}"):]
+    assert lines[1].startswith("  frame 0, own scenes (1): hand targets ") and "best constant chunk 0.000" in lines[1]
+    assert lines[2].startswith("  frame 0, fresh scenes (1): hand targets ")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(base), "--skills", "14"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "--skills: no skill 14 (0..13)"
     with pytest.raises(SystemExit, match="no pre/post-processors and no skills phase"):
         diag.base_skill_stats(str(demo_base))
