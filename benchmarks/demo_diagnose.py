@@ -94,9 +94,9 @@ def policy_actors(checkpoint: str):
     return act, chunk
 
 
-def base_pretraining_set(checkpoint: str) -> tuple[int, int, int]:
-    """(seed, episodes per skill, image size) of a `kuavo-train build-base` folder's pretraining set, as
-    its base_info.json records them (a base from before the seed was recorded: the demo's seed 0)."""
+def base_pretraining_info(checkpoint: str) -> dict:
+    """The `pretraining` record of a `kuavo-train build-base` folder's base_info.json, with its
+    `image_size` (a base from before the seed was recorded: the demo's seed 0)."""
     import json
 
     info_file = Path(checkpoint).parent / "base_info.json"
@@ -105,7 +105,7 @@ def base_pretraining_set(checkpoint: str) -> tuple[int, int, int]:
     if "skills_training" not in info:
         raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: "
                          "nothing to normalize with")
-    return info.get("seed", 0), info["episodes_per_skill"], base["tiny_vlm"]["image_size"]
+    return {"seed": 0, **info, "image_size": base["tiny_vlm"]["image_size"]}
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,12 +116,28 @@ def _pretraining_frames(seed: int, episodes_per_skill: int, image_size: int) -> 
     return pretraining_frames(seed, episodes_per_skill, image_size)
 
 
+def own_pretraining_frames(checkpoint: str) -> dict:
+    """A base's pretraining set, regenerated as its base_info.json records it. Refused in one line
+    when the result is not the set the base recorded (other skills or another frame count: the
+    pretraining code changed since the base was built), since its statistics would be other ones."""
+    from kuavo_train.data.demo_world.pretraining import SKILLS
+
+    info = base_pretraining_info(checkpoint)
+    frames = _pretraining_frames(info["seed"], info["episodes_per_skill"], info["image_size"])
+    skills = [s.instruction for s in SKILLS]
+    if info.get("skills", skills) != skills or info.get("frames", len(frames["state"])) != len(frames["state"]):
+        raise SystemExit(f"{checkpoint}: its pretraining set cannot be regenerated: base_info.json records "
+                         f"{info.get('frames')} frames of {len(info.get('skills', skills))} skills, this code makes "
+                         f"{len(frames['state'])} of {len(skills)} (the pretraining code changed since the base was built)")
+    return frames
+
+
 def base_skill_stats(checkpoint: str) -> dict:
     """The normalization of a `kuavo-train build-base` folder's skills phase, from its pretraining set
-    regenerated (`base_pretraining_set`)."""
+    regenerated (`own_pretraining_frames`)."""
     from kuavo_train.training.pretrain import skill_stats
 
-    return skill_stats(_pretraining_frames(*base_pretraining_set(checkpoint)))
+    return skill_stats(own_pretraining_frames(checkpoint))
 
 
 def expert_chunk(world, steps: int) -> np.ndarray:
@@ -265,9 +281,10 @@ def skills_report(plan, checkpoint: str, skills: list[int], offsets: list[int], 
     (the same skills drawn with the next seed), as lines."""
     from kuavo_train.data.demo_world.pretraining import SKILLS
 
-    seed, per_skill, size = base_pretraining_set(checkpoint)
-    sets = {"own scenes": _pretraining_frames(seed, per_skill, size),
-            "fresh scenes": _pretraining_frames(seed + 1, min(per_skill, episodes), size)}
+    info = base_pretraining_info(checkpoint)
+    sets = {"own scenes": own_pretraining_frames(checkpoint),
+            "fresh scenes": _pretraining_frames(info["seed"] + 1, min(info["episodes_per_skill"], episodes),
+                                                info["image_size"])}
     lines = []
     for i in skills:
         if not 0 <= i < len(SKILLS):

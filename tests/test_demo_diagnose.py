@@ -3,6 +3,7 @@ does every task and whose chunk is the reference) and against a constant chunk; 
 on a trained checkpoint."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -146,7 +147,9 @@ def test_the_skill_probe_scores_the_expert_exactly_and_a_constant_chunk_as_the_c
 def test_the_script_on_a_pretrained_base_with_another_instruction(tmp_path, demo_data, demo_base):
     """An embedded base has no processors: the script normalizes with the statistics of the base's
     own pretraining set (regenerated from base_info.json) and runs the closed loop with the
-    instruction given. A base without a skills phase has nothing to normalize with: one line."""
+    instruction given, and with `--skills`. A base without a skills phase has nothing to normalize
+    with, and one whose recorded pretraining set this code no longer makes would be normalized
+    wrongly: one line each."""
     from kuavo_train.config.schema import DemoSettings
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames
     from kuavo_train.policy.base_model import build_base_model
@@ -178,5 +181,17 @@ def test_the_script_on_a_pretrained_base_with_another_instruction(tmp_path, demo
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(base), "--skills", "14"],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "--skills: no skill 14 (0..13)"
+    # a base built by other pretraining code: its recorded set is not what this code regenerates
+    info_file = base.parent / "base_info.json"
+    info = json.loads(info_file.read_text())
+    info["pretraining"]["frames"] += 1
+    info_file.write_text(json.dumps(info))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_diagnose.py"), str(base), "--skills", "2"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    n = info["pretraining"]["frames"]
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"{base}: its pretraining set cannot be regenerated: base_info.json records {n} frames of "
+        f"{len(SKILLS)} skills, this code makes {n - 1} of {len(SKILLS)} (the pretraining code changed since the base "
+        "was built)")
     with pytest.raises(SystemExit, match="no pre/post-processors and no skills phase"):
         diag.base_skill_stats(str(demo_base))
