@@ -26,12 +26,12 @@ A research tool (not part of `make demo`); it needs the demo datasets (`make dem
    images has a distance well below the constant's and a correlation near 1; one that replays
    an average motion has a distance near or above the constant's and a correlation near 0.
 
-With `--skills` (an embedded base, or any checkpoint whose cameras and state are the demo
-world's), the same comparison on the pretraining skills' frames instead: for each skill given
-(its index in `kuavo_train/data/demo_world/pretraining.py`'s SKILLS) and each `--frames` offset,
-the chunk planned from that frame of the skill's episodes against the chunk the expert recorded
-from it, on the base's own pretraining scenes (what the skills phase trained on) and on as many
-fresh scenes of the same skills. It tells a skills phase that did not fit its own data from one
+With `--skills` (on an embedded base from `kuavo-train build-base` with a skills phase), the same
+comparison on the pretraining skills' frames instead: for each skill given (its index in
+`kuavo_train/data/demo_world/pretraining.py`'s SKILLS) and each `--frames` offset, the chunk
+planned from that frame of the skill's episodes against the chunk the expert recorded from it,
+on the base's own pretraining scenes (what the skills phase trained on) and on as many fresh
+scenes of the same skills. It tells a skills phase that did not fit its own data from one
 that fit it and does not generalize.
 """
 
@@ -103,8 +103,8 @@ def base_pretraining_info(checkpoint: str) -> dict:
     base = json.loads(info_file.read_text()) if info_file.is_file() else {}
     info = base.get("pretraining") or {}
     if "skills_training" not in info:
-        raise SystemExit(f"{checkpoint}: no pre/post-processors and no skills phase in {info_file}: "
-                         "nothing to normalize with")
+        raise SystemExit(f"{checkpoint}: no skills phase recorded in {info_file}: no statistics for a base without "
+                         "pre/post-processors, no pretraining set for --skills")
     return {"seed": 0, **info, "image_size": base["tiny_vlm"]["image_size"]}
 
 
@@ -128,7 +128,8 @@ def own_pretraining_frames(checkpoint: str) -> dict:
     if info.get("skills", skills) != skills or info.get("frames", len(frames["state"])) != len(frames["state"]):
         raise SystemExit(f"{checkpoint}: its pretraining set cannot be regenerated: base_info.json records "
                          f"{info.get('frames')} frames of {len(info.get('skills', skills))} skills, this code makes "
-                         f"{len(frames['state'])} of {len(skills)} (the pretraining code changed since the base was built)")
+                         f"{len(frames['state'])} of {len(skills)} (the pretraining code changed since the base was "
+                         "built)")
     return frames
 
 
@@ -240,7 +241,8 @@ def skill_fit(plan, frames: dict, skill: int, offset: int, episodes: int, chunk_
     batch = {"observation.state": torch.from_numpy(frames["state"][starts]),
              "task": [SKILLS[skill].instruction] * len(starts)}
     for c, cam in enumerate(CAMERAS):
-        batch[f"observation.images.{cam}"] = torch.from_numpy(frames["images"][starts, c]).permute(0, 3, 1, 2).float() / 255
+        images = torch.from_numpy(frames["images"][starts, c]).permute(0, 3, 1, 2)
+        batch[f"observation.images.{cam}"] = images.float() / 255
     hand = SKILLS[skill].plan[0][0]
     torch.manual_seed(0)
     pred = np.asarray(plan(batch))[:, :chunk_size, hand : hand + 2]
@@ -310,7 +312,8 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a pretrained_model directory (a stage's, or an embedded base's)")
     ap.add_argument("--tasks", default=",".join(TASKS_BY_NAME))
     ap.add_argument("--data-root", default="outputs/demo/datasets")
-    ap.add_argument("--episodes", type=int, default=20, help="held-out scenes run closed loop per task (with --skills: episodes per skill and scene set)")
+    ap.add_argument("--episodes", type=int, default=20,
+                    help="held-out scenes run closed loop per task (with --skills: episodes per skill and scene set)")
     ap.add_argument("--scenes", type=int, default=60, help="fresh scenes for the first-chunk probe")
     ap.add_argument("--instruction", help="run the closed loop with this instruction instead of the task's (e.g. a "
                     "pretraining skill's, to see whether a base follows its words); no first-chunk probe then")
