@@ -228,7 +228,7 @@ def skill_fit(plan, frames: dict, skill: int, offset: int, episodes: int, chunk_
     actions the expert recorded from there: `target_fit` of the skill's hand (x, y), and `n`. None
     when no episode is long enough."""
     from kuavo_train.data.demo_world.pretraining import SKILLS
-    from kuavo_train.data.demo_world.tasks import CAMERAS
+    from kuavo_train.training.pretrain import skill_observations
 
     starts = []
     for e in np.unique(frames["episode"][frames["skill"] == skill])[:episodes]:
@@ -238,16 +238,19 @@ def skill_fit(plan, frames: dict, skill: int, offset: int, episodes: int, chunk_
     if not starts:
         return None
     starts = np.asarray(starts)
-    batch = {"observation.state": torch.from_numpy(frames["state"][starts]),
-             "task": [SKILLS[skill].instruction] * len(starts)}
-    for c, cam in enumerate(CAMERAS):
-        images = torch.from_numpy(frames["images"][starts, c]).permute(0, 3, 1, 2)
-        batch[f"observation.images.{cam}"] = images.float() / 255
     hand = SKILLS[skill].plan[0][0]
     torch.manual_seed(0)
+    batch = skill_observations(frames, starts, [s.instruction for s in SKILLS])
     pred = np.asarray(plan(batch))[:, :chunk_size, hand : hand + 2]
     expert = frames["action"][starts[:, None] + np.arange(chunk_size)][..., hand : hand + 2]
     return {**target_fit(pred, expert), "n": len(starts)}
+
+
+def fit_text(fit: dict) -> str:
+    """`target_fit`'s numbers as the report prints them."""
+    corr = ", ".join(f"{k} {v:+.2f}" for k, v in fit["correlation"].items()) or "n/a (constant)"
+    return (f"hand targets {fit['distance']:.3f} from the expert's (best constant chunk {fit['constant_distance']:.3f}); "
+            f"chunk-end correlation with the expert: {corr}")
 
 
 def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int,
@@ -272,9 +275,7 @@ def report(task: str, loop: dict, probe: dict | None, episodes: int, scenes: int
                          f"within {PLACE_TOL} of one in {int((other < PLACE_TOL).sum())} of them")
     if probe is None:
         return "\n".join(lines)
-    corr = ", ".join(f"{k} {v:+.2f}" for k, v in probe["correlation"].items()) or "n/a (constant)"
-    lines.append(f"  first chunk, {scenes} new scenes: hand targets {probe['distance']:.3f} from the expert's (best "
-                 f"constant chunk {probe['constant_distance']:.3f}); chunk-end correlation with the expert: {corr}")
+    lines.append(f"  first chunk, {scenes} new scenes: {fit_text(probe)}")
     return "\n".join(lines)
 
 
@@ -289,8 +290,6 @@ def skills_report(plan, checkpoint: str, skills: list[int], offsets: list[int], 
                                                 info["image_size"])}
     lines = []
     for i in skills:
-        if not 0 <= i < len(SKILLS):
-            raise SystemExit(f"--skills: no skill {i} (0..{len(SKILLS) - 1})")
         lines.append(f"skill {i} {SKILLS[i].instruction!r}")
         for k in offsets:
             for name, frames in sets.items():
@@ -298,13 +297,12 @@ def skills_report(plan, checkpoint: str, skills: list[int], offsets: list[int], 
                 if fit is None:
                     lines.append(f"  frame {k}, {name}: no episode that long")
                     continue
-                corr = ", ".join(f"{a} {v:+.2f}" for a, v in fit["correlation"].items()) or "n/a (constant)"
-                lines.append(f"  frame {k}, {name} ({fit['n']}): hand targets {fit['distance']:.3f} from the expert's "
-                             f"(best constant chunk {fit['constant_distance']:.3f}); chunk-end correlation {corr}")
+                lines.append(f"  frame {k}, {name} ({fit['n']}): {fit_text(fit)}")
     return "\n".join(lines)
 
 
 def main() -> None:
+    from kuavo_train.data.demo_world.pretraining import SKILLS
     from kuavo_train.data.demo_world.tasks import TASKS_BY_NAME
     from kuavo_train.data.generated import EVAL_START_SEED
 
@@ -321,10 +319,14 @@ def main() -> None:
                     "planned chunk against the expert's on the base's own pretraining scenes and on fresh ones")
     ap.add_argument("--frames", default="0,10", help="with --skills: the frame offsets in each episode to plan from")
     args = ap.parse_args()
+    skills = [int(i) for i in args.skills.split(",")] if args.skills else []
+    bad = [i for i in skills if not 0 <= i < len(SKILLS)]
+    if bad:  # before the model loads
+        raise SystemExit(f"--skills: no skill {bad[0]} (0..{len(SKILLS) - 1})")
     act, chunk = policy_actors(args.checkpoint)
-    if args.skills:
-        print(skills_report(chunk.plan, args.checkpoint, [int(i) for i in args.skills.split(",")],
-                            [int(k) for k in args.frames.split(",")], args.episodes), flush=True)
+    if skills:
+        print(skills_report(chunk.plan, args.checkpoint, skills, [int(k) for k in args.frames.split(",")],
+                            args.episodes), flush=True)
         return
     for task in args.tasks.split(","):
         root = f"{args.data_root}/{task}"

@@ -138,6 +138,7 @@ def test_the_skill_probe_scores_the_expert_exactly_and_a_constant_chunk_as_the_c
     fit = diag.skill_fit(recorded, frames, skill, 10, episodes=4)
     assert fit["n"] == 4 and fit["distance"] == 0.0 and fit["constant_distance"] > 0.05
     assert set(fit["correlation"]) == {"x", "y"} and all(c == pytest.approx(1.0) for c in fit["correlation"].values())
+
     def constant(batch):  # their mean, for every frame
         return np.repeat(recorded(batch).mean(0, keepdims=True), len(batch["task"]), 0)
 

@@ -161,6 +161,21 @@ def skill_stats(frames: dict) -> dict:
                          ("action", torch.from_numpy(frames["action"])))}
 
 
+def skill_observations(frames: dict, idx, instructions: list[str]) -> dict:
+    """The policy's raw inputs for frames `idx` of `pretraining_frames` output, as a LeRobot dataset
+    gives them: the state, each camera's image (float, channels first, in [0, 1]) and the frame's
+    skill instruction (`instructions` indexed by skill)."""
+    from kuavo_train.data.demo_world.tasks import CAMERAS
+
+    idx = torch.as_tensor(idx)
+    batch = {"observation.state": torch.from_numpy(frames["state"])[idx],
+             "task": [instructions[int(frames["skill"][i])] for i in idx]}
+    images = torch.from_numpy(frames["images"]).permute(0, 1, 4, 2, 3)  # frames, cameras, C, H, W
+    for c, camera in enumerate(CAMERAS):
+        batch[f"observation.images.{camera}"] = images[idx, c].float() / 255
+    return batch
+
+
 def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int,
                     lr: float = 1e-3, warmup: int = 50, seed: int = 0) -> dict:
     """Train everything but the vision tower of `policy` in place with SmolVLA's flow-matching loss
@@ -169,10 +184,9 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
     from lerobot.policies.factory import make_pre_post_processors
 
     cfg = policy.config
-    state, action = torch.from_numpy(frames["state"]), torch.from_numpy(frames["action"])
-    images = torch.from_numpy(frames["images"]).permute(0, 1, 4, 2, 3)  # frames, cameras, C, H, W
+    action = torch.from_numpy(frames["action"])
     episode = torch.from_numpy(frames["episode"])
-    n = len(state)
+    n = len(action)
     # chunk indices: frame t's next chunk_size actions of its own episode (the last one repeated)
     end = torch.zeros(n, dtype=torch.long)
     for e in torch.unique(episode):
@@ -182,17 +196,13 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
     pad = steps_ahead > end.unsqueeze(1)
     chunks = torch.minimum(steps_ahead, end.unsqueeze(1))
     pre, _ = make_pre_post_processors(cfg, dataset_stats=skill_stats(frames))
-    cameras = [k for k in cfg.input_features if k.startswith("observation.images.")]
     params = [p for name, p in policy.named_parameters() if "vision_model" not in name]
     gen = torch.Generator().manual_seed(seed)
-    skill = frames["skill"]
 
     def step_loss():
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        batch = {"observation.state": state[idx], "action": action[chunks[idx]], "action_is_pad": pad[idx],
-                 "task": [instructions[int(skill[i])] for i in idx]}
-        for c, key in enumerate(cameras):
-            batch[key] = images[idx, c].float() / 255
+        batch = {**skill_observations(frames, idx, instructions), "action": action[chunks[idx]],
+                 "action_is_pad": pad[idx]}
         return policy(pre(batch))[0]
 
     with _training_only(policy, params):
