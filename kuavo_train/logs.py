@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 NOISY = ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video", "OpenGL")
 VIDEO_BACKEND_LOGGER = "lerobot.utils.import_utils"
@@ -45,3 +46,9 @@ def quiet_worker() -> None:
     """`quiet()` for a helper process: its parent already says whether torchcodec loads."""
     quiet()
     logging.getLogger(VIDEO_BACKEND_LOGGER).setLevel(logging.ERROR)
+
+
+def progress_bars(enabled: bool = True) -> bool:
+    """Whether to draw progress bars: only in a terminal (in a log file a bar is thousands of
+    carriage-return updates; the log lines say the same)."""
+    return enabled and sys.stderr.isatty()

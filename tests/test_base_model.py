@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,49 @@ def test_embedded_default_goes_offline_by_itself(tmp_path):
     assert pre["vision"]["steps"] == 5 and pre["skills_training"]["steps"] == 3 and len(pre["skills"]) == 14
     assert pre["skills_training"]["batch_size"] == 4
     assert "Retrying" not in r.stderr + r.stdout and (tmp_path / "base" / "pretrained_model" / "model.safetensors").is_file()
+    # output to a file or pipe: the phases' log lines, no progress bar
+    assert "skill pretraining step 3/3" in r.stdout and "vision pretraining step 5/5" in r.stdout
+    assert "\r" not in r.stderr + r.stdout and "%|" not in r.stderr + r.stdout, r.stderr[-800:]
+
+
+def test_pretraining_draws_a_progress_bar_in_a_terminal(tmp_path):
+    """In a terminal each pretraining phase has a progress bar (besides its log lines); with
+    logging.progress_bars=false it has none."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def in_terminal(*overrides):
+        master, slave = pty.openpty()
+        # a terminal of 30 x 120 (a new pty is 0 x 0 wide, where tqdm draws nothing)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        p = subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "build-base", "--overwrite", "--out",
+                              str(tmp_path / "base"), "demo.pretrain_vision_steps=20", "demo.pretrain_skill_steps=20",
+                              "demo.pretrain_episodes_per_skill=1", "demo.pretrain_skill_batch_size=2",
+                              "demo.pretrain_vision_scenes=0", *overrides],
+                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        os.close(slave)
+        out = b""
+        while True:  # read while it runs: a full terminal buffer would block the child
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        assert p.wait(timeout=120) == 0, out[-1500:]
+        return out.decode(errors="replace")
+
+    shown = in_terminal()
+    for phase in ("vision pretraining", "skill pretraining"):
+        assert re.search(phase + r": +\d+%\|.*\| +\d+/20 \[", shown), shown[-1500:]
+    assert "loss=" in shown
+    hidden = in_terminal("logging.progress_bars=false")
+    assert "skill pretraining step 20/20" in hidden and "%|" not in hidden, hidden[-1500:]
 
 
 def test_pretraining_set_is_not_the_tasks_data():

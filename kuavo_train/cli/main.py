@@ -48,6 +48,7 @@ def _build_demo_base(cfg, out: Path, *, overwrite: bool) -> Path:
     (and its tokenizer knowing the skills' instructions too) when `demo.pretrain_vision_steps` /
     `pretrain_skill_steps` > 0."""
     from kuavo_train.data.demo_world.pretraining import SKILLS
+    from kuavo_train.logs import progress_bars
     from kuavo_train.policy.base_model import build_base_model
     from kuavo_train.policy.tiny_vlm import TinyVLMSpec
     from kuavo_train.training.pretrain import demo_world_pretraining
@@ -55,7 +56,7 @@ def _build_demo_base(cfg, out: Path, *, overwrite: bool) -> Path:
     d = cfg.demo
     instructions, pretrain, spec = [s.instruction for s in cfg.ordered_stages()], None, None
     if d.pretrain_vision_steps > 0 or d.pretrain_skill_steps > 0:
-        pretrain = demo_world_pretraining(d)
+        pretrain = demo_world_pretraining(d, progress=progress_bars(cfg.logging.progress_bars))
         # the skills' words too, with room for them: at 512 tokens the tasks' instructions would be
         # split finer and task 1's cut at tokenizer_max_length
         instructions += [k.instruction for k in SKILLS]

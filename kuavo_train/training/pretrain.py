@@ -49,7 +49,7 @@ def locate_loss(pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: int, lr: float, batch_size: int = 64,
-                    warmup: int = 100, seed: int = 0, held_out: float = 0.1) -> dict:
+                    warmup: int = 100, seed: int = 0, held_out: float = 0.1, progress: bool = False) -> dict:
     """Train the vision tower + connector of `policy` in place on (frames, cameras, H, W, 3) uint8
     images and their `where_targets`; every camera image is one sample. Returns a summary with the
     readout's mean position error (image half-widths) on a seeded 10% of the images never trained on."""
@@ -87,7 +87,7 @@ def pretrain_vision(policy, images: np.ndarray, targets: np.ndarray, *, steps: i
 
     with _training_only(policy, params):
         _, seconds = _optimize("vision pretraining", [*params, *head.parameters()], step_loss, steps=steps, lr=lr,
-                               warmup=warmup)
+                               warmup=warmup, progress=progress)
     after = evaluate()
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "images": int(len(x)), "held_out_images": n_val,
             "held_out_position_error": round(after, 4),
@@ -131,12 +131,17 @@ def _training_only(policy, params):
             p.requires_grad_(before[id(p)])
 
 
-def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: int, clip: float | None = None):
-    """AdamW with linear warmup and cosine decay over `steps` calls of `step_loss()`; the losses and seconds."""
+def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: int, clip: float | None = None,
+              progress: bool = False):
+    """AdamW with linear warmup and cosine decay over `steps` calls of `step_loss()`; the losses and seconds.
+    `progress`: a progress bar (for a terminal; the log lines are written either way)."""
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     t0, losses = time.perf_counter(), []
+    bar = tqdm(total=steps, desc=name, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
     for step in range(1, steps + 1):
         loss = step_loss()
         loss.backward()
@@ -146,9 +151,13 @@ def _optimize(name: str, params, step_loss, *, steps: int, lr: float, warmup: in
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
         if step % max(1, steps // 5) == 0 or step == steps:
             log.info("%s step %d/%d: loss %.4f, %.1f steps/s", name, step, steps, float(np.mean(losses[-100:])),
                      step / (time.perf_counter() - t0))
+    bar.close()
     return losses, time.perf_counter() - t0
 
 
@@ -177,7 +186,7 @@ def skill_observations(frames: dict, idx, instructions: list[str]) -> dict:
 
 
 def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int, batch_size: int,
-                    lr: float = 1e-3, warmup: int = 50, seed: int = 0) -> dict:
+                    lr: float = 1e-3, warmup: int = 50, seed: int = 0, progress: bool = False) -> dict:
     """Train everything but the vision tower of `policy` in place with SmolVLA's flow-matching loss
     on `pretraining_frames` (chunks cut within each episode, padded and masked past its end as
     LeRobot does), normalized with the frames' own mean/std. Returns a summary."""
@@ -206,17 +215,18 @@ def pretrain_skills(policy, frames: dict, instructions: list[str], *, steps: int
         return policy(pre(batch))[0]
 
     with _training_only(policy, params):
-        losses, seconds = _optimize("skill pretraining", params, step_loss, steps=steps, lr=lr, warmup=warmup, clip=1.0)
+        losses, seconds = _optimize("skill pretraining", params, step_loss, steps=steps, lr=lr, warmup=warmup, clip=1.0,
+                                    progress=progress)
     window = max(1, min(100, steps // 5))
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "first_loss": round(float(np.mean(losses[:window])), 4),
             "final_loss": round(float(np.mean(losses[-window:])), 4), "seconds": round(seconds, 1)}
 
 
-def demo_world_pretraining(d: DemoSettings):
+def demo_world_pretraining(d: DemoSettings, *, progress: bool = False):
     """`build_base_model`'s `pretrain` callback for the `demo:` settings (`DemoSettings`, where every
     default lives): the pretraining set's frames, then `pretrain_vision` (on the skills' frames and
     `pretrain_vision_scenes` random-pose frames per scene family) and `pretrain_skills` (either
-    skipped at 0 steps)."""
+    skipped at 0 steps); `progress`: a progress bar per phase."""
     from kuavo_train.data.demo_world.pretraining import SKILLS, pretraining_frames, scene_frames
 
     def run(policy) -> dict:
@@ -238,12 +248,13 @@ def demo_world_pretraining(d: DemoSettings):
                 log.info("vision pretraining set: %d more frames of random poses in %d scenes per family, %.0f s",
                          len(scenes["images"]), d.pretrain_vision_scenes, time.perf_counter() - t0)
             out["vision"] = pretrain_vision(policy, images, targets, steps=d.pretrain_vision_steps,
-                                            lr=d.pretrain_vision_lr, seed=d.seed)
+                                            lr=d.pretrain_vision_lr, seed=d.seed, progress=progress)
             log.info("vision pretraining done in %.0f s: held-out position error %.3f image half-widths",
                      out["vision"]["seconds"], out["vision"]["held_out_position_error"])
         if d.pretrain_skill_steps > 0:
             out["skills_training"] = pretrain_skills(policy, frames, out["skills"], steps=d.pretrain_skill_steps,
-                                                       batch_size=d.pretrain_skill_batch_size, seed=d.seed)
+                                                       batch_size=d.pretrain_skill_batch_size, seed=d.seed,
+                                                       progress=progress)
             log.info("skill pretraining done in %.0f s: loss %.4f", out["skills_training"]["seconds"],
                      out["skills_training"]["final_loss"])
         return out

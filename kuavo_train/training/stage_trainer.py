@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
+from kuavo_train.logs import progress_bars
 from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import precision_name, serving
 from kuavo_train.policy.prefix_cache import create_cache
@@ -292,8 +292,7 @@ class StageTrainer:
             f"checkpoint ({self.ckpt_dir / 'last'}) is as it was. Check those frames' values, or lower the learning rate")
 
     def _bars(self) -> bool:
-        """Progress bars only in a terminal: in a log file they are thousands of carriage-return updates."""
-        return self.main and self.cfg.logging.progress_bars and sys.stderr.isatty()
+        return self.main and progress_bars(self.cfg.logging.progress_bars)
 
     def _sharding(self, seen: int, first_epoch: list) -> dict:
         """Per-process sample counts and the first epoch's overlap, gathered on every process."""
