@@ -73,13 +73,19 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
     assert a["observation.state"] != c["observation.state"]
 
 
-def test_two_writer_processes_write_what_one_writes(tmp_path):
+def test_two_writer_processes_write_what_one_writes(tmp_path, caplog):
+    import logging
+
     import pyarrow.parquet as pq
 
     kw = dict(tasks=["task3_placement", "task4_sorting"], num_train_episodes=2, num_val_episodes=1, image_size=32, seed=3)
-    one = write_demo_world(tmp_path / "one", **kw)
-    two = write_demo_world(tmp_path / "two", workers=2, **kw)
+    with caplog.at_level(logging.INFO, logger="kuavo_train.data.demo_world.writer"):
+        one = write_demo_world(tmp_path / "one", **kw)
+        two = write_demo_world(tmp_path / "two", workers=2, **kw)
     assert [p.name for p in two] == ["task3_placement", "task4_sorting"]
+    # each finished task says so, in either mode (the datasets take most of a minute in make demo)
+    done = [r.getMessage() for r in caplog.records if "written, 2 + 1 episodes" in r.getMessage()]
+    assert sorted(m.split()[2] for m in done) == ["task3_placement", "task3_placement", "task4_sorting", "task4_sorting"]
     for a, b in zip(one, two):
         rel = "data/chunk-000/file-000.parquet"
         assert pq.read_table(a / rel).to_pydict() == pq.read_table(b / rel).to_pydict()

@@ -11,9 +11,11 @@ scene seed of every episode so evaluation can replay held-out scenes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from kuavo_train.data.generated import made_with
 FPS = 10
 GENERATOR_VERSION = 2
 META_FILE = "demo_world.json"
+
+log = logging.getLogger(__name__)
 
 
 def features(image_size: int) -> dict:
@@ -150,17 +154,25 @@ def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_v
     kw = dict(num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes, seed=seed,
               image_size=image_size, overwrite=overwrite)
     workers = max(1, min(int(workers), len(tasks)))
+    t0 = time.perf_counter()
+
+    def written(task: str, path: Path) -> Path:
+        log.info("demo world: %s written, %d + %d episodes (%.0f s since the first task began)", task,
+                 num_train_episodes, num_val_episodes, time.perf_counter() - t0)
+        return path
+
     if workers == 1:
-        return [write_task_dataset(out_dir, t, **kw) for t in tasks]
+        return [written(t, write_task_dataset(out_dir, t, **kw)) for t in tasks]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from kuavo_train.logs import quiet_worker
 
     # spawn: the caller may hold torch's thread pools, which a forked child must not inherit
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker) as pool:
-        futures = [pool.submit(write_task_dataset, out_dir, t, **kw) for t in tasks]
-        return [f.result() for f in futures]
+        futures = {pool.submit(write_task_dataset, out_dir, t, **kw): t for t in tasks}
+        paths = {futures[f]: written(futures[f], f.result()) for f in as_completed(futures)}
+        return [paths[t] for t in tasks]
 
 
 def load_scene_seeds(root, split: str = "val") -> list[int]:
