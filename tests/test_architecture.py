@@ -8,7 +8,7 @@ from conftest import REPO
 
 # Lowest first. A module may import its own layer and those before it.
 LAYERS = [
-    ("errors", "logs", "files", "run_state"),  # shared helpers: error lines, logging, atomic writes, run.json
+    ("errors", "logs", "files", "run_state", "processes"),  # shared helpers: error lines, logging, atomic writes, run.json, work split between processes
     ("config",),
     ("data",),
     ("policy",),

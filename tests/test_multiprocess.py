@@ -82,3 +82,79 @@ def test_two_processes_two_stages_kill_and_resume(tmp_path, demo_base, demo_data
     log = (run_dir / "train.log").read_text()
     assert log.count("stage 1 task1_moving_grasp complete") == 1
     assert log.count("stage 2 task2_weighing complete") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_share_validation_fisher_and_the_matrices(tmp_path, demo_base, demo_data):
+    """The side work of a stage (validation, EWC's Fisher pass, the forgetting matrices' cells) is
+    split between the processes, and they get what one process computes alone."""
+    import shutil
+
+    from conftest import final_pretrained, stage_plans
+    from safetensors.torch import load_file
+
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.data.features import build_feature_space, make_task_dataset
+    from kuavo_train.data.stats import STATS_FILE, stats_from_json
+    from kuavo_train.data.task_data import open_task_data
+    from kuavo_train.evaluation.validation import validation_frames, validation_loss
+    from kuavo_train.policy import factory
+    from kuavo_train.strategies import get_strategy
+    from kuavo_train.training.stage_trainer import VALIDATION_FRAMES_PER_EPISODE, TaskBatches
+    import torch
+
+    run_dir = tmp_path / "run"
+    extra = ("strategy=ewc", "validation.batch_size=4", "evaluation.after_each_stage=true",
+             "evaluation.closed_loop_episodes=2", "evaluation.closed_loop_batch_size=2")
+    overrides = tiny_overrides(run_dir, demo_base, demo_data, "~stages.task3_placement", "~stages.task4_sorting", *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kuavo_train.cli.main", "train", *overrides]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the main process reports its own cells: half of each row's, the other process did the rest
+    cells = [ln for ln in r.stdout.splitlines() if ": evaluated in " in ln]
+    assert len(cells) == 3 * 1 and all(ln.endswith("(process 1 of 2)") for ln in cells), r.stdout[-3000:]
+    two = json.loads((run_dir / "evaluation.json").read_text())
+    assert sorted(two["rows"]) == ["0", "1", "2"] and all(len(row["val_loss"]) == 2 for row in two["rows"].values())
+
+    # the same matrices from one process, the same run's checkpoints
+    one_dir = tmp_path / "one"
+    shutil.copytree(run_dir, one_dir)
+    for name in ("evaluation.json", "report.json", "report.md"):
+        (one_dir / name).unlink()
+    r = subprocess.run([str(Path(sys.executable).with_name("kuavo-train")), "evaluate",
+                        *tiny_overrides(one_dir, demo_base, demo_data, "~stages.task3_placement", "~stages.task4_sorting",
+                                        *extra)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((one_dir / "evaluation.json").read_text())["rows"] == two["rows"]
+
+    # stage 1's Fisher (split) against one process's pass over the same batches of the same model
+    cfg = load_run_config(overrides)
+    tasks = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
+    space = build_feature_space(list(tasks.values()), max_state_dim=cfg.policy.max_state_dim,
+                                max_action_dim=cfg.policy.max_action_dim)
+    stats = stats_from_json(json.loads((run_dir / STATS_FILE).read_text()))
+    path = final_pretrained(run_dir, "task1_moving_grasp")
+    pcfg = factory.read_pretrained_config(path)
+    policy = factory.load_policy(path, pcfg)
+    pre, _ = factory.make_processors(pcfg, pretrained_path=path)
+    batches = TaskBatches(make_task_dataset(tasks[1], tasks[1].train_episodes, pcfg.chunk_size, space, stats),
+                          cfg.dataloader.batch_size, pre, "cpu")
+    assert len(batches) >= 2
+    ewc = get_strategy(cfg)
+    ewc.after_stage(policy, stage_plans(cfg)["task1_moving_grasp"], batches)
+    saved = load_file(str(path.parent / "strategy_state_final.safetensors"))
+    assert ewc.fisher and set(ewc.fisher) == {k[len("fisher."):] for k in saved if k.startswith("fisher.")}
+    for n, f in ewc.fisher.items():
+        assert torch.allclose(saved[f"fisher.{n}"], f, rtol=1e-4, atol=1e-12), n
+
+    # stage 1's last validation (split, 5 batches of 4) against one process's
+    eps = list(tasks[1].val_episodes)[: cfg.validation.validation_episodes]
+    ds = make_task_dataset(tasks[1], eps, pcfg.chunk_size, space, stats)
+    idx = validation_frames(ds, eps, VALIDATION_FRAMES_PER_EPISODE)
+    assert len(idx) > 2 * cfg.validation.batch_size
+    alone = validation_loss(policy, pre, ds, idx, task_id=1, seed=cfg.validation.seed,
+                            batch_size=cfg.validation.batch_size, device="cpu")
+    logged = json.loads((path.parent / "kuavo_checkpoint.json").read_text())["val_losses"]["1"]
+    assert abs(logged - alone) <= 1e-5 * abs(alone), (logged, alone)

@@ -27,7 +27,11 @@ log = logging.getLogger("kuavo_train")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import kuavo_train.processes as processes
+
+    # under `accelerate launch` the main process speaks for all
+    logging.basicConfig(level=logging.INFO if processes.is_main() else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout)
     quiet()
 
 

@@ -34,6 +34,7 @@ from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
 from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import dataset_fingerprint
+import kuavo_train.processes as processes
 from kuavo_train.files import hash_folder, write_json_atomic
 from kuavo_train.run_state import RunState
 
@@ -46,20 +47,23 @@ DIRECTIONS = {"success": True, "val_loss": False, "action_error": False, "action
 
 
 def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, TaskData], stats, space):
-    """(policy, preprocessor, postprocessor) for row 0 (base) or row k (stage k's final checkpoint)."""
+    """(policy, preprocessor, postprocessor) for row 0 (base) or row k (stage k's final checkpoint).
+    Under `accelerate launch` on GPUs each process loads it on its own GPU."""
+    device = factory.process_device(cfg.policy.device)
     if row == 0:
         # The base with the run's features and statistics, as stage 1 would load it (the lr is not used).
         stage = cfg.ordered_stages()[0]
         pcfg = factory.run_policy_config(cfg, tasks[stage.task_id], space, cfg.policy.pretrained_path,
-                                         lr=cfg.learning_rate.base_lr, stage=stage,
-                                         device=factory.resolve_device(cfg.policy.device))
+                                         lr=cfg.learning_rate.base_lr, stage=stage, device=device)
         policy = factory.load_policy(cfg.policy.pretrained_path, pcfg)
         pre, post = factory.make_processors(pcfg, stats=stats)
         return policy, pre, post
     path = state.final_checkpoint(completed_rows(state)[row]) / factory.PRETRAINED_DIR
     pcfg = factory.read_pretrained_config(path)
+    if processes.launched():  # one process keeps the device the checkpoint was trained on
+        pcfg.device = device
     policy = factory.load_policy(path, pcfg)
-    pre, post = factory.make_processors(pcfg, pretrained_path=path)
+    pre, post = factory.make_processors(pcfg, pretrained_path=path, device=device if processes.launched() else None)
     return policy, pre, post
 
 
@@ -125,24 +129,31 @@ def cell_key(policy, tid: int, episodes: int) -> str:
 def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space,
                  cells: dict) -> dict:
     """Row `row`'s values per task. `cells` ({cell_key: values}) holds the cells evaluated before in
-    this run (reused, and this row's added)."""
+    this run (reused, and this row's added). Under `accelerate launch` the processes share the
+    row's new cells and all end with the whole row."""
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
-    out = {m: [] for m in DIRECTIONS}
     episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
-    keys = []
+    keys = {}
     for tid in sorted(tasks):
         with adapters.for_task(policy, tid):  # a model with per-task adapters runs each task with its own
-            key = cell_key(policy, tid, episodes)
-            if key in cells:
-                log.info("row %d, %s: the same model as row %d's, which was evaluated: reused", row, tasks[tid].name,
-                         cells[key]["row"])
-            else:
-                cells[key] = {"row": row, **_evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes)}
-        for m in DIRECTIONS:
-            out[m].append(cells[key][m])
-        keys.append(key)
+            keys[tid] = cell_key(policy, tid, episodes)
+        if keys[tid] in cells:
+            log.info("row %d, %s: the same model as row %d's, which was evaluated: reused", row, tasks[tid].name,
+                     cells[keys[tid]]["row"])
+    missing = [tid for tid in sorted(tasks) if keys[tid] not in cells]
+
+    def evaluate(tid: int) -> dict:
+        t0 = time.perf_counter()
+        with adapters.for_task(policy, tid):
+            values = {"row": row, **_evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes)}
+        log.info("row %d, %s: evaluated in %.1f s%s", row, tasks[tid].name, time.perf_counter() - t0,
+                 f" (process {processes.index() + 1} of {processes.count()})" if processes.launched() else "")
+        return values
+
+    cells.update(zip((keys[t] for t in missing), processes.split_map(evaluate, missing)))
+    out = {m: [cells[keys[tid]][m] for tid in sorted(tasks)] for m in DIRECTIONS}
     out["closed_loop_episodes"] = episodes if out["success"] and out["success"][0] is not None else 0
-    out["cells"] = keys
+    out["cells"] = [keys[tid] for tid in sorted(tasks)]
     return out
 
 
@@ -203,11 +214,12 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
         else:
             log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"stage {row}")
             ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space, cells)
-            if shared is not None:
+            if shared is not None and processes.is_main():
                 write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"],
                                            "cells": {k: cells[k] for k in ev["rows"]["0"]["cells"]}})
         ev["cells"] = cells
-        write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
+        if processes.is_main():  # every process holds the same rows; one writes them
+            write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, ev)
         log.info("%s (%.0f s)", format_row(labels[row], ev["rows"][str(row)], tasks), time.perf_counter() - t0)
     return ev
 
@@ -234,8 +246,9 @@ def matrices(ev: dict, n_rows: int, n_tasks: int) -> dict[str, list[list[float |
 
 
 def evaluate_run(cfg: RunConfig) -> dict:
-    """Fill every row that the run's completed stages allow, then write the report."""
-    from kuavo_train.evaluation.report import write_report
+    """Fill every row that the run's completed stages allow, then write the report (under
+    `accelerate launch`: every process takes part, the main one writes)."""
+    from kuavo_train.evaluation.report import load_report, write_report
 
     run_dir = Path(cfg.run_dir)
     state = RunState.load(run_dir)
@@ -248,8 +261,11 @@ def evaluate_run(cfg: RunConfig) -> dict:
     mats = matrices(ev, len(tasks) + 1, len(tasks))
     names = [tasks[t].name for t in sorted(tasks)]
     boundaries = [state.global_step_offset(t) for t in sorted(tasks)]
-    report = write_report(run_dir, matrices=mats, directions={m: DIRECTIONS[m] for m in mats}, task_names=names,
-                          config=cfg.to_dict(), extra={"strategy": cfg.strategy.name, "stage_boundaries": boundaries,
-                                                       "row_stages": completed_rows(state)})
-    log.info("report: %s", run_dir / "report.md")
-    return report
+    report = None
+    if processes.is_main():
+        report = write_report(run_dir, matrices=mats, directions={m: DIRECTIONS[m] for m in mats}, task_names=names,
+                              config=cfg.to_dict(), extra={"strategy": cfg.strategy.name, "stage_boundaries": boundaries,
+                                                           "row_stages": completed_rows(state)})
+        log.info("report: %s", run_dir / "report.md")
+    processes.wait()
+    return report if report is not None else load_report(run_dir)

@@ -42,27 +42,29 @@ def seeded_noise_and_time(seed: int, task_id: int, sample_ids: list[int], chunk:
 
 @torch.no_grad()
 def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_id: int, seed: int, batch_size: int, device,
-                    feature_cache=None) -> float:
-    """Mean per-sample flow-matching loss over `indices` with fixed noise and time."""
-    from torch.utils.data import DataLoader, Subset
+                    feature_cache=None, split: bool = False) -> float:
+    """Mean per-sample flow-matching loss over `indices` with fixed noise and time. `split`: the
+    processes of `accelerate launch` share the batches (each computes its part; every process
+    gets the same mean, equal to what one process computes)."""
+    from torch.utils.data import default_collate
 
     from kuavo_train.policy.feature_cache import serving
+    from kuavo_train.processes import split_map
 
     was_training = policy.training
     policy.eval()
     cfg = policy.config
-    losses = []
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
-    pos = 0
-    for batch in loader:
-        n = len(batch["task"])
-        ids = indices[pos : pos + n]
-        pos += n
+
+    def batch_losses(ids: list[int]) -> list[float]:
+        batch = default_collate([dataset[i] for i in ids])  # what a DataLoader over these samples yields
         noise, time = seeded_noise_and_time(seed, task_id, ids, cfg.chunk_size, cfg.max_action_dim)
         model_batch = preprocessor(dict(batch))
         with serving(feature_cache, batch, model_batch):
             per_sample, _ = policy.forward(model_batch, noise=noise.to(device), time=time.to(device), reduction="none")
-        losses.append(per_sample.detach().float().cpu())
+        return per_sample.detach().float().cpu().tolist()
+
+    batches = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    losses = [x for part in (split_map(batch_losses, batches) if split else map(batch_losses, batches)) for x in part]
     if was_training:
         policy.train()
-    return float(torch.cat(losses).mean()) if losses else float("nan")
+    return float(torch.tensor(losses, dtype=torch.float32).mean()) if losses else float("nan")

@@ -109,6 +109,14 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
+def process_device(setting: str) -> str:
+    """`resolve_device`, and under `accelerate launch` on GPUs this process's own GPU."""
+    import kuavo_train.processes as processes
+
+    device = resolve_device(setting)
+    return f"cuda:{processes.local_index()}" if device == "cuda" and processes.launched() else device
+
+
 def run_policy_config(cfg, task, space, source, *, lr: float, stage, device: str):
     """The policy config of a run's stage: `source`'s config, the run's settings, the features of the
     run's union state/action space and `task`'s cameras (cfg: RunConfig, task: TaskData, space: FeatureSpace)."""

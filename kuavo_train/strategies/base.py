@@ -18,7 +18,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, convert, settings
 from kuavo_train.data.replay import epoch_quotas, steps_per_epoch
@@ -91,8 +92,10 @@ class Strategy:
         return None
 
     # ---- 4. what is kept at the end of a stage (saved with every checkpoint) --------------
-    def after_stage(self, policy, plan: StagePlan, batches: Iterable[dict]) -> None:
-        """`batches`: preprocessed batches of the stage's own task, for statistics of it."""
+    def after_stage(self, policy, plan: StagePlan, batches: Sequence[dict]) -> None:
+        """`batches`: preprocessed batches of the stage's own task, for statistics of it (a sequence,
+        each made when indexed: under `accelerate launch` every process runs this hook, and
+        `kuavo_train.processes` shares such a pass between them)."""
 
     def state_dict(self) -> dict:
         """Tensors by name, saved with every checkpoint of the stage."""

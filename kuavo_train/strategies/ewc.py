@@ -20,6 +20,7 @@ import logging
 import torch
 
 from kuavo_train.config.schema import Count, NonNegativeFloat, settings
+from kuavo_train.processes import my_part, sum_over_processes
 from kuavo_train.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -60,22 +61,22 @@ class EWC(Strategy):
     def after_stage(self, policy, plan, batches):
         params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        count = 0
+        count = len(batches) if not self.options.fisher_batches else min(len(batches), self.options.fisher_batches)
+        # the flow-matching loss draws noise and time: each batch gets its seed, so F is the same on a
+        # rerun and whichever process of `accelerate launch` takes the batch
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) for _ in range(count)]
         was_training = policy.training
         policy.train()
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        for batch in batches:
-            if self.options.fisher_batches and count >= self.options.fisher_batches:
-                break
-            # the flow-matching loss draws noise and time: seeded, so F is the same on a rerun
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        for i in my_part(range(count)):
+            torch.manual_seed(seeds[i])
             policy.zero_grad(set_to_none=True)
-            loss, _ = policy(batch)
+            loss, _ = policy(batches[i])
             loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach().float() ** 2
-            count += 1
+        fisher = sum_over_processes(fisher)
         policy.zero_grad(set_to_none=True)
         policy.train(was_training)
         self.terms = None  # F and theta* change below

@@ -183,7 +183,7 @@ class Pipeline:
                 # its wall time (this invocation's part of it, when resumed), what `time` would say of it
                 log.info("stage %d %s complete in %.1f s: %s", stage.task_id, stage.name, time.perf_counter() - t0,
                          state.final_checkpoint(stage.name))
-                if cfg.evaluation.after_each_stage and acc.is_main_process:
+                if cfg.evaluation.after_each_stage:  # every process takes a share of the matrices' cells
                     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
                     evaluate_run(cfg)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,13 +275,11 @@ class StageTrainer:
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
         return StageResult(final, total_steps, val_losses)
 
-    def _own_task_batches(self, preprocessor, chunk_size: int):
-        """Preprocessed batches of the stage's own task's training frames, in order (made only if used)."""
+    def _own_task_batches(self, preprocessor, chunk_size: int) -> "TaskBatches":
+        """Preprocessed batches of the stage's own task's training frames, in order (each made when used)."""
         task = self.tasks[self.stage.task_id]
         ds = make_task_dataset(task, task.train_episodes, chunk_size, self.space, self.stats)
-        for raw in torch.utils.data.DataLoader(ds, batch_size=self.cfg.dataloader.batch_size, shuffle=False):
-            batch = preprocessor(dict(raw))
-            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return TaskBatches(ds, self.cfg.dataloader.batch_size, preprocessor, self.acc.device)
 
     def _diverged(self, loss, grad_norm, raw, epoch: int, step: int) -> "NonFiniteLossError":
         names = {t: d.name for t, d in self.tasks.items()}
@@ -337,7 +336,7 @@ class StageTrainer:
             with adapters.for_task(policy, tid):  # per-task adapters: each task validated with its own
                 losses[tid] = validation_loss(policy, preprocessor, ds, idx, task_id=tid, seed=cfg.validation.seed,
                                               batch_size=cfg.validation.batch_size, device=self.acc.device,
-                                              feature_cache=cache)
+                                              feature_cache=cache, split=True)
         if self.main:
             names = {t: self.tasks[t].name for t in losses}
             table = format_validation_table(
@@ -355,3 +354,23 @@ class StageTrainer:
                 for tid, loss in losses.items():
                     self.writer.add_scalar(f"val/{names[tid]}", loss, offset + step)
         return losses
+
+
+class TaskBatches(Sequence):
+    """A dataset's preprocessed batches in order, each made when indexed: a strategy's end-of-stage
+    pass (EWC's Fisher) shared between the processes of `accelerate launch` loads only its part."""
+
+    def __init__(self, dataset, batch_size: int, preprocessor, device):
+        self.dataset, self.batch_size, self.preprocessor, self.device = dataset, batch_size, preprocessor, device
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        from torch.utils.data import default_collate
+
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = range(i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset)))
+        batch = self.preprocessor(dict(default_collate([self.dataset[j] for j in ids])))
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,79 @@
+"""Side work shared between the processes of `accelerate launch`: the validation passes, EWC's
+Fisher pass and the forgetting matrices' cells. Each process takes its contiguous part of the
+items (accelerate's `split_between_processes`) and the results are gathered, in order, on every
+process, so N processes do that work about N times faster and all end with what one process
+computes alone. Without a launcher (one process) nothing is split and nothing is sent.
+
+The split is decided by the launcher's WORLD_SIZE, not by whether an Accelerator exists yet:
+`kuavo-train evaluate` under `accelerate launch` builds none, and its processes must still
+split the cells rather than each write every one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+
+def launched() -> bool:
+    """Started by `accelerate launch` (or torchrun) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    # the Accelerator's state when one exists; else (`kuavo-train evaluate`) gloo on a machine
+    # without CUDA, where PartialState() alone would not join the processes
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+# Rank and size as the launcher sets them: reading them joins no process group.
+def index() -> int:
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def count() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    return index() == 0
+
+
+def split_map(fn: Callable, items: Sequence) -> list:
+    """[fn(x) for x in items], each process computing its part; the whole list on every process."""
+    if not launched():
+        return [fn(x) for x in items]
+    from accelerate.utils import gather_object
+
+    with _state().split_between_processes(list(items)) as mine:
+        part = [fn(x) for x in mine]
+    return gather_object(part)
+
+
+def my_part(items: Sequence) -> list:
+    """This process's contiguous part of `items` (all of them in one process)."""
+    if not launched():
+        return list(items)
+    with _state().split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+def sum_over_processes(tensors: dict) -> dict:
+    """Each tensor summed over the processes (on its own device: gloo on the CPU, NCCL on GPUs)."""
+    if not launched():
+        return tensors
+    from accelerate.utils import reduce
+
+    return reduce(tensors, reduction="sum")
+
+
+def wait() -> None:
+    if launched():
+        _state().wait_for_everyone()
