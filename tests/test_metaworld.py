@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +117,28 @@ def test_the_expert_ceiling_is_reproduced_by_the_evaluation_env(smoke):
         ours = run_closed_loop(task, root, _ScriptedExpert(task), n, start_seed=0, workers=1)
         assert [e["scene_seed"] for e in ours["episodes"]] == meta["eval_seeds"]
         assert [e["success"] for e in ours["episodes"]] == meta["expert_eval_successes"]
+
+
+def test_episodes_run_in_this_process_as_in_forked_workers(smoke):
+    """`workers=0`, what a process that has used CUDA always gets (a forked child cannot use CUDA),
+    runs the batches in the calling process with the outcome of forked workers. That process is
+    a subprocess here: rendering in this one would spoil the forks of later tests."""
+    from kuavo_train.evaluation.closed_loop import run_closed_loop
+
+    spec, _ = smoke
+    task, root = TASKS[0], spec.data_dir / TASKS[0]
+    forked = run_closed_loop(task, root, _ScriptedExpert(task), 3, start_seed=0, batch_size=2, workers=2)
+    # the subprocess cannot fork: its episodes must run in it
+    script = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); from test_metaworld import _ScriptedExpert; "
+              "os.fork = None; "
+              "from kuavo_train.evaluation.closed_loop import run_closed_loop; "
+              "r = run_closed_loop(sys.argv[2], sys.argv[3], _ScriptedExpert(sys.argv[2]), 3, start_seed=0, batch_size=2, "
+              "workers=0); print(json.dumps(r['episodes'], default=float))")
+    r = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), task, str(root)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    here = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(here) == 3 and here == json.loads(json.dumps(forked["episodes"], default=float))
 
 
 def test_replay_shares_follow_the_spec_for_four_tasks_and_generalise():

@@ -93,15 +93,16 @@ def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int
     env (lerobot-eval's --eval.batch_size); per-episode seed, scene, success, rewards, steps.
     `env_options`: other env options (`--env.<name>`), e.g. {"episode_length": 20}.
 
-    MetaWorld batches run in forked worker processes (a process that rendered must not fork
+    MetaWorld batches run in `workers` forked processes (a process that rendered must not fork
     another renderer, and the training process never renders); each batch is seeded on its
-    own, so the outcome does not depend on the number of workers."""
+    own, so the outcome does not depend on the number of workers. `workers=0`, and always
+    once this process has used CUDA (a forked child cannot), runs them in this process."""
     from kuavo_train.envs.rollout import run_episodes
 
     cfg = env_config_for(task_name, dataset_root, **(env_options or {}))
     episodes, bs = int(episodes), max(1, min(int(batch_size), int(episodes) or 1))
     seeds = [int(start_seed) + i for i in range(episodes)]
-    if cfg.type == "kuavo_metaworld":
+    if cfg.type == "kuavo_metaworld" and workers != 0 and not torch.cuda.is_initialized():
         from kuavo_train.data.metaworld.env import default_workers, fork_map
 
         batches = [seeds[i : i + bs] for i in range(0, len(seeds), bs)]
