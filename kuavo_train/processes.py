@@ -20,13 +20,28 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# How long a process waits for the others at a collective: the side work is split unevenly (a
+# reused cell, a long closed-loop task) and the main process alone writes checkpoints, and NCCL's
+# default of 10 minutes would abort a run whose one process is still evaluating.
+TIMEOUT_HOURS = 2
+
+
+def group_kwargs():
+    """The process group's settings, for the Accelerator and for a bare PartialState alike."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(hours=TIMEOUT_HOURS))
+
+
 def _state():
     import torch
     from accelerate import PartialState
 
     # the Accelerator's state when one exists; else (`kuavo-train evaluate`) gloo on a machine
     # without CUDA, where PartialState() alone would not join the processes
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), **group_kwargs().to_kwargs())
 
 
 # Rank and size as the launcher sets them: reading them joins no process group.

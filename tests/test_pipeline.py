@@ -325,3 +325,26 @@ def test_bf16_stage_trains_with_finite_losses_and_its_own_cache_entries(tmp_path
     assert val and all(math.isfinite(v) for v in val)
     precisions = {p.name for p in cache_dir.glob("*/*") if p.is_dir()}
     assert precisions == {"autocast-bfloat16"}, precisions
+
+
+def test_a_run_trained_on_a_gpu_is_evaluated_on_a_machine_without_one(full_run, tmp_path, demo_base, demo_data):
+    """Checkpoints written on a GPU name `cuda` in their config and their preprocessor (LeRobot's
+    postprocessor always hands actions back on the CPU); evaluating
+    them here (no CUDA) runs on the CPU and gives the numbers of the same run trained here."""
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+
+    _, run_dir = full_run
+    gpu_run = tmp_path / "gpu_run"
+    shutil.copytree(run_dir, gpu_run)
+    (gpu_run / "evaluation.json").unlink()
+    named = 0
+    for f in [*gpu_run.glob("stage*/checkpoints/*/pretrained_model/config.json"),
+              *gpu_run.glob("stage*/checkpoints/*/pretrained_model/policy_preprocessor.json")]:
+        text = f.read_text()
+        if '"device": "cpu"' in text:
+            f.write_text(text.replace('"device": "cpu"', '"device": "cuda"'))
+            named += 1
+    assert named >= 8  # config and preprocessor of every stage's checkpoints
+    report = evaluate_run(load_run_config(tiny_overrides(gpu_run, demo_base, demo_data, *FULL_RUN_EXTRA, "policy.device=cuda")))
+    assert report["matrices"] == json.loads((run_dir / "report.json").read_text())["matrices"]

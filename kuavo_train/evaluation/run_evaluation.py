@@ -60,10 +60,10 @@ def load_model_row(cfg: RunConfig, row: int, state: RunState, tasks: dict[int, T
         return policy, pre, post
     path = state.final_checkpoint(completed_rows(state)[row]) / factory.PRETRAINED_DIR
     pcfg = factory.read_pretrained_config(path)
-    if processes.launched():  # one process keeps the device the checkpoint was trained on
-        pcfg.device = device
+    # here, not where it was trained: a run trained on a GPU is evaluated on a machine without one
+    pcfg.device = device
     policy = factory.load_policy(path, pcfg)
-    pre, post = factory.make_processors(pcfg, pretrained_path=path, device=device if processes.launched() else None)
+    pre, post = factory.make_processors(pcfg, pretrained_path=path, device=device)
     return policy, pre, post
 
 

@@ -110,10 +110,15 @@ def resolve_device(setting: str) -> str:
 
 
 def process_device(setting: str) -> str:
-    """`resolve_device`, and under `accelerate launch` on GPUs this process's own GPU."""
+    """`resolve_device`, and under `accelerate launch` on GPUs this process's own GPU; the CPU on a
+    machine without CUDA (where the Accelerator trains too)."""
+    import torch
+
     import kuavo_train.processes as processes
 
     device = resolve_device(setting)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
     return f"cuda:{processes.local_index()}" if device == "cuda" and processes.launched() else device
 
 

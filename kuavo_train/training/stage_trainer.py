@@ -28,6 +28,7 @@ from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
 from kuavo_train.evaluation.forgetting import format_validation_table
 from kuavo_train.evaluation.validation import validation_frames, validation_loss
+import kuavo_train.processes as processes
 from kuavo_train.logs import progress_bars
 from kuavo_train.policy import adapters, factory
 from kuavo_train.policy.feature_cache import precision_name, serving
@@ -63,7 +64,8 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     device = factory.resolve_device(cfg.policy.device)
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision)
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision,
+                       kwargs_handlers=[processes.group_kwargs()])
 
 
 class StageTrainer:
@@ -108,7 +110,9 @@ class StageTrainer:
         from tqdm.auto import tqdm
 
         cfg, stage = self.cfg, self.stage
-        ckpt.clean_temporaries(self.ckpt_dir)
+        if self.main:  # one process repairs what a crash left; the others would race it for the same renames
+            ckpt.clean_temporaries(self.ckpt_dir)
+        self.acc.wait_for_everyone()
         last = self.ckpt_dir / "last"
         resuming = ckpt.is_complete(last)
         source_ckpt = self.source_checkpoint()
@@ -273,6 +277,9 @@ class StageTrainer:
             self.run_state.update_stage(stage.name, status="complete", **sharding,
                                         final_checkpoint=str(final.relative_to(self.run_dir)),
                                         final_val_losses={str(k): v for k, v in ckpt.read_meta(final).get("val_losses", {}).items()})
+        # The Accelerator outlives the stage and keeps what it prepared (model, optimizer state, loader and
+        # its workers): without this every finished stage would stay in (GPU) memory until the run ends.
+        self.acc.free_memory()
         return StageResult(final, total_steps, val_losses)
 
     def _own_task_batches(self, preprocessor, chunk_size: int) -> "TaskBatches":
