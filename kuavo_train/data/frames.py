@@ -272,6 +272,13 @@ class ChunkedFrameDataset(torch.utils.data.Dataset):
             item[out_key] = frames[key] if key in self.video_keys else self._image(i, key)
         return item
 
+    def batch(self, indices) -> dict:
+        """Samples `indices` collated, as a DataLoader over them yields one batch (for passes that
+        pick their own batches: the validation and end-of-stage passes split between processes)."""
+        from torch.utils.data import default_collate
+
+        return default_collate([self[i] for i in indices])
+
 
 def _chw_shape(feature: dict) -> tuple[int, int, int]:
     """(channels, height, width) of a camera feature, whose metadata names its axes."""

@@ -46,8 +46,6 @@ def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_i
     """Mean per-sample flow-matching loss over `indices` with fixed noise and time. `split`: the
     processes of `accelerate launch` share the batches (each computes its part; every process
     gets the same mean, equal to what one process computes)."""
-    from torch.utils.data import default_collate
-
     from kuavo_train.policy.feature_cache import serving
     from kuavo_train.processes import split_map
 
@@ -56,7 +54,7 @@ def validation_loss(policy, preprocessor, dataset, indices: list[int], *, task_i
     cfg = policy.config
 
     def batch_losses(ids: list[int]) -> list[float]:
-        batch = default_collate([dataset[i] for i in ids])  # what a DataLoader over these samples yields
+        batch = dataset.batch(ids)
         noise, time = seeded_noise_and_time(seed, task_id, ids, cfg.chunk_size, cfg.max_action_dim)
         model_batch = preprocessor(dict(batch))
         with serving(feature_cache, batch, model_batch):

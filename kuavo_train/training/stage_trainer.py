@@ -374,10 +374,8 @@ class TaskBatches(Sequence):
         return -(-len(self.dataset) // self.batch_size)
 
     def __getitem__(self, i: int) -> dict:
-        from torch.utils.data import default_collate
-
         if not 0 <= i < len(self):
             raise IndexError(i)
-        ids = range(i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset)))
-        batch = self.preprocessor(dict(default_collate([self.dataset[j] for j in ids])))
+        batch = self.preprocessor(dict(self.dataset.batch(range(i * self.batch_size,
+                                                                  min((i + 1) * self.batch_size, len(self.dataset))))))
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
