@@ -206,6 +206,21 @@ def test_run_dir_checks_in_process(tmp_path):
         check_run_dir(tmp_path / "f" / "a" / "b")
 
 
+# ---- 6b. a GPU index under accelerate launch ------------------------------------------------------
+
+def test_a_gpu_index_under_a_launch_is_refused_cli(python_exe, tmp_path, demo_base, demo_data):
+    """Each launched process takes cuda:LOCAL_RANK; `cuda:1` would send every process's evaluation to
+    GPU 1. The launcher's variables alone reveal it: the error comes before any process group."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data), "policy.device=cuda:1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    msg = _one_line_error(r, run_dir)
+    assert "policy.device: 'cuda:1' under accelerate launch" in msg and "CUDA_VISIBLE_DEVICES" in msg and BASE_FILE in msg
+    # one process may name its GPU
+    assert load_run_config(tiny_overrides(run_dir, demo_base, demo_data, "policy.device=cuda:1")).policy.device == "cuda:1"
+
+
 # ---- 7. a stage resuming from a stage this run never trained ----------------------------------------
 
 def test_stage_resuming_from_untrained_stage_cli(python_exe, tmp_path, demo_base, demo_data):

@@ -158,3 +158,55 @@ def test_two_processes_share_validation_fisher_and_the_matrices(tmp_path, demo_b
                             batch_size=cfg.validation.batch_size, device="cpu")
     logged = json.loads((path.parent / "kuavo_checkpoint.json").read_text())["val_losses"]["1"]
     assert abs(logged - alone) <= 1e-5 * abs(alone), (logged, alone)
+
+
+def test_each_process_draws_its_own_step_noise(demo_base):
+    """The flow-matching noise and time of a step come from `step_seed`: each process of a launch
+    gets its own (the same for all would add one noise to every process's samples), process 0 the
+    one-process run's, so a one-process run is unchanged by the launch support."""
+    import numpy as np
+    import torch
+
+    from kuavo_train.policy import factory
+    from kuavo_train.training.stage_trainer import step_seed
+
+    seeds = [step_seed(42, 2, 17, p) for p in range(4)]
+    assert len(set(seeds)) == 4
+    assert seeds[0] == step_seed(42, 2, 17) == int(np.random.SeedSequence([42, 2, 17]).generate_state(1)[0])
+    assert step_seed(42, 2, 17, 1) == seeds[1]  # resumable: the same process and step, the same draws
+
+    policy = factory.load_policy(demo_base, factory.read_pretrained_config(demo_base))
+
+    def noise(seed):
+        torch.manual_seed(seed)
+        return policy.model.sample_noise((2, 10, 32), "cpu"), policy.model.sample_time(2, "cpu")
+
+    (n0, t0), (n1, t1), (again, t_again) = noise(seeds[0]), noise(seeds[1]), noise(seeds[0])
+    assert torch.equal(n0, again) and torch.equal(t0, t_again)
+    assert not torch.allclose(n0, n1) and not torch.allclose(t0, t1)
+
+
+@pytest.mark.slow
+def test_a_launch_builds_missing_demo_inputs_once(tmp_path):
+    """`accelerate launch ... train profile=demo` on a fresh machine: the main process builds the
+    embedded base and the datasets while the other waits at a barrier of its own, before either
+    has an Accelerator, and then both train on one copy of each."""
+    from conftest import TASK_NAMES
+
+    run_dir, base, data = tmp_path / "run", tmp_path / "base", tmp_path / "datasets"
+    overrides = tiny_overrides(run_dir, base / "pretrained_model", data, *[f"~stages.{t}" for t in TASK_NAMES[1:]],
+                               f"demo.base_dir={base}", "demo.num_train_episodes=3", "demo.num_val_episodes=2",
+                               "demo.pretrain_vision_steps=0", "demo.pretrain_skill_steps=0",
+                               "evaluation.after_each_stage=false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kuavo_train.cli.main", "train", *overrides]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("building the embedded base model") == 1, r.stdout[-3000:]
+    assert r.stdout.count("generating the Kuavo demo world datasets") == 1, r.stdout[-3000:]
+    # one copy of each, nothing left of a second build beside it
+    assert sorted(p.name for p in base.iterdir()) == ["base_info.json", "pretrained_model", "vlm"], list(base.iterdir())
+    assert sorted(p.name for p in data.iterdir()) == [TASK_NAMES[0]], list(data.iterdir())
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["num_processes"] == 2 and state["stages"][TASK_NAMES[0]]["status"] == "complete"

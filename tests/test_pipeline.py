@@ -327,6 +327,23 @@ def test_bf16_stage_trains_with_finite_losses_and_its_own_cache_entries(tmp_path
     assert precisions == {"autocast-bfloat16"}, precisions
 
 
+def test_fp16_on_the_cpu_is_said_to_do_nothing(python_exe, tmp_path, demo_base, demo_data):
+    """accelerate runs fp16 as plain fp32 on the CPU (no autocast, no loss scaler): the run says so
+    rather than let a user believe the stages trained in half precision. In a process of its own:
+    accelerate allows one precision per process."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+            "from kuavo_train.config.loading import load_run_config\n"
+            "from kuavo_train.training.stage_trainer import make_accelerator\n"
+            "acc = make_accelerator(load_run_config(sys.argv[1:]))\n"
+            "print('scaler', acc.scaler, acc.device.type)\n")
+    for precision, warned in (("fp16", True), ("bf16", False)):
+        overrides = tiny_overrides(tmp_path / "run", demo_base, demo_data, f"policy.mixed_precision={precision}")
+        r = subprocess.run([python_exe, "-c", code, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "scaler None cpu" in r.stdout
+        assert ("policy.mixed_precision=fp16 does nothing on the CPU" in r.stdout) == warned, r.stdout
+
+
 def test_a_run_trained_on_a_gpu_is_evaluated_on_a_machine_without_one(full_run, tmp_path, demo_base, demo_data):
     """Checkpoints written on a GPU name `cuda` in their config and their preprocessor (LeRobot's
     postprocessor always hands actions back on the CPU); evaluating

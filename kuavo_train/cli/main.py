@@ -101,13 +101,23 @@ def cmd_make_data(args) -> None:
 
 
 def ensure_demo_inputs(cfg) -> None:
-    """Build the embedded base and the demo datasets if they are not there yet."""
+    """Build the embedded base and the demo datasets if they are not there yet. Under `accelerate
+    launch` the main process builds them while the others wait: each building its own copy into
+    the same folders would race (and run N generators on the same cores)."""
+    import kuavo_train.processes as processes
+
+    if cfg.demo is None:
+        return
+    if processes.is_main():
+        _build_missing_demo_inputs(cfg)
+    processes.wait()
+
+
+def _build_missing_demo_inputs(cfg) -> None:
     from kuavo_train.data.demo_world import write_demo_world
     from kuavo_train.data.generated import generator_processes
 
     d = cfg.demo
-    if d is None:
-        return
     base_pretrained = Path(cfg.policy.pretrained_path)
     if not (base_pretrained / "model.safetensors").is_file():
         log.info("building the embedded base model in %s", d.base_dir)

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, with_config
 
 from kuavo_train.errors import KuavoError
+import kuavo_train.processes as processes
 
 
 BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
@@ -380,6 +381,9 @@ def validate(cfg: RunConfig) -> None:
         _fail("policy.n_action_steps", f"{p.n_action_steps} exceeds policy.chunk_size ({p.chunk_size})")
     if p.device not in ("auto", "cpu", "cuda") and not p.device.startswith("cuda:"):
         _fail("policy.device", f"unknown device {p.device!r} (auto, cpu, cuda)")
+    if p.device.startswith("cuda:") and processes.launched():
+        _fail("policy.device", f"{p.device!r} under accelerate launch, where each process takes its own GPU "
+                               "(cuda:LOCAL_RANK): set policy.device=cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if p.resize_imgs_with_padding is not None and min(p.resize_imgs_with_padding) <= 0:
         _fail("policy.resize_imgs_with_padding", f"sizes must be > 0, got {list(p.resize_imgs_with_padding)}")
     if not all(0 <= b < 1 for b in cfg.optimizer.betas):

@@ -45,8 +45,12 @@ log = logging.getLogger(__name__)
 VALIDATION_FRAMES_PER_EPISODE = 10
 
 
-def step_seed(seed: int, stage: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, stage, step]).generate_state(1)[0])
+def step_seed(seed: int, stage: int, step: int, process: int = 0) -> int:
+    """The seed of a training step's random draws (flow-matching noise and time, dropout) in one
+    process. Each process of a launch draws its own: with one seed for all, N processes would add
+    the same noise to their different samples. Process 0's is a one-process run's."""
+    key = [seed, stage, step] + ([process] if process else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class NonFiniteLossError(KuavoError):
@@ -64,8 +68,16 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     device = factory.resolve_device(cfg.policy.device)
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision,
-                       kwargs_handlers=[processes.group_kwargs()])
+    if device.startswith("cuda:") and torch.cuda.is_available():
+        # One process (the schema refuses an index under a launch): the Accelerator trains on the
+        # current GPU, so `cuda:N` makes GPU N current, the one evaluation uses too.
+        torch.cuda.set_device(device)
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision,
+                      kwargs_handlers=[processes.group_kwargs()])
+    if cfg.policy.mixed_precision == "fp16" and acc.device.type == "cpu":
+        log.warning("policy.mixed_precision=fp16 does nothing on the CPU (accelerate trains in fp32 there); "
+                    "bf16 is the CPU's mixed precision")
+    return acc
 
 
 class StageTrainer:
@@ -206,12 +218,12 @@ class StageTrainer:
             loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
                        disable=not self._bars(), leave=False, dynamic_ncols=True)
-            epoch_loss, epoch_steps, t0 = 0.0, 0, time.perf_counter()
+            epoch_loss, epoch_steps, skipped, t0 = 0.0, 0, 0, time.perf_counter()
             for raw in fetch_batches(bar):  # a damaged image in a worker: its one-line DataError
                 seen += len(raw["task"])
                 if epoch == start_epoch:
                     first_epoch += list(zip(raw["task_id"].tolist(), raw["index"].tolist()))
-                torch.manual_seed(step_seed(cfg.seed, stage.task_id, step))
+                torch.manual_seed(step_seed(cfg.seed, stage.task_id, step, self.acc.process_index))
                 batch = preprocessor(dict(raw))
                 with self.acc.autocast(), serving(cache, raw, batch):
                     loss, _ = policy(batch)
@@ -220,10 +232,15 @@ class StageTrainer:
                         loss = loss + extra
                 self.acc.backward(loss)
                 grad_norm = self.acc.clip_grad_norm_(params, cfg.optimizer.grad_clip_norm)
-                if not (bool(torch.isfinite(loss.detach())) and math.isfinite(float(grad_norm))):
+                # A non-finite loss or gradient stops the stage, except an overflowed gradient under
+                # fp16 on a GPU: that is the loss scaler's business (its step skips the update and
+                # lowers the scale, often in the first steps).
+                overflow_ok = self.acc.scaler is not None
+                if not bool(torch.isfinite(loss.detach())) or (not overflow_ok and not math.isfinite(float(grad_norm))):
                     # before optimizer.step: the weights and the last checkpoint stay as they were
                     raise self._diverged(loss, grad_norm, raw, epoch, step)
                 optimizer.step()
+                skipped += bool(getattr(optimizer, "step_was_skipped", False))  # accelerate's optimizer says
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -243,6 +260,9 @@ class StageTrainer:
             log.info("stage %d epoch %d/%d: %d steps, mean loss %.4f, lr %.2e, %.2f steps/s", stage.task_id, done,
                      stage.max_epoch, epoch_steps, epoch_loss / max(epoch_steps, 1), scheduler.get_last_lr()[0],
                      epoch_steps / max(time.perf_counter() - t0, 1e-9))
+            if skipped:
+                log.info("stage %d epoch %d: the fp16 loss scaler skipped %d of its updates (gradients overflowed)",
+                         stage.task_id, done, skipped)
             meta = {"stage": stage.task_id, "task": stage.name, "epoch": done, "max_epoch": stage.max_epoch}
             if done % cfg.validation.validation_freq_epoch == 0 or done == stage.max_epoch:
                 val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset,
