@@ -188,9 +188,9 @@ def test_each_process_draws_its_own_step_noise(demo_base):
 
 @pytest.mark.slow
 def test_a_launch_builds_missing_demo_inputs_once(tmp_path):
-    """`accelerate launch ... train profile=demo` on a fresh machine: the main process builds the
-    embedded base and the datasets while the other waits at a barrier of its own, before either
-    has an Accelerator, and then both train on one copy of each."""
+    """`accelerate launch ... demo` on a fresh machine: the main process builds the embedded base and
+    the datasets while the other waits at a barrier of its own, before either has an Accelerator;
+    both train on one copy of each, and the results are printed once."""
     from conftest import TASK_NAMES
 
     run_dir, base, data = tmp_path / "run", tmp_path / "base", tmp_path / "datasets"
@@ -200,9 +200,10 @@ def test_a_launch_builds_missing_demo_inputs_once(tmp_path):
                                "evaluation.after_each_stage=false")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kuavo_train.cli.main", "train", *overrides]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kuavo_train.cli.main", "demo", *overrides[1:]]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("demo wall time") == 1 and r.stdout.count("(matrices and metrics in report.json") == 1, r.stdout[-3000:]
     assert r.stdout.count("building the embedded base model") == 1, r.stdout[-3000:]
     assert r.stdout.count("generating the Kuavo demo world datasets") == 1, r.stdout[-3000:]
     # one copy of each, nothing left of a second build beside it

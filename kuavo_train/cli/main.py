@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,12 @@ log = logging.getLogger("kuavo_train")
 def _setup_logging() -> None:
     import kuavo_train.processes as processes
 
-    # under `accelerate launch` the main process speaks for all
+    # under `accelerate launch` the main process speaks for all: the others log only warnings, and
+    # their printed results (the same lines: every process ends with the same numbers) are dropped
     logging.basicConfig(level=logging.INFO if processes.is_main() else logging.WARNING, format="%(message)s",
                         stream=sys.stdout)
+    if not processes.is_main():
+        sys.stdout = open(os.devnull, "w")  # after basicConfig: the log handler keeps the real stdout
     quiet()
 
 
