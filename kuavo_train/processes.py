@@ -2,7 +2,8 @@
 Fisher pass and the forgetting matrices' cells. Each process takes its contiguous part of the
 items (accelerate's `split_between_processes`) and the results are gathered, in order, on every
 process, so N processes do that work about N times faster and all end with what one process
-computes alone. Without a launcher (one process) nothing is split and nothing is sent.
+computes alone. Inputs that would race if every process built them are built by the main
+process alone (`on_main`). Without a launcher (one process) nothing is split and nothing is sent.
 
 The split is decided by the launcher's WORLD_SIZE, not by whether an Accelerator exists yet:
 `kuavo-train evaluate` under `accelerate launch` builds none, and its processes must still
@@ -87,6 +88,17 @@ def sum_over_processes(tensors: dict) -> dict:
     from accelerate.utils import reduce
 
     return reduce(tensors, reduction="sum")
+
+
+def on_main(fn: Callable):
+    """fn() in the main process alone while the others wait; its result on every process. For what
+    would race if each process did it (building inputs into shared folders)."""
+    if not launched():
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    result = [fn() if _state().is_main_process else None]
+    return broadcast_object_list(result)[0]  # from the main process, once it is done
 
 
 def wait() -> None:

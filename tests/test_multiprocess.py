@@ -211,3 +211,40 @@ def test_a_launch_builds_missing_demo_inputs_once(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == [TASK_NAMES[0]], list(data.iterdir())
     state = json.loads((run_dir / "run.json").read_text())
     assert state["num_processes"] == 2 and state["stages"][TASK_NAMES[0]]["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_compare_and_the_metaworld_benchmark_under_a_launch(tmp_path, demo_base, demo_data):
+    """`compare` and `benchmark metaworld` run their runs one after another, each run's work shared
+    by the launched processes: the benchmark's datasets and base are built by the main process
+    alone, one process writes the tables, and they are printed once."""
+    pytest.importorskip("metaworld")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kuavo_train.cli.main"]
+
+    out = tmp_path / "cmp"
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", demo_base, demo_data, "~stages.task3_placement",
+                                           "~stages.task4_sorting") if not o.startswith("run_dir=")]
+    r = subprocess.run([*launch, "compare", "--no-demo", "--out", str(out), "--seeds", "0",
+                        "--strategies", "sequential_naive,joint", *overrides], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("comparison: ") == 1 and r.stdout.count("**action_error**") == 1, r.stdout[-3000:]
+    assert set(json.loads((out / "comparison.json").read_text())["summary"]) == {"sequential_naive", "joint"}
+    for strategy in ("sequential_naive", "joint"):
+        assert json.loads((out / "seed0" / strategy / "run.json").read_text())["num_processes"] == 2
+
+    data, bench = tmp_path / "mw-data", tmp_path / "mw"
+    # batches of 8: the smoke's one demonstration has 59 samples, fewer than 2 processes x 32
+    r = subprocess.run([*launch, "benchmark", "metaworld", "dataloader.batch_size=8", "--smoke", "--tasks", "push-v3",
+                        "--strategies", "sequential_naive", "--data", str(data), "--out", str(bench)], env=env,
+                       capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("benchmark: ") == 1, r.stdout[-3000:]
+    assert [p.name for p in data.iterdir()] == ["push-v3"]
+    assert len(list(bench.glob("base-*"))) == 1
+    report = json.loads((bench / "benchmark.json").read_text())
+    assert report["runs"]["sequential_naive"] and report["success_matrices"]["sequential_naive"][0]
+    assert json.loads((bench / "seed0" / "sequential_naive" / "run.json").read_text())["num_processes"] == 2

@@ -16,6 +16,7 @@ import numpy as np
 
 from kuavo_train.config.loading import load_run_config
 from kuavo_train.files import write_json_atomic, write_text_atomic
+import kuavo_train.processes as processes
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def run_comparison(overrides: list[str], *, out_dir: Path, strategies: list[str]
         reports[strategy].append(report)
     summary = summarize(reports)
     table = format_summary(summary, seeds=list(seeds))
-    write_json_atomic(out_dir / "comparison.json", {"seeds": list(seeds), "summary": summary})
-    write_text_atomic(out_dir / "comparison.md", table + "\n")
+    if processes.is_main():  # under `accelerate launch` every process has the same summary; one writes it
+        write_json_atomic(out_dir / "comparison.json", {"seeds": list(seeds), "summary": summary})
+        write_text_atomic(out_dir / "comparison.md", table + "\n")
     return {"summary": summary, "table": table}
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kuavo_train.files import write_json_atomic, write_text_atomic
+import kuavo_train.processes as processes
 from kuavo_train.evaluation.report import matrix_md
 from kuavo_train.data.metaworld.env import (
     DEFAULT_CAMERA,
@@ -260,10 +261,11 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
     check_spec(spec)
     torch.set_num_threads(spec.threads)
     t0 = time.time()
-    roots = prepare_data(spec)
+    # under `accelerate launch` the main process writes the datasets and the base, the others wait
+    roots = processes.on_main(lambda: prepare_data(spec))
     data_seconds = time.time() - t0
     probe = run_config(spec, spec.strategies[0], spec.seeds[0], roots, Path("."), spec.out_dir / "probe")
-    base = ensure_base(spec, probe.policy.chunk_size, probe.policy.n_action_steps)
+    base = processes.on_main(lambda: ensure_base(spec, probe.policy.chunk_size, probe.policy.n_action_steps))
     reports: dict[str, list[dict]] = {s: [] for s in spec.strategies}
     timings: dict[str, list[float]] = {s: [] for s in spec.strategies}
     runs: dict[str, list[str]] = {s: [] for s in spec.strategies}
@@ -273,7 +275,7 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
     earlier = {cfg.run_dir: _seconds(Path(cfg.run_dir) / TIMING_FILE) for _, _, cfg in planned}
     for _, strategy, cfg, report, seconds in train_and_evaluate(planned):
         timing = Path(cfg.run_dir) / TIMING_FILE
-        if earlier[cfg.run_dir] is None:
+        if earlier[cfg.run_dir] is None and processes.is_main():
             write_json_atomic(timing, {"seconds": round(seconds, 1)})
         reports[strategy].append(report)
         timings[strategy].append(earlier[cfg.run_dir] if earlier[cfg.run_dir] is not None else round(seconds, 1))
@@ -352,9 +354,10 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                           "train_success_rate": metas[t]["expert_train_success_rate"]} for t in spec.tasks},
            "success_matrices": {s: [r["matrices"].get("success") for r in reps] for s, reps in done.items()},
            "success_metrics": {s: [r["metrics"].get("success") for r in reps] for s, reps in done.items()}}
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(spec.out_dir / "benchmark.json", out)
     text = "\n".join(line for line in lines) + "\n"
-    write_text_atomic(spec.out_dir / "benchmark.md", text)
+    if processes.is_main():  # every process has the same results; one writes them
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(spec.out_dir / "benchmark.json", out)
+        write_text_atomic(spec.out_dir / "benchmark.md", text)
     out["markdown"] = text
     return out

@@ -110,11 +110,8 @@ def ensure_demo_inputs(cfg) -> None:
     the same folders would race (and run N generators on the same cores)."""
     import kuavo_train.processes as processes
 
-    if cfg.demo is None:
-        return
-    if processes.is_main():
-        _build_missing_demo_inputs(cfg)
-    processes.wait()
+    if cfg.demo is not None:
+        processes.on_main(lambda: _build_missing_demo_inputs(cfg))
 
 
 def _build_missing_demo_inputs(cfg) -> None:
