@@ -165,3 +165,24 @@ def test_cameras_per_task_default_rgb_optin_depth_and_refusal():
     msg = str(err.value)
     assert "stages.task4_sorting.cameras.wrist_cam_r" in msg and "'wrist_cam_r'" in msg and "head_cam_h" in msg
     assert "\n" not in msg
+
+
+def test_repeated_instructions_are_tokenized_once_into_the_tokenizers_own_result(demo_base):
+    """Our processors keep the tokens of recent batches of instructions (a closed-loop episode sends
+    the same one at every step); what they hand out equals the tokenizer's output, call by call,
+    and a caller changing its copy changes nothing later."""
+    pcfg = factory.read_pretrained_config(demo_base)
+    pre, _ = factory.make_processors(pcfg)  # a new pipeline (the base has none saved); its tokenizer is the base's
+    step = next(s for s in pre.steps if getattr(s, "input_tokenizer", None) is not None)
+    memo = step.input_tokenizer
+    tokenizer = memo.tokenizer
+    kwargs = dict(max_length=step.max_length, truncation=step.truncation, padding=step.padding,
+                  padding_side=step.padding_side, return_tensors="pt")
+    short, long = "sort the workpiece", "put the red block on the green square, then weigh it on the white pad"
+    calls = [[short] * 3, [short, long, short], [short] * 3, [long], short, [short] * 3]
+    for texts in calls:
+        got, want = step._tokenize_text(texts), tokenizer(texts, **kwargs)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), texts
+        got["input_ids"][..., 0] = -1
+    assert len(memo.memo) == 4  # four distinct batches of texts, each tokenized once
+    assert step._tokenize_text([short] * 3)["input_ids"].min() >= 0

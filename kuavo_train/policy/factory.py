@@ -185,8 +185,41 @@ def make_processors(cfg, *, stats=None, pretrained_path: str | Path | None = Non
                 if not bool(torch.as_tensor(value).isfinite().all()):
                     raise PolicyLoadError(f"{str(pretrained_path)!r}: the normalization statistics of {name} ({stat}) "
                                           "are not finite: the data they came from holds NaN or inf")
-        return pre, post
-    return make_pre_post_processors(cfg, dataset_stats=stats)
+        return _remember_tokens(pre), post
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    return _remember_tokens(pre), post
+
+
+class _TokenMemo:
+    """LeRobot's tokenizer step tokenizes the batch's instructions at every call: in a closed-loop
+    episode or on the robot that is the same instruction at every control step (8% of a forgetting-
+    matrix cell's time). This keeps the tokens of the last few distinct batches of texts; each
+    call gets its own copies, equal to what the tokenizer returns."""
+
+    SIZE = 16
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.memo = tokenizer, {}
+
+    def __call__(self, text, **kwargs):
+        key = (text if isinstance(text, str) else tuple(text), tuple(sorted(kwargs.items())))
+        out = self.memo.get(key)
+        if out is None:
+            out = dict(self.tokenizer(text, **kwargs))
+            if len(self.memo) >= self.SIZE:  # training batches mix their texts: they rarely repeat
+                self.memo.pop(next(iter(self.memo)))
+            self.memo[key] = out
+        return {k: v.clone() if hasattr(v, "clone") else v for k, v in out.items()}
+
+    def __getattr__(self, name):  # everything else is the tokenizer's
+        return getattr(self.tokenizer, name)
+
+
+def _remember_tokens(preprocessor):
+    for step in getattr(preprocessor, "steps", []):
+        if getattr(step, "input_tokenizer", None) is not None and not isinstance(step.input_tokenizer, _TokenMemo):
+            step.input_tokenizer = _TokenMemo(step.input_tokenizer)
+    return preprocessor
 
 
 def processor_stats(preprocessor) -> dict:
