@@ -238,9 +238,8 @@ def test_compare_and_the_metaworld_benchmark_under_a_launch(tmp_path, demo_base,
     data, bench = tmp_path / "mw-data", tmp_path / "mw"
     # batches of 8: the smoke's one demonstration has 59 samples, fewer than 2 processes x 32
     r = subprocess.run([*launch, "benchmark", "metaworld", "dataloader.batch_size=8", "--smoke", "--tasks", "push-v3",
-                        "--strategies", "sequential_naive", "--data", str(data), "--out", str(bench)], env=env,
-                       capture_output=True,
-                       text=True, timeout=900)
+                        "--strategies", "sequential_naive", "--data", str(data), "--out", str(bench)],
+                       env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("benchmark: ") == 1, r.stdout[-3000:]
     assert [p.name for p in data.iterdir()] == ["push-v3"]
