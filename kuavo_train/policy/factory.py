@@ -217,7 +217,7 @@ class _TokenMemo:
 
 def _remember_tokens(preprocessor):
     for step in getattr(preprocessor, "steps", []):
-        if getattr(step, "input_tokenizer", None) is not None and not isinstance(step.input_tokenizer, _TokenMemo):
+        if getattr(step, "input_tokenizer", None) is not None:  # each call builds new steps: none is wrapped yet
             step.input_tokenizer = _TokenMemo(step.input_tokenizer)
     return preprocessor
 

@@ -240,7 +240,7 @@ class StageTrainer:
                     # before optimizer.step: the weights and the last checkpoint stay as they were
                     raise self._diverged(loss, grad_norm, raw, epoch, step)
                 optimizer.step()
-                skipped += bool(getattr(optimizer, "step_was_skipped", False))  # accelerate's optimizer says
+                skipped += optimizer.step_was_skipped  # the prepared (accelerate) optimizer says
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
