@@ -73,6 +73,21 @@ class RunState:
         s = self.stage(name)
         return self.run_dir / s["final_checkpoint"] if s.get("status") == "complete" else None
 
+    def recorded_path(self, path: str | Path) -> Path:
+        """A path this run recorded, as seen from here. Relative paths are relative to the folder the
+        run was started from: when one does not exist here, it is taken under that folder, which is
+        this run folder's absolute path less the recorded `run_dir` (so `--run /abs/outputs/demo/run`
+        finds `outputs/demo/datasets/...` from any directory)."""
+        p = Path(path)
+        if p.is_absolute() or p.exists():
+            return p
+        recorded = Path(self.data.get("config", {}).get("run_dir") or ".")
+        here = self.run_dir.resolve().parts
+        if recorded.parts and not recorded.is_absolute() and ".." not in recorded.parts \
+                and here[-len(recorded.parts):] == recorded.parts:
+            return Path(*here[:-len(recorded.parts)]) / p
+        return p
+
     def update_stage(self, name: str, **fields) -> None:
         self.data["stages"].setdefault(name, {}).update(fields)
         self.save()

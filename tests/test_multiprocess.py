@@ -247,3 +247,24 @@ def test_compare_and_the_metaworld_benchmark_under_a_launch(tmp_path, demo_base,
     report = json.loads((bench / "benchmark.json").read_text())
     assert report["runs"]["sequential_naive"] and report["success_matrices"]["sequential_naive"][0]
     assert json.loads((bench / "seed0" / "sequential_naive" / "run.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_infer_under_a_launch_splits_the_episodes(full_run, python_exe):
+    """`kuavo-train infer` under a launch: each process runs its share of whole episode batches and the
+    success per task equals one process's (each batch is seeded by its first episode either way)."""
+    _, run_dir = full_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = ["-m", "kuavo_train.cli.main", "infer", "--run", str(run_dir), "--episodes", "4", "--batch-size", "2"]
+    one = subprocess.run([python_exe, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", *args],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    def rates(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith("  task") and "success" in line]
+
+    assert len(rates(one.stdout)) == 4 and rates(two.stdout) == rates(one.stdout), two.stdout[-3000:]
+    # 4 tasks x 2 batches of 2 episodes, 4 batches per process (the main process logs; the other is quiet)
+    assert two.stdout.count("process 1 of 2 runs 4 of 8 parts of the tasks' episodes") == 1, two.stdout[-3000:]

@@ -126,14 +126,48 @@ def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int, *
 
 def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batch_size: int = 1) -> dict[str, float | None]:
     """Closed-loop success per task of a run's final model, through the deployment wrapper
-    (episode seeds `seed`, `seed`+1, ...: the same episodes as the forgetting matrix and lerobot-eval)."""
+    (episode seeds `seed`, `seed`+1, ...: the same episodes as the forgetting matrix and lerobot-eval).
+
+    Under `accelerate launch` each process loads the model on its own GPU (or the CPU) and runs
+    its share of the episodes; the shares are whole batches, each seeded by its first episode as
+    in one process, so the rates do not depend on the number of processes."""
+    import logging
+
+    import kuavo_train.processes as processes
+    from kuavo_train.errors import DataError
+    from kuavo_train.policy import factory
     from kuavo_train.run_state import RunState
-    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
+    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper, resolve_pretrained_dir
 
     state = RunState.load_existing(run_dir)
     stages = sorted(state.data.get("config", {}).get("stages", {}).values(), key=lambda s: s["task_id"])
+    roots = {s["name"]: state.recorded_path(s["dataset"]["root"]) for s in stages}
+    missing = [f"{name}: {root}" for name, root in roots.items() if not root.is_dir()]
+    if missing:
+        raise DataError(f"{run_dir}/run.json names datasets that are not here ({'; '.join(missing)}): run from the "
+                        "folder the run was trained in, or put the datasets back")
+    bs = max(1, min(int(batch_size), int(episodes)))
+    # each task's batches in count() contiguous parts: one part (the whole task) in one process
+    batches = [(seed + i, min(bs, episodes - i)) for i in range(0, episodes, bs)]
+    per_part = max(1, -(-len(batches) // processes.count()))
+    items = [(name, batches[i : i + per_part]) for name, root in roots.items() if has_simulator(root)
+             for i in range(0, len(batches), per_part)]
+    device = factory.process_device(factory.read_pretrained_config(resolve_pretrained_dir(run_dir)).device)
     # the simulator renders at its own size (LeRobot's metaworld env: 480 px, for runs recorded
     # with --observation stock); the policy resizes as in training, as lerobot-eval does
-    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir, strict_image_size=False))
-    return {s["name"]: success_rate(s["name"], Path(s["dataset"]["root"]), fn, episodes, start_seed=seed, batch_size=batch_size)
-            for s in stages}
+    fn = WrapperPolicyFn(SmolVLAPolicyWrapper.from_pretrained(run_dir, device=device, strict_image_size=False))
+    if processes.launched():
+        logging.getLogger(__name__).info("process %d of %d runs %d of %d parts of the tasks' episodes",
+                                         processes.index() + 1, processes.count(), len(processes.my_part(items)),
+                                         len(items))
+
+    def run(item) -> list[bool]:
+        name, part = item
+        n = sum(k for _, k in part)
+        result = run_closed_loop(name, roots[name], fn, n, start_seed=part[0][0], batch_size=bs)
+        return [bool(e["success"]) for e in result["episodes"]]
+
+    successes: dict[str, list[bool]] = {}
+    for (name, _), done in zip(items, processes.split_map(run, items)):
+        successes.setdefault(name, []).extend(done)
+    return {name: float(np.mean(successes[name])) if successes.get(name) else None for name in roots}
