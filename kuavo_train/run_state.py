@@ -88,6 +88,25 @@ class RunState:
             return Path(*here[:-len(recorded.parts)]) / p
         return p
 
+    def recorded_config(self) -> dict:
+        """The config this run recorded, its paths (datasets, base model, caches) as seen from here
+        (`recorded_path`; kept as recorded where neither exists, e.g. a hub id) and run_dir this folder."""
+        data = json.loads(json.dumps(self.data.get("config") or {}))
+
+        def here(section: dict, key: str) -> None:
+            if isinstance(section, dict) and isinstance(section.get(key), str):
+                p = self.recorded_path(section[key])
+                section[key] = str(p) if p.exists() else section[key]
+
+        here(data, "data_root")
+        for stage in (data.get("stages") or {}).values():
+            here(stage.get("dataset"), "root")
+        here(data.get("policy"), "pretrained_path")
+        here(data.get("evaluation"), "base_row_dir")
+        here(data.get("feature_cache"), "dir")
+        data["run_dir"] = str(self.run_dir)
+        return data
+
     def update_stage(self, name: str, **fields) -> None:
         self.data["stages"].setdefault(name, {}).update(fields)
         self.save()

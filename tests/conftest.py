@@ -179,6 +179,22 @@ def final_pretrained(run_dir: Path, name: str) -> Path:
     return run_dir / state["stages"][name]["final_checkpoint"] / "pretrained_model"
 
 
+def moved_run(run_dir, demo_data, origin):
+    """A copy of `run_dir` whose run.json records paths relative to `origin`, as a run started there
+    with run_dir=runs/r data_root=data records them."""
+    import json
+
+    shutil.copytree(run_dir, origin / "runs" / "r", symlinks=True)
+    (origin / "data").symlink_to(demo_data, target_is_directory=True)
+    state_file = origin / "runs" / "r" / "run.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["run_dir"], state["config"]["data_root"] = "runs/r", "data"
+    for name, stage in state["config"]["stages"].items():
+        stage["dataset"]["root"] = f"data/{name}"
+    state_file.write_text(json.dumps(state))
+    return origin / "runs" / "r"
+
+
 # --- Kuavo ROS1 bags (kuavo-train convert rosbag) ---------------------------------------------
 # Per task: hand kind and whether the base walks (task 4: 20-dim action). 5 episodes of 40 frames
 # (140 head-camera frames at 30 Hz, sample_drop 10 at each end, every 3rd kept); the last 2 are `val`.

@@ -142,3 +142,21 @@ def test_validation_table_absolute_and_relative():
     assert table.splitlines()[-1].endswith("worst earlier task: 1. task1_moving_grasp (3.00x)")
     table = format_validation_table(2, 1, {1: 0.3, 2: 0.2}, names, 2, (1.25, 2.0), mode="relative")
     assert "n/a (no reference loss)" in table
+
+
+def test_evaluate_a_run_from_another_folder(full_run, demo_data, tmp_path):
+    """`kuavo-train evaluate --run` finds the datasets run.json records relative to the folder the
+    run was started from, whatever the current folder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, moved_run
+
+    run = moved_run(full_run[1], demo_data, tmp_path / "origin")
+    (run / "report.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "evaluate", "--run", str(run)], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((run / "report.json").read_text())["matrices"]["val_loss"]) == 5

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TASK_NAMES, final_pretrained
+from conftest import TASK_NAMES, final_pretrained, moved_run
 
 from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper, UnknownInstructionError, WrapperInputError
 
@@ -175,22 +175,6 @@ def test_infer_on_a_folder_that_is_not_a_run(tmp_path, python_exe):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a kuavo_train run directory" in r.stderr
 
 
-def _moved_run(run_dir, demo_data, origin):
-    """A copy of `run_dir` whose run.json records paths relative to `origin`, as a run started there
-    with run_dir=runs/r data_root=data records them."""
-    import json
-
-    shutil.copytree(run_dir, origin / "runs" / "r", symlinks=True)
-    (origin / "data").symlink_to(demo_data, target_is_directory=True)
-    state_file = origin / "runs" / "r" / "run.json"
-    state = json.loads(state_file.read_text())
-    state["config"]["run_dir"], state["config"]["data_root"] = "runs/r", "data"
-    for name, stage in state["config"]["stages"].items():
-        stage["dataset"]["root"] = f"data/{name}"
-    state_file.write_text(json.dumps(state))
-    return origin / "runs" / "r"
-
-
 def test_infer_finds_the_datasets_from_another_folder(full_run, demo_data, python_exe, tmp_path):
     """run.json's relative dataset paths are found from any folder: the run folder's absolute path
     tells where the run was started."""
@@ -198,7 +182,7 @@ def test_infer_finds_the_datasets_from_another_folder(full_run, demo_data, pytho
 
     from conftest import REPO
 
-    run = _moved_run(full_run[1], demo_data, tmp_path / "origin")
+    run = moved_run(full_run[1], demo_data, tmp_path / "origin")
     r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(run), "--episodes", "1"],
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        timeout=600)
@@ -211,7 +195,7 @@ def test_infer_with_its_datasets_gone_is_refused_in_one_line(full_run, demo_data
 
     from conftest import REPO
 
-    run = _moved_run(full_run[1], demo_data, tmp_path / "origin")
+    run = moved_run(full_run[1], demo_data, tmp_path / "origin")
     (tmp_path / "origin" / "data").unlink()
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(run), "--episodes", "1"],

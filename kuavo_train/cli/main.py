@@ -289,13 +289,11 @@ def cmd_evaluate(args) -> None:
 
 
 def _config_of_run(run_dir: Path):
-    """The config a run was trained with, as recorded in its run.json."""
+    """The config a run was trained with, as recorded in its run.json (its paths found from here)."""
     from kuavo_train.config.schema import parse_run_config
     from kuavo_train.run_state import RunState
 
-    data = dict(RunState.load_existing(run_dir).data.get("config") or {})
-    data["run_dir"] = str(run_dir)
-    return parse_run_config(data)
+    return parse_run_config(RunState.load_existing(run_dir).recorded_config())
 
 
 OVERRIDES_HELP = """\
