@@ -403,17 +403,19 @@ def offline_if_embedded(argv: list[str], *, demo_command: bool = False) -> None:
     """The embedded default never needs a model hub: go offline before huggingface_hub is
     imported (it reads the setting once), or every file lookup retries a host that is not
     there. An explicit HF_HUB_OFFLINE from the user always wins."""
-    import json
     import os
 
     embedded = demo_command or "profile=demo" in argv
     if "--run" in argv and argv.index("--run") + 1 < len(argv):
-        run_json = Path(argv[argv.index("--run") + 1]) / "run.json"
+        from kuavo_train.run_state import RunState
+
         try:
-            run_cfg = json.loads(run_json.read_text()).get("config", {})
+            state = RunState.load(Path(argv[argv.index("--run") + 1]))
+            run_cfg = state.data.get("config", {})
             # the demo's runs and the MetaWorld benchmark's (its datasets carry meta/metaworld.json) use the local tiny base
             embedded |= run_cfg.get("demo") is not None or any(
-                (Path(s["dataset"]["root"]) / "meta" / "metaworld.json").is_file() for s in run_cfg.get("stages", {}).values())
+                (state.recorded_path(s["dataset"]["root"]) / "meta" / "metaworld.json").is_file()
+                for s in run_cfg.get("stages", {}).values())
         except (OSError, ValueError, KeyError, TypeError):
             pass
     if embedded:
