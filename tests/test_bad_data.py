@@ -274,3 +274,14 @@ def test_a_kill_at_any_point_of_a_checkpoint_swap_keeps_a_loadable_last(full_run
     assert ckpt.is_complete(ckpts / "last")
     assert ckpt.read_meta(ckpts / "last")["stage"] == (old_stage if kill_before <= 2 else new_stage)
     SmolVLAPolicyWrapper.from_pretrained(ckpts / "last")
+
+
+def test_register_vlm_of_a_checkpoint_without_its_vlm_is_one_line(python_exe, checkpoint, tmp_path):
+    """A checkpoint that names the embedded VLM but does not bundle it (stock lerobot-train writes
+    such), on a machine whose model cache lacks it: one line saying where the VLM can come from."""
+    copy = tmp_path / "stock_written" / "pretrained_model"
+    shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("vlm"))
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    line = _one_line(_cli(python_exe, "register-vlm", str(copy.parent), env={"HF_HOME": str(tmp_path / "hf")}))
+    assert "is neither in this machine's Hugging Face cache nor bundled in" in line and "register-vlm" in line, line
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before

@@ -329,3 +329,26 @@ def test_wrapper_refuses_unknown_instruction_in_one_line():
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"task: {typo!r} is not an instruction") and len(typo) > 60
     assert "differs from task2_weighing's at character" in msg and "electronic scale^, then" in msg, msg
+
+
+def test_a_vlm_whose_tokenizer_cannot_be_loaded_is_one_line(python_exe, demo_base, demo_data, tmp_path):
+    """policy.vlm_model_name naming a VLM this machine does not have (offline, empty model cache)."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([python_exe, *CLI, "train", f"data_root={demo_data}", f"policy.pretrained_path={demo_base}",
+                        "policy.vlm_model_name=HuggingFaceTB/SmolVLM2-500M-Video-Instruct", f"run_dir={run_dir}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    line = _one_line_error(r, run_dir)
+    assert "policy.vlm_model_name: cannot load the tokenizer of 'HuggingFaceTB/SmolVLM2-500M-Video-Instruct'" in line
+    assert "HF_ENDPOINT" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_training_one_stage_without_a_later_tasks_data_says_why_it_is_read(python_exe, demo_base, demo_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / TASK_NAMES[0]).symlink_to(demo_data / TASK_NAMES[0], target_is_directory=True)
+    run_dir = tmp_path / "run"
+    line = _one_line_error(_run(python_exe, *CLI, "train", f"data_root={data}", f"policy.pretrained_path={demo_base}",
+                                f"task=tasks/{TASK_NAMES[0]}", f"run_dir={run_dir}"), run_dir)
+    assert f"stages.{TASK_NAMES[1]}.dataset.root: no LeRobot dataset at {data / TASK_NAMES[1]}" in line, line
+    assert f"task=tasks/{TASK_NAMES[0]} reads every stage's dataset too" in line, line

@@ -22,12 +22,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kuavo_train.errors import KuavoError
 from kuavo_train.files import hash_file, write_text_atomic
 
 REPO_PREFIX = "kuavo-train/tiny-smolvlm-"
 BUNDLED_DIR = "vlm"
 # Files that define the backbone for `load_vlm_weights=False`.
 _FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "kuavo_tiny_vlm.json")
+
+
+class VLMNotFoundError(KuavoError):
+    """A checkpoint names an embedded VLM this machine cannot resolve; `str()` is one line."""
 
 
 def _hub_cache() -> Path:
@@ -120,10 +125,11 @@ def ensure_available(vlm_model_name: str | None, pretrained_dir: str | Path | No
         return
     bundled = Path(pretrained_dir) / BUNDLED_DIR if pretrained_dir else None
     if bundled is None or not (bundled / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the embedded VLM {vlm_model_name!r} is neither in the Hugging Face cache nor bundled "
-            f"in {bundled}: rebuild the base with `kuavo-train build-base`"
+        raise VLMNotFoundError(
+            f"the embedded VLM {vlm_model_name!r} is neither in this machine's Hugging Face cache nor bundled in "
+            f"{bundled}: load or `kuavo-train register-vlm` a checkpoint of the same base that bundles it (ours do; "
+            "stock lerobot-train's do not), or rebuild the base with `kuavo-train build-base`"
         )
     registered = register(bundled)
     if registered != vlm_model_name:
-        raise ValueError(f"bundled VLM in {bundled} does not match {vlm_model_name!r} (got {registered!r})")
+        raise VLMNotFoundError(f"bundled VLM in {bundled} does not match {vlm_model_name!r} (got {registered!r})")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, source_of
-from kuavo_train.errors import KuavoError
+from kuavo_train.errors import DataError, KuavoError, first_line
 from kuavo_train.logs import collapse_video_backend_warning
 from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import STATS_FILE, stats_from_json, stats_to_json, training_stats
@@ -42,7 +42,11 @@ def instruction_token_report(vlm_model_name: str, stages: list[StageConfig], max
     """Token counts as SmolVLA's tokenizer step sees them (instruction + newline, cut at max_length)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(vlm_model_name)
+    try:
+        tok = AutoTokenizer.from_pretrained(vlm_model_name)
+    except (OSError, ValueError) as exc:  # not in the cache offline, an unreachable hub, a wrong name
+        raise factory.PolicyLoadError(f"policy.vlm_model_name: cannot load the tokenizer of {vlm_model_name!r}: "
+                                      f"{first_line(exc)} ({factory.HUB_HINT})") from None
     out = {}
     for s in stages:
         ids = tok(s.instruction + "\n")["input_ids"]
@@ -87,7 +91,16 @@ class Pipeline:
         """All checks; raises one-line errors and writes nothing."""
         cfg = self.cfg
         self.strategy = get_strategy(cfg)  # its name and options
-        self.tasks: dict[int, TaskData] = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
+        self.tasks: dict[int, TaskData] = {}
+        for s in cfg.ordered_stages():
+            try:
+                self.tasks[s.task_id] = open_task_data(s)
+            except DataError as exc:
+                if cfg.task != "all" and Path(cfg.task).name.removesuffix(".yaml") != s.name:
+                    # a user training stage 1 may not have collected the later tasks' data yet
+                    exc.args = (f"{exc} (task={cfg.task} reads every stage's dataset too: the run has one "
+                                "state/action space and one set of normalization statistics over all its tasks)",)
+                raise
         check_compatible(list(self.tasks.values()))
         self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                          max_action_dim=cfg.policy.max_action_dim)
