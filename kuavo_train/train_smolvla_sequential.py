@@ -33,16 +33,47 @@ def _config_dirs(argv: list[str]) -> list[Path]:
     return [HERE / d for d in dirs["--config-path"]] + [Path(d) for d in dirs["--config-dir"]]
 
 
+# Hydra's own flags that take a value (as `--flag=value` or `--flag value`).
+_VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
+def _plain_overrides(argv: list[str]) -> list[str] | None:
+    """The key=value overrides when the command is a plain run of the default config (what the
+    `kuavo-train` CLI composes the same way); None for anything else Hydra handles itself (another
+    config name, extra config dirs, --multirun, --cfg, --help...)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name, sep, value = arg.partition("=")
+        if name in _VALUE_FLAGS:
+            value = value if sep else (argv[i + 1] if i + 1 < len(argv) else "")
+            skip = not sep
+            if name in ("--config-dir", "-cd") or (name in ("--config-name", "-cn") and value != "smolvla_sequential_base"):
+                return None
+        elif arg.startswith("-"):
+            return None
+        elif not name.lstrip("+~").startswith("hydra."):
+            out.append(arg)
+    return out
+
+
 def check_config_files() -> None:
-    """@hydra.main composes before main() runs and turns a YAML syntax error or an unknown
-    strategy into a traceback: check them first, for one line naming the file and the line."""
+    """@hydra.main composes before main() runs and turns a YAML syntax error, an unknown strategy
+    or a key the config does not have into a traceback or a many-line report: check them first
+    (composing the same config as the `kuavo-train` CLI does), for one line naming the file and
+    the field."""
     from kuavo_train.cli.errors import one_line_errors
-    from kuavo_train.config.loading import check_strategy_override, check_yaml_files
+    from kuavo_train.config.loading import check_strategy_override, check_yaml_files, load_run_config
 
     dirs = _config_dirs(sys.argv[1:])
     with one_line_errors():
         check_yaml_files(dirs)
         check_strategy_override(sys.argv[1:], dirs[0])
+        overrides = _plain_overrides(sys.argv[1:])
+        if overrides is not None:
+            load_run_config(overrides, dirs[0])
 
 
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")

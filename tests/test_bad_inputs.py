@@ -88,6 +88,20 @@ def test_decay_lr_through_the_spec_entry_point(python_exe, tmp_path, demo_base, 
     assert "scheduler.decay_lr: 0.0014 >= the learning rate 0.0014 of stage task2_weighing" in msg and BASE_FILE in msg
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("stages.task1_moving_grasp.max_epochs=3", "Could not override 'stages.task1_moving_grasp.max_epochs'"),
+    ("profile=nonexistent", "Could not find 'profile/nonexistent'"),
+])
+def test_a_key_or_group_the_config_lacks_spec_entry_point(python_exe, tmp_path, demo_base, demo_data, override, expected):
+    """Hydra reports these itself in several lines with exit code 1; the spec's entry point composes
+    first, as the CLI does, for the same one line."""
+    run_dir = tmp_path / "run"
+    msg = _one_line_error(_run(python_exe, *SPEC_SCRIPT, *tiny_overrides(run_dir, demo_base, demo_data, override)), run_dir)
+    assert expected in msg and BASE_FILE in msg, msg
+    cli = _one_line_error(_run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, override)), run_dir)
+    assert cli == msg
+
+
 # ---- 3. replay shares that do not sum to 1: accepted, renormalised, one warning line -----------
 
 def _warnings(caplog) -> list[str]:
