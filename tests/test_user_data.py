@@ -101,3 +101,42 @@ def test_v21_dataset_trains_through_a_converted_copy(tmp_path, demo_base, demo_d
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert len(report["matrices"]["val_loss"]) == 3  # before training + two stages
+
+
+def _two_sizes(tmp_path, demo_data) -> Path:
+    """Task 1's demo data at 64 px beside task 2's recorded at 48 px (cameras of another resolution)."""
+    from kuavo_train.data.demo_world.writer import write_task_dataset
+
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    os.symlink(demo_data / TASK_NAMES[0], data_root / TASK_NAMES[0])
+    write_task_dataset(data_root, TASK_NAMES[1], num_train_episodes=3, num_val_episodes=2, seed=0, image_size=48)
+    return data_root
+
+
+def test_tasks_whose_cameras_differ_in_size_train_and_infer(tmp_path, demo_base, demo_data):
+    """Stage 2 replays task 1 (64 px) beside task 2 (48 px) in the same batches; the final model takes
+    each task's frames at the size its data had."""
+    data_root = _two_sizes(tmp_path, demo_data)
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(tiny_overrides(run_dir, demo_base, data_root, "~stages.task3_placement", "~stages.task4_sorting",
+                                         "evaluation.after_each_stage=false", "dataloader.batch_size=8"))
+    Pipeline(cfg).run()
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["stages"][TASK_NAMES[1]]["status"] == "complete"
+    assert set(state["stages"][TASK_NAMES[1]]["replay_mix"]) == set(TASK_NAMES[:2])
+
+    policy = SmolVLAPolicyWrapper.from_pretrained(run_dir)
+    cams = [k.rsplit(".", 1)[-1] for k in policy.camera_keys]
+    for task, size in ((TASK_NAMES[0], 64), (TASK_NAMES[1], 48)):
+        policy.reset()
+        action = policy.select_action({"observation.images": {c: np.zeros((size, size, 3), np.uint8) for c in cams},
+                                       "observation.state": np.zeros(16, np.float32),
+                                       "task": cfg.stages[task].instruction})
+        assert torch.isfinite(action).all()
+    from kuavo_train.wrapper.policy.smolvla import WrapperInputError
+
+    with pytest.raises(WrapperInputError, match="expected 48x48 images .* got 64x64"):
+        policy.select_action({"observation.images": {c: np.zeros((64, 64, 3), np.uint8) for c in cams},
+                              "observation.state": np.zeros(16, np.float32), "task": cfg.stages[TASK_NAMES[1]].instruction})
+

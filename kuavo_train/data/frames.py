@@ -287,6 +287,32 @@ def _chw_shape(feature: dict) -> tuple[int, int, int]:
     return (int(axes.get("channels", axes.get("channel", 3))), int(axes["height"]), int(axes["width"]))
 
 
+def camera_sizes(task) -> dict[str, tuple[int, int]]:
+    """(height, width) of each policy camera of `task` (a TaskData), as its dataset stores it."""
+    cameras = task.camera_map or {k: k for k in task.camera_keys}
+    return {policy_key: _chw_shape(task.features[data_key])[1:] for policy_key, data_key in cameras.items()}
+
+
+def collate_resized(samples: list[dict], *, camera_keys: list[str], size: tuple[int, int]) -> dict:
+    """`default_collate`, after bringing each camera's images to `size` (SmolVLA's
+    `resize_imgs_with_padding`: width, height) with SmolVLA's own resize-with-padding when the
+    batch mixes sizes (replay of tasks whose cameras differ).
+
+    The policy resizes every image to `size` that way anyway, and an image already of that size
+    passes its resize unchanged, so the model sees what it would have seen; torch cannot stack
+    images of different sizes, hence the resize here."""
+    from lerobot.policies.common.vla_utils import resize_with_pad
+    from torch.utils.data import default_collate
+
+    width, height = size
+    for key in camera_keys:
+        if len({tuple(s[key].shape[-2:]) for s in samples if key in s}) > 1:
+            for s in samples:
+                if key in s:
+                    s[key] = resize_with_pad(s[key].unsqueeze(0), height, width, pad_value=0)[0]
+    return default_collate(samples)
+
+
 def fetch_batches(loader):
     """Iterate `loader`; a `KuavoError` raised in a DataLoader worker comes back as its own one line.
 

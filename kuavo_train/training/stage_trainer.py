@@ -9,6 +9,7 @@ the forgetting analysis, and best/last/periodic checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import torch
 
 from kuavo_train.config.schema import RunConfig
 from kuavo_train.data.features import FeatureSpace, make_task_dataset
-from kuavo_train.data.frames import ChunkedFrameDataset, fetch_batches
+from kuavo_train.data.frames import ChunkedFrameDataset, camera_sizes, collate_resized, fetch_batches
 from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, TaskData
 from kuavo_train.errors import KuavoError
@@ -167,10 +168,16 @@ class StageTrainer:
             samples_per_epoch=self.plan.epoch_samples,
         )
         dl = cfg.dataloader
+        cameras = list(task.policy_cameras)
+        sizes = {tuple(camera_sizes(self.tasks[t])[c] for c in cameras) for t in weights}
         loader = torch.utils.data.DataLoader(
             mixed_dataset(train_sets),
             batch_size=dl.batch_size,
             sampler=sampler,
+            # replayed tasks whose cameras differ in size: resized as the policy resizes them (SmolVLA's
+            # config always has a size: its loader refuses a null one)
+            collate_fn=functools.partial(collate_resized, camera_keys=cameras, size=pcfg.resize_imgs_with_padding)
+            if len(sizes) > 1 else None,
             num_workers=dl.num_workers,
             drop_last=dl.drop_last,
             prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None,
@@ -339,7 +346,10 @@ class StageTrainer:
             for key, label in ((STATE_KEY, "state"), (ACTION_KEY, "action")):
                 dims[f"{label}_names"] = list(self.space.task_names[t][key])
                 dims[f"{label}_index"] = list(self.space.index[t][key])
-            out.append({"task_id": t, "name": self.tasks[t].name, "instruction": self.tasks[t].instruction, **dims})
+            # the size each camera's images had in the task's data, which the wrapper accepts for it
+            sizes = {key: list(hw) for key, hw in camera_sizes(self.tasks[t]).items()}
+            out.append({"task_id": t, "name": self.tasks[t].name, "instruction": self.tasks[t].instruction, **dims,
+                        "image_sizes": sizes})
         return out
 
     def _reference_losses(self) -> dict[int, float]:

@@ -224,7 +224,7 @@ class SmolVLAPolicyWrapper:
             return torch.from_numpy(np.ascontiguousarray(value))
         raise WrapperInputError(f"{key}: expected a numpy array or torch tensor, got {type(value).__name__}")
 
-    def _image(self, key: str, value) -> torch.Tensor:
+    def _image(self, key: str, value, tasks: list[str]) -> torch.Tensor:
         """One camera -> float32 (B, C, H, W) in [0, 1]."""
         t = self._as_tensor(key, value)
         c, h, w = self.config.input_features[key].shape
@@ -244,8 +244,12 @@ class SmolVLAPolicyWrapper:
                 raise WrapperInputError(f"{key}: float images must be finite and within [0, 1]")
         else:
             raise WrapperInputError(f"{key}: images must be uint8 (0..255) or float (0..1); got {t.dtype}")
-        if self.strict_image_size and tuple(t.shape[-2:]) != (h, w):
-            raise WrapperInputError(f"{key}: expected {h}x{w} images (the checkpoint's camera size); got {t.shape[-2]}x{t.shape[-1]}")
+        # each task's own camera size (tasks may differ; the policy resizes them all), else the checkpoint's
+        known = {tuple(self._by_instruction.get(name, {}).get("image_sizes", {}).get(key, (h, w))) for name in tasks}
+        if self.strict_image_size and tuple(t.shape[-2:]) not in known:
+            sizes = " or ".join(f"{a}x{b}" for a, b in sorted(known))
+            raise WrapperInputError(f"{key}: expected {sizes} images (the camera size of the task's data); "
+                                    f"got {t.shape[-2]}x{t.shape[-1]}")
         return t
 
     def _camera_inputs(self, obs: Mapping) -> dict[str, object]:
@@ -324,7 +328,7 @@ class SmolVLAPolicyWrapper:
             raise WrapperInputError(f"task: {len(tasks)} instructions for a batch of {b} ({STATE_KEY} has {b} rows)")
         batch = {STATE_KEY: self._own_state(state, tasks), "task": tasks}
         for key, value in self._camera_inputs(obs).items():
-            img = self._image(key, value)
+            img = self._image(key, value, tasks)
             if img.shape[0] != b:
                 raise WrapperInputError(f"{key}: batch size {img.shape[0]} differs from {STATE_KEY}'s {b}")
             batch[key] = img
