@@ -197,6 +197,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
                                 cut_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "kuavo_checkpoint.json", 3)
     state = json.loads((cut_dir / "run.json").read_text())
     assert state["stages"]["task1_moving_grasp"]["status"] == "running"
+    assert state["stages"]["task1_moving_grasp"]["processes"] == 1
+
+    # resumed by a launch of another size: refused in one line before anything runs (its steps per
+    # epoch, and so the epoch it would resume at, would be another's)
+    other = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)], cwd=REPO,
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
+    assert "stage task1_moving_grasp of" in other.stderr and "was begun with 1 process(es) and this launch has 2" in other.stderr
+    assert json.loads((cut_dir / "run.json").read_text()) == state
 
     resumed = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
                              cwd=REPO, capture_output=True, text=True, timeout=600)

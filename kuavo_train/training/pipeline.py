@@ -108,7 +108,7 @@ class Pipeline:
         self.plans = self.strategy.plan(sizes, num_processes())
         # a stage resuming from another needs it complete or trained first
         check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
-        check_settings(cfg, self.plans, self.run_dir)  # a stage begun or done keeps its settings
+        check_settings(cfg, self.plans, self.run_dir, num_processes())  # a stage begun or done keeps its settings
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name

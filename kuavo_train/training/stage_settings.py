@@ -65,12 +65,20 @@ def stage_settings(cfg, plan) -> dict:
     return json.loads(json.dumps(flat, default=str))  # as run.json gives it back
 
 
-def check_settings(cfg, plans: list, run_dir: Path) -> None:
+def check_settings(cfg, plans: list, run_dir: Path, processes: int = 1) -> None:
     """A stage that run.json has complete or begun keeps the settings it started with: a finished
     stage is reused, an interrupted one resumed, so other settings now would be silently mixed
-    with the old ones. Checked before anything is written."""
+    with the old ones. An interrupted one also keeps its number of processes: its steps per epoch,
+    and so the epoch it resumes at, depend on it. Checked before anything is written."""
     state = RunState.load(run_dir)
     for plan in plans:
+        begun_with = state.stage(plan.stage.name).get("processes")
+        if not state.is_complete(plan.stage.name) and begun_with is not None and begun_with != processes:
+            raise SettingsChangedError(
+                f"stage {plan.stage.name} of {run_dir} was begun with {begun_with} process(es) and this launch has "
+                f"{processes}: its steps per epoch, and so where it resumes, depend on the count; resume it with "
+                f"{begun_with} (`accelerate launch --num_processes {begun_with}`, or no launcher for 1), then go on "
+                "with any number")
         old = state.stage(plan.stage.name).get("settings")
         if old is None:  # not begun, or begun before run.json recorded settings
             continue

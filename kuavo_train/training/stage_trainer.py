@@ -210,7 +210,7 @@ class StageTrainer:
             self.run_state.update_stage(stage.name, task_id=stage.task_id, status="running", total_steps=total_steps,
                                         replay_mix=mix, lr=self.plan.lr, trainable_parameters=trainable,
                                         total_parameters=total, source=str(source),
-                                        settings=stage_settings(self.cfg, self.plan))
+                                        settings=stage_settings(self.cfg, self.plan), processes=self.acc.num_processes)
         val_sets = self.val_sets(pcfg.chunk_size)
         ref_losses = self._reference_losses()
         start_epoch = step // steps_per_epoch
