@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kuavo_train.config.schema import RunConfig
+from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig
 from kuavo_train.data.features import FeatureSpace, make_task_dataset
 from kuavo_train.data.frames import ChunkedFrameDataset, camera_sizes, collate_resized, fetch_batches
 from kuavo_train.data.replay import ProportionalReplaySampler, mixed_dataset
@@ -75,6 +75,13 @@ def make_accelerator(cfg: RunConfig):
         torch.cuda.set_device(device)
     acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.policy.mixed_precision,
                       kwargs_handlers=[processes.group_kwargs()])
+    if device == "cpu" and acc.device.type != "cpu":
+        # Under a launch on a machine with GPUs the processes met before the Accelerator existed (the
+        # main one building inputs), and accelerate keeps that first, GPU, state whatever cpu= says.
+        # Not run here (no GPU on the machines that built this).
+        raise ConfigError("policy.device", BASE_FILE,
+                          f"cpu, but this launch's processes took the GPUs ({acc.device}): hide them "
+                          "(CUDA_VISIBLE_DEVICES= accelerate launch ...) or set policy.device=auto")
     if cfg.policy.mixed_precision == "fp16" and acc.device.type == "cpu":
         log.warning("policy.mixed_precision=fp16 does nothing on the CPU (accelerate trains in fp32 there); "
                     "bf16 is the CPU's mixed precision")
