@@ -104,3 +104,16 @@ def on_main(fn: Callable):
 def wait() -> None:
     if launched():
         _state().wait_for_everyone()
+
+
+def finish() -> None:
+    """Leave the process group together at the end of a launched command. A process that exits
+    while the group's communication threads still run aborts ("terminate called without an active
+    exception", SIGABRT), and the launcher then fails the whole command."""
+    if not launched():
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -423,6 +423,7 @@ def offline_if_embedded(argv: list[str], *, demo_command: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import kuavo_train.processes as processes
     from kuavo_train.cli.errors import one_line_errors
 
     args = build_parser().parse_args(argv)
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     with one_line_errors():
         args.fn(args)
+    processes.finish()
 
 
 if __name__ == "__main__":
