@@ -262,6 +262,7 @@ def test_infer_under_a_launch_splits_the_episodes(full_run, python_exe):
                           "--mixed_precision", "no", "--dynamo_backend", "no", *args],
                          env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+
     def rates(out: str) -> list[str]:
         return [line for line in out.splitlines() if line.startswith("  task") and "success" in line]
 

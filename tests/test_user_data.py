@@ -139,4 +139,3 @@ def test_tasks_whose_cameras_differ_in_size_train_and_infer(tmp_path, demo_base,
     with pytest.raises(WrapperInputError, match="expected 48x48 images .* got 64x64"):
         policy.select_action({"observation.images": {c: np.zeros((64, 64, 3), np.uint8) for c in cams},
                               "observation.state": np.zeros(16, np.float32), "task": cfg.stages[TASK_NAMES[1]].instruction})
-
