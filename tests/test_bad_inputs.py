@@ -366,3 +366,18 @@ def test_training_one_stage_without_a_later_tasks_data_says_why_it_is_read(pytho
                                 f"task=tasks/{TASK_NAMES[0]}", f"run_dir={run_dir}"), run_dir)
     assert f"stages.{TASK_NAMES[1]}.dataset.root: no LeRobot dataset at {data / TASK_NAMES[1]}" in line, line
     assert f"task=tasks/{TASK_NAMES[0]} reads every stage's dataset too" in line, line
+
+
+@pytest.mark.parametrize("strategy, option, expected", [
+    ("ewc", "strategy.ewc_lambda=-1", "strategy.ewc_lambda: must be >= 0, got -1.0 (in configs/policy/strategy/ewc.yaml"),
+    ("lora_per_task", "strategy.dropout=1.0", "strategy.dropout: must be < 1, got 1.0"),
+])
+def test_bad_strategy_options_before_the_demo_inputs_are_built(python_exe, tmp_path, strategy, option, expected):
+    """On a fresh machine `train profile=demo` builds the embedded base and the datasets first (minutes):
+    a bad strategy option is refused in one line before that, and nothing is built."""
+    run_dir, base, data = tmp_path / "run", tmp_path / "base", tmp_path / "datasets"
+    msg = _one_line_error(_run(python_exe, *CLI, "train", "profile=demo", f"strategy={strategy}", option,
+                               f"demo.base_dir={base}", f"policy.pretrained_path={base / 'pretrained_model'}",
+                               f"data_root={data}", f"run_dir={run_dir}"), run_dir)
+    assert expected in msg, msg
+    assert not base.exists() and not data.exists()

@@ -109,7 +109,9 @@ def ensure_demo_inputs(cfg) -> None:
     launch` the main process builds them while the others wait: each building its own copy into
     the same folders would race (and run N generators on the same cores)."""
     import kuavo_train.processes as processes
+    from kuavo_train.strategies import get_strategy
 
+    get_strategy(cfg)  # its options' one-line errors come before minutes of building, not after
     if cfg.demo is not None:
         processes.on_main(lambda: _build_missing_demo_inputs(cfg))
 

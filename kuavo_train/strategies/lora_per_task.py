@@ -14,11 +14,12 @@ writes one stock checkpoint per task (base and that task's adapter merged).
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from kuavo_train.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, settings
+from kuavo_train.config.schema import PositiveFloat, PositiveInt, settings
 from kuavo_train.policy import adapters
 from kuavo_train.strategies.base import Strategy
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 class LoRAOptions:
     rank: PositiveInt = 16
     alpha: PositiveFloat = 32.0
-    dropout: NonNegativeFloat = 0.0
+    # below 1: at 1 PEFT's dropout zeroes every input of the adapter, which then never trains
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     targets: Literal[adapters.TARGETS] = "smolvla_default"
     # Learning rate of every adapter (no decay across stages: each adapter starts fresh).
     # None: lr_scale x stage 1's rate by the run's rule, since a low-rank update wants a larger
