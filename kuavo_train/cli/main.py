@@ -109,9 +109,7 @@ def ensure_demo_inputs(cfg) -> None:
     launch` the main process builds them while the others wait: each building its own copy into
     the same folders would race (and run N generators on the same cores)."""
     import kuavo_train.processes as processes
-    from kuavo_train.strategies import get_strategy
 
-    get_strategy(cfg)  # its options' one-line errors come before minutes of building, not after
     if cfg.demo is not None:
         processes.on_main(lambda: _build_missing_demo_inputs(cfg))
 
@@ -152,10 +150,12 @@ def _build_missing_demo_inputs(cfg) -> None:
 
 def cmd_train(args) -> None:
     from kuavo_train.config.loading import check_run_dir
+    from kuavo_train.strategies import get_strategy
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = _run_config(args.overrides, args.config_dir)
     check_run_dir(cfg.run_dir)
+    get_strategy(cfg)  # its options' one-line errors before minutes of building the demo inputs, not after
     ensure_demo_inputs(cfg)
     Pipeline(cfg).run()
 
@@ -164,10 +164,12 @@ def cmd_demo(args) -> None:
     import time
 
     from kuavo_train.config.loading import check_run_dir
+    from kuavo_train.strategies import get_strategy
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = _run_config(["profile=demo", *args.overrides], args.config_dir)
     check_run_dir(cfg.run_dir)
+    get_strategy(cfg)  # as in train
     t0 = time.perf_counter()
     ensure_demo_inputs(cfg)
     t1 = time.perf_counter()
