@@ -66,6 +66,7 @@ def check_config_files() -> None:
     the field."""
     from kuavo_train.cli.errors import one_line_errors
     from kuavo_train.config.loading import check_strategy_override, check_yaml_files, load_run_config
+    from kuavo_train.strategies import get_strategy
 
     dirs = _config_dirs(sys.argv[1:])
     with one_line_errors():
@@ -73,7 +74,7 @@ def check_config_files() -> None:
         check_strategy_override(sys.argv[1:], dirs[0])
         overrides = _plain_overrides(sys.argv[1:])
         if overrides is not None:
-            load_run_config(overrides, dirs[0])
+            get_strategy(load_run_config(overrides, dirs[0]))  # its options and its learning rates
 
 
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")

@@ -17,6 +17,7 @@ from conftest import REPO, TASK_NAMES, stage_plans, tiny_overrides
 from kuavo_train.config.loading import check_run_dir, load_run_config
 from kuavo_train.config.schema import ConfigError
 from kuavo_train.errors import KuavoError
+from kuavo_train.strategies import get_strategy
 
 SPEC_SCRIPT = ["kuavo_train/train_smolvla_sequential.py", "--config-path=../configs/policy", "--config-name=smolvla_sequential_base"]
 CLI = ["-m", "kuavo_train.cli.main"]
@@ -63,7 +64,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("overrides,message,source", BAD_VALUES, ids=[" ".join(o) for o, _, _ in BAD_VALUES])
 def test_bad_value_is_a_one_line_config_error(overrides, message, source):
     with pytest.raises(ConfigError) as e:
-        load_run_config(["profile=demo", *overrides])
+        get_strategy(load_run_config(["profile=demo", *overrides]))  # the strategy decides each stage's lr
     msg = str(e.value)
     assert isinstance(e.value, KuavoError)
     assert "\n" not in msg and message in msg and source in msg, msg
@@ -371,6 +372,9 @@ def test_training_one_stage_without_a_later_tasks_data_says_why_it_is_read(pytho
 @pytest.mark.parametrize("strategy, option, expected", [
     ("ewc", "strategy.ewc_lambda=-1", "strategy.ewc_lambda: must be >= 0, got -1.0 (in configs/policy/strategy/ewc.yaml"),
     ("lora_per_task", "strategy.dropout=1.0", "strategy.dropout: must be < 1, got 1.0"),
+    # the strategy's rate, not the recipe's, is what decay_lr must stay below
+    ("lora_per_task", "strategy.lr=1e-7", "scheduler.decay_lr: 1e-06 >= the learning rate 1e-07 of stage "
+                                          "task1_moving_grasp (strategy.lr of lora_per_task, strategy lora_per_task)"),
 ])
 def test_bad_strategy_options_before_the_demo_inputs_are_built(python_exe, tmp_path, strategy, option, expected):
     """On a fresh machine `train profile=demo` builds the embedded base and the datasets first (minutes):

@@ -49,6 +49,32 @@ def test_naive_has_no_replay_and_no_lr_decay():
     assert [spec[n].lr for n in TASK_NAMES] == pytest.approx([2e-3, 1.4e-3, 1e-3, 8e-4])
 
 
+@pytest.mark.parametrize("strategy, scale", [("sequential_naive", 1), ("experience_replay", 1), ("lora_per_task", 10)])
+def test_strategies_without_decay_honour_a_stages_own_lr(strategy, scale):
+    """A task config's optimizer_lr replaces the rule for its stage in every strategy; the other stages
+    keep stage 1's rate (x lr_scale for adapters)."""
+    plans = stage_plans(load_run_config(["profile=demo", f"strategy={strategy}", "stages.task3_placement.optimizer_lr=3e-4"]))
+    assert [plans[n].lr for n in TASK_NAMES] == pytest.approx([scale * x for x in (2e-3, 2e-3, 3e-4, 2e-3)])
+    assert "stages.task3_placement.optimizer_lr" in plans["task3_placement"].lr_source
+    assert "stage 1's" in plans["task4_sorting"].lr_source
+    # stage 1's own optimizer_lr is stage 1's rate for the stages without one
+    plans = stage_plans(load_run_config(["profile=demo", f"strategy={strategy}", "stages.task1_moving_grasp.optimizer_lr=4e-4"]))
+    assert [plans[n].lr for n in TASK_NAMES] == pytest.approx([scale * 4e-4] * 4)
+
+
+def test_decay_lr_is_checked_against_the_strategys_rates():
+    """sequential_naive runs every stage at stage 1's rate: a decay_lr between the recipe's last rate
+    and stage 1's is refused for the recipe and fine for naive; an adapter rate below it is refused."""
+    from kuavo_train.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="learning rate 0.0008 of stage task4_sorting"):
+        get_strategy(load_run_config(["profile=demo", "scheduler.decay_lr=9e-4"]))
+    assert get_strategy(load_run_config(["profile=demo", "scheduler.decay_lr=9e-4", "strategy=sequential_naive"]))
+    assert get_strategy(load_run_config(["profile=demo", "scheduler.decay_lr=9e-4", "strategy=joint"]))
+    with pytest.raises(ConfigError, match=r"1e-07 of stage task1_moving_grasp \(strategy.lr of lora_per_task"):
+        get_strategy(load_run_config(["profile=demo", "strategy=lora_per_task", "strategy.lr=1e-7"]))
+
+
 def test_the_old_name_is_the_default_recipe():
     old, new = load_run_config(["strategy=sequential_spec"]), load_run_config([])
     assert old.strategy.name == new.strategy.name == "replay_freeze_decay"

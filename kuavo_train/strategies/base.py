@@ -75,6 +75,14 @@ class Strategy:
     def lr(self, stage: StageConfig) -> tuple[float, str]:
         return self.cfg.stage_lr(stage)
 
+    def undecayed_lr(self, stage: StageConfig) -> tuple[float, str]:
+        """For strategies without lr decay: stage 1's rate by the run's rule, unless this stage's task
+        config sets its own `optimizer_lr`, which (as in the recipe) replaces the rule for that stage."""
+        if stage.optimizer_lr is not None:
+            return self.cfg.stage_lr(stage)
+        lr, source = self.cfg.stage_lr(self.cfg.ordered_stages()[0])
+        return lr, f"stage 1's ({source}), no decay"
+
     def stage_plan(self, stage: StageConfig, task_sizes: dict[int, int]) -> StagePlan:
         w = self.weights(stage)
         lr, source = self.lr(stage)
@@ -143,7 +151,17 @@ def strategy_class(name: str) -> type[Strategy]:
 
 
 def get_strategy(cfg: RunConfig) -> Strategy:
-    return strategy_class(cfg.strategy.name)(cfg)
+    """The run's strategy, its options checked, and its learning rates above `scheduler.decay_lr`
+    (checked here, not with the config's other values: which rate a stage gets is the strategy's)."""
+    strategy = strategy_class(cfg.strategy.name)(cfg)
+    for stage in cfg.ordered_stages():
+        lr, source = strategy.lr(stage)
+        if cfg.scheduler.decay_lr >= lr:
+            raise ConfigError("scheduler.decay_lr", BASE_FILE,
+                              f"{cfg.scheduler.decay_lr:g} >= the learning rate {lr:g} of stage {stage.name} ({source}, "
+                              f"strategy {strategy.name}): the cosine schedule would climb to it instead of decaying "
+                              "(decay_lr must be below every stage's lr)")
+    return strategy
 
 
 def strategy_source(name: str) -> str:

@@ -48,6 +48,11 @@ class Joint(Strategy):
                                             "lerobot-train reads one dataset")]
 
 
+    def lr(self, stage):
+        """Its one stage runs at stage 1's rate, whichever stage is asked about."""
+        return super().lr(self.cfg.ordered_stages()[0])
+
+
 def sequential_steps(cfg, task_sizes: dict[int, int], num_processes: int = 1) -> int:
     """Optimizer steps of the whole default-recipe run on these datasets."""
     return sum(p.total_steps(cfg, num_processes) for p in ReplayFreezeDecay(cfg).plan(task_sizes, num_processes))

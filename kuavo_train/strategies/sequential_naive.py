@@ -1,5 +1,6 @@
 """The lower bound: the same stages with neither replay nor learning-rate decay (every
-stage at stage 1's learning rate), so what it forgets is what the recipe protects."""
+stage at stage 1's learning rate, or at its own `optimizer_lr` where a task config sets one), so
+what it forgets is what the recipe protects."""
 
 from __future__ import annotations
 
@@ -14,5 +15,4 @@ class SequentialNaive(Strategy):
         return {stage.task_id: 1.0}
 
     def lr(self, stage):
-        lr, source = super().lr(self.cfg.ordered_stages()[0])
-        return lr, f"stage 1's ({source}), no decay"
+        return self.undecayed_lr(stage)
