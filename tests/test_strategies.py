@@ -125,8 +125,9 @@ def test_compare_command_tabulates_all_strategies(tmp_path, demo_base, demo_data
                                            "~stages.task4_sorting") if not o.startswith("run_dir=")]
     # the default recipe is the shared four-stage run's strategy, tested throughout; here the two
     # others, on two stages each
-    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "compare", "--no-demo", "--out", str(out), "--seeds", "0",
-                        "--strategies", "sequential_naive,joint", *overrides],
+    # a strategy and a seed named twice: each run once, counted once (n = 1)
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "compare", "--no-demo", "--out", str(out), "--seeds", "0,0",
+                        "--strategies", "sequential_naive,joint,sequential_naive", *overrides],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "comparison.json").read_text())["summary"]
@@ -153,6 +154,18 @@ def test_every_strategy_has_its_config_and_compare_runs_them_all_by_default():
     for name in names():
         assert load_run_config([f"strategy={name}"]).strategy.name == name
         assert (REPO / "configs" / "policy" / "strategy" / f"{name}.yaml").is_file()
+
+
+def test_a_strategy_or_seed_named_twice_is_one_run():
+    """Named twice (or by its alias), one run would be counted twice and its spread look smaller."""
+    from kuavo_train.cli.main import build_parser
+    from kuavo_train.strategies.base import canonical_names
+
+    args = build_parser().parse_args(["compare", "--strategies", "ewc,joint,ewc", "--seeds", "2,0,2"])
+    assert (args.strategies, args.seeds) == (["ewc", "joint"], [2, 0])
+    assert canonical_names(["sequential_spec", "joint", "replay_freeze_decay"]) == ["replay_freeze_decay", "joint"]
+    args = build_parser().parse_args(["benchmark", "metaworld", "--strategies", "joint,joint", "--seeds", "1,1"])
+    assert (args.strategies, args.seeds) == (["joint"], [1])
 
 
 def test_comparison_says_which_differences_exceed_twice_their_standard_error():

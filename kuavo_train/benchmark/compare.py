@@ -26,8 +26,11 @@ MATRIX_ORDER = ("success", "action_error", "val_loss")
 
 def run_comparison(overrides: list[str], *, out_dir: Path, strategies: list[str], seeds=(0,), config_dir: str | None = None) -> dict:
     from kuavo_train.strategies import get_strategy
+    from kuavo_train.strategies.base import canonical_names
 
     out_dir = Path(out_dir)
+    # a strategy (or alias of one) or seed given twice would count one run twice
+    strategies, seeds = canonical_names(strategies), list(dict.fromkeys(seeds))
     # Every run's config (strategy names and options included) is checked before the first one trains.
     runs = []
     for seed in seeds:

@@ -114,12 +114,15 @@ def replay_shares(k: int) -> dict[int, float]:
 
 def check_spec(spec: BenchmarkSpec) -> None:
     """Every input problem as one line, before anything is generated or trained."""
-    from kuavo_train.strategies.base import names, registry
+    from kuavo_train.strategies.base import canonical_names, names, registry
 
     spec.tasks = check_tasks(spec.tasks)
     bad = [s for s in spec.strategies if s not in registry()]
     if bad or not spec.strategies:
         raise MetaWorldError(f"metaworld error: unknown strategy {bad[0] if bad else ''!r} (choose from {', '.join(names())})")
+    # an alias is the same strategy, and a strategy or seed given twice would count one run twice
+    spec.strategies = canonical_names(spec.strategies)
+    spec.seeds = list(dict.fromkeys(spec.seeds))
     if spec.observation not in OBSERVATIONS:
         raise MetaWorldError(f"metaworld error: --observation {spec.observation!r} (choose {', '.join(OBSERVATIONS)})")
     if spec.observation == "stock":

@@ -225,6 +225,12 @@ def cmd_infer(args) -> None:
     _print_infer(Path(args.run), args.episodes, args.batch_size)
 
 
+def _csv(cast):
+    """A comma-separated option as a list, each value once in the order given: a strategy or seed
+    named twice would be one run counted twice, and its spread would look smaller than it is."""
+    return lambda v: list(dict.fromkeys(cast(x) for x in v.split(",") if x))
+
+
 def cmd_compare(args) -> None:
     from kuavo_train.benchmark.compare import run_comparison
 
@@ -361,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes stepped together (lerobot-eval's --eval.batch_size; other noise, same scenes)")
     c = add("compare", cmd_compare, "run several strategies (and seeds) on the same data and tabulate them")
     # comma-separated, so that Hydra overrides may follow the options
-    c.add_argument("--strategies", type=lambda v: v.split(","), default=None,
+    c.add_argument("--strategies", type=_csv(str), default=None,
                    help="comma-separated (default: every strategy in configs/policy/strategy/, aliases aside)")
-    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0], help="comma-separated, e.g. 0,1")
+    c.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated, e.g. 0,1")
     c.add_argument("--out", default="outputs/demo/compare")
     c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
     bm = sub.add_parser("benchmark", help="closed-loop benchmark in a simulator we did not write (MetaWorld)",
@@ -372,12 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.set_defaults(fn=cmd_benchmark)
     bm.add_argument("suite", choices=["metaworld"])
     bm.add_argument("overrides", nargs="*", help="Hydra overrides key=value (on top of profile=metaworld)")
-    csv = lambda v: [x for x in v.split(",") if x]  # noqa: E731
-    bm.add_argument("--tasks", type=csv, default=["push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3"],
+    bm.add_argument("--tasks", type=lambda v: [x for x in v.split(",") if x], default=["push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3"],
                     help="comma-separated MetaWorld v3 task names with a scripted expert, in training order")
-    bm.add_argument("--strategies", type=csv, default=None,
+    bm.add_argument("--strategies", type=_csv(str), default=None,
                     help="comma-separated (default: replay_freeze_decay,sequential_naive,joint)")
-    bm.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0], help="training seeds, e.g. 0,1")
+    bm.add_argument("--seeds", type=_csv(int), default=[0], help="training seeds, e.g. 0,1")
     bm.add_argument("--episodes", type=int, default=None, help="held-out seeds evaluated per task after each earlier stage (full: 10)")
     bm.add_argument("--final-episodes", dest="final_episodes", type=int, default=None,
                     help="held-out seeds evaluated per task for the final model (full: 20)")

@@ -150,6 +150,12 @@ def strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
+def canonical_names(requested: Sequence[str]) -> list[str]:
+    """Each requested strategy once, by its canonical name (an alias is the same strategy), in the
+    order given; an unknown name is a one-line error."""
+    return list(dict.fromkeys(strategy_class(name).name for name in requested))
+
+
 def get_strategy(cfg: RunConfig) -> Strategy:
     """The run's strategy, its options checked, and its learning rates above `scheduler.decay_lr`
     (checked here, not with the config's other values: which rate a stage gets is the strategy's)."""

@@ -1,9 +1,10 @@
 """The upper bound: one model trained on all tasks at once.
 
-To be a fair comparison it gets the SAME number of optimizer steps as the default
-recipe (replay_freeze_decay) would spend on the same data: the steps of every stage of
-that recipe (replay included), spread over as many epochs as its stages have in total,
-each epoch mixing all tasks by their share of training frames.
+To be a fair comparison it gets the number of optimizer steps the default recipe
+(replay_freeze_decay) would spend on the same data: the steps of every stage of that
+recipe (replay included), spread over as many epochs as its stages have in total (rounded
+up to whole epochs of equal length: at most one step more per epoch), each epoch mixing
+all tasks by their share of training frames.
 """
 
 from __future__ import annotations
