@@ -8,8 +8,10 @@ with every checkpoint so that a resumed run has it. The hooks are those of
 Avalanche's plugins that a stage-wise VLA recipe needs, and no more.
 
 A strategy is one module of this package (its file name is its config name) defining
-one `Strategy` subclass, plus `configs/policy/strategy/<name>.yaml`. Nothing else in
-the project names a strategy.
+one `Strategy` subclass, plus `configs/policy/strategy/<name>.yaml`. Outside this package
+only defaults name one: the config's (config/schema.py DEFAULT_STRATEGY), and the MetaWorld
+benchmark's list and the recipe's per-stage schedule it gives a strategy that merges the
+stages (benchmark/metaworld.py); the pipeline names none.
 """
 
 from __future__ import annotations
