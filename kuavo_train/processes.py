@@ -12,8 +12,16 @@ split the cells rather than each write every one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kuavo_train.errors import KuavoError
+
+
+class NotSharedError(KuavoError):
+    """The launched processes do not see one folder (several machines without a shared file system)."""
 
 
 def launched() -> bool:
@@ -99,6 +107,26 @@ def on_main(fn: Callable):
 
     result = [fn() if _state().is_main_process else None]
     return broadcast_object_list(result)[0]  # from the main process, once it is done
+
+
+def check_shared(path: Path, what: str) -> None:
+    """Every process reads the bytes the main process has just written at `path`; else every process
+    stops with the same line. Without this, on machines that do not share `what`, the others would
+    train on statistics and run states of their own and then wait for ever at a meeting point
+    the main process never reaches. Call it right after the processes have waited for the write."""
+    if not launched():
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    path = Path(path)
+    mine = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    main = broadcast_object_list([mine])[0]
+    blind = [i for i, same in gather_object([(index(), mine == main)]) if not same]
+    if blind:
+        raise NotSharedError(
+            f"{what} {path.parent} is not one folder for every process: process(es) {', '.join(map(str, blind))} "
+            f"of {count()} do not see the {path.name} the main process has just written there; on several machines "
+            f"{what}, the datasets and the base must be on a file system every machine sees (a shared mount)")
 
 
 def wait() -> None:

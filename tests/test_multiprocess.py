@@ -269,3 +269,40 @@ def test_infer_under_a_launch_splits_the_episodes(full_run, python_exe):
     assert len(rates(one.stdout)) == 4 and rates(two.stdout) == rates(one.stdout), two.stdout[-3000:]
     # 4 tasks x 2 batches of 2 episodes, 4 batches per process (the main process logs; the other is quiet)
     assert two.stdout.count("process 1 of 2 runs 4 of 8 parts of the tasks' episodes") == 1, two.stdout[-3000:]
+
+
+def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base, demo_data):
+    """Two machines of one launch whose `run_dir` is a folder of each's own disk, played by two
+    processes started as a multi-machine launcher starts them (rank, world size and the main
+    process's address in the environment), each given its own folder: both stop with the same
+    line within seconds, where they trained apart and then waited at a meeting point for hours."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0",
+               "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
+        overrides = tiny_overrides(tmp_path / f"machine{rank}" / "run", demo_base, demo_data, "evaluation.after_each_stage=false")
+        procs.append(subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_tree(p)
+    for rank, (p, (out, err)) in enumerate(zip(procs, results)):
+        lines = err.strip().splitlines()
+        assert p.returncode == 2 and "Traceback" not in err, (rank, err[-3000:])
+        assert lines[-1] == (f"error: run_dir {tmp_path / f'machine{rank}' / 'run'} is not one folder for every process: "
+                             "process(es) 1 of 2 do not see the run.json the main process has just written there; on "
+                             "several machines run_dir, the datasets and the base must be on a file system every "
+                             "machine sees (a shared mount)"), (rank, err[-3000:])
+    # the main process's folder has the run's first files; the other machine's folder was never made
+    assert (tmp_path / "machine0" / "run" / "run.json").is_file()
+    assert not (tmp_path / "machine1" / "run").exists()
+    assert not list((tmp_path / "machine0" / "run").glob("stage*"))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, source_of
@@ -23,7 +23,8 @@ from kuavo_train.data.task_data import TaskData, check_compatible, open_task_dat
 from kuavo_train.policy import factory
 from kuavo_train.strategies import StagePlan, get_strategy
 from kuavo_train.files import write_json_atomic, write_text_atomic
-from kuavo_train.run_state import RunState, check_resume_sources
+from kuavo_train.run_state import RUN_FILE, RunState, check_resume_sources
+import kuavo_train.processes as processes
 from kuavo_train.training.stage_settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,6 @@ def check_instructions(vlm_model_name: str, stages: list[StageConfig], max_lengt
     return report
 
 
-def num_processes() -> int:
-    """Processes of this run, before the Accelerator exists (accelerate launch / torchrun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 class Pipeline:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -105,10 +101,10 @@ class Pipeline:
         self.space = build_feature_space(list(self.tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                          max_action_dim=cfg.policy.max_action_dim)
         sizes = {t: d.num_train_frames for t, d in self.tasks.items()}
-        self.plans = self.strategy.plan(sizes, num_processes())
+        self.plans = self.strategy.plan(sizes, processes.count())
         # a stage resuming from another needs it complete or trained first
         check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
-        check_settings(cfg, self.plans, self.run_dir, num_processes())  # a stage begun or done keeps its settings
+        check_settings(cfg, self.plans, self.run_dir, processes.count())  # a stage begun or done keeps its settings
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
@@ -124,11 +120,11 @@ class Pipeline:
         cfg = self.cfg
         if not cfg.dataloader.drop_last:
             return
-        processes = num_processes()
+        n = processes.count()  # before the Accelerator exists: the launcher's WORLD_SIZE
         for plan in self.plans:
-            if plan.epoch_samples // cfg.dataloader.batch_size // processes == 0:
+            if plan.epoch_samples // cfg.dataloader.batch_size // n == 0:
                 raise StageSizeError(
-                    f"config error: dataloader.batch_size: {cfg.dataloader.batch_size} x {processes} process(es) is more "
+                    f"config error: dataloader.batch_size: {cfg.dataloader.batch_size} x {n} process(es) is more "
                     f"than the {plan.epoch_samples} samples of an epoch of stage {plan.stage.name}: with drop_last it "
                     f"would take no optimizer step (lower the batch size or add data) (in {BASE_FILE} or its overrides)")
 
@@ -162,20 +158,24 @@ class Pipeline:
         acc = make_accelerator(cfg)
         # Several processes (accelerate launch): the main one writes run.json, stats, logs and
         # checkpoints; the others wait at barriers and re-read what it wrote.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         log_file = None
         if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             log_file = _log_to_file(self.run_dir / "train.log")
             warn_truncated(self.token_report, cfg.policy.tokenizer_max_length)
-        else:
-            logging.getLogger().setLevel(logging.WARNING)
-        state = RunState.load(self.run_dir)
-        if acc.is_main_process:
+            state = RunState.load(self.run_dir)
+            # launch_id: a new value each launch, so that another machine's stale copy of run.json
+            # cannot pass for this one (processes.check_shared)
             state.data.update(config=cfg.to_dict(), instructions=self.token_report, command=sys.argv,
-                              features=self.space.to_json(), num_processes=acc.num_processes)
+                              features=self.space.to_json(), num_processes=acc.num_processes,
+                              launch_id=uuid.uuid4().hex)
             state.save()
             self.load_or_compute_stats(state)
+        else:
+            logging.getLogger().setLevel(logging.WARNING)
         acc.wait_for_everyone()
+        processes.check_shared(self.run_dir / RUN_FILE, "run_dir")
+        state = RunState.load(self.run_dir)
         stats = self.load_or_compute_stats(state)
         log.info("strategy %s: %s; stages: %s", self.strategy.name, self.strategy.description,
                  ", ".join(f"{p.stage.name} ({p.total_steps(cfg, acc.num_processes)} steps)" for p in self.plans))
