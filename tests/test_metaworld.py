@@ -141,6 +141,24 @@ def test_episodes_run_in_this_process_as_in_forked_workers(smoke):
     assert len(here) == 3 and here == json.loads(json.dumps(forked["episodes"], default=float))
 
 
+def test_a_resumed_runs_time_is_marked_as_the_last_calls_part(smoke):
+    """A run finished by an earlier call keeps the time it took; a run begun before this call (its
+    timing file missing: that call was killed) is timed by this call alone, and says so. Runs
+    last among the smoke tests: it re-renders the shared benchmark files."""
+    from kuavo_train.benchmark.metaworld import TIMING_FILE, run_benchmark
+
+    spec, first = smoke
+    assert first["run_resumed"] == {"replay_freeze_decay": [False], "joint": [False]}
+    (spec.out_dir / "seed0" / "joint" / TIMING_FILE).unlink()
+    again = run_benchmark(spec)
+    assert again["run_resumed"] == {"replay_freeze_decay": [False], "joint": [True]}
+    assert again["run_seconds"]["replay_freeze_decay"] == first["run_seconds"]["replay_freeze_decay"]
+    md = (spec.out_dir / "benchmark.md").read_text()
+    [joint] = [ln for ln in md.splitlines() if ln.startswith("## joint (")]
+    [recipe] = [ln for ln in md.splitlines() if ln.startswith("## replay_freeze_decay (")]
+    assert joint.endswith(" min, the last call's part of a resumed run)") and recipe.endswith(" min)"), (joint, recipe)
+
+
 def test_replay_shares_follow_the_spec_for_four_tasks_and_generalise():
     from kuavo_train.benchmark.metaworld import replay_shares
 

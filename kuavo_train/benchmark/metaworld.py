@@ -252,8 +252,17 @@ class _Stage:
         return DatasetConfig(repo_id=f"metaworld/{self.name}", root=str(self.root))
 
 
-def _seconds(path: Path) -> float | None:
-    return json.loads(path.read_text())["seconds"] if path.is_file() else None
+def _timing(run_dir: Path) -> dict | None:
+    """{"seconds", "resumed"} of a run finished by an earlier call, or None."""
+    path = run_dir / TIMING_FILE
+    return {"resumed": False, **json.loads(path.read_text())} if path.is_file() else None
+
+
+def _begun(run_dir: Path) -> bool:
+    """Whether a stage of the run had begun before this call: then its time is only this call's part."""
+    from kuavo_train.run_state import RunState
+
+    return bool(RunState.load(run_dir).data.get("stages")) if (run_dir / "run.json").is_file() else False
 
 
 def run_benchmark(spec: BenchmarkSpec) -> dict:
@@ -270,18 +279,21 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
     probe = run_config(spec, spec.strategies[0], spec.seeds[0], roots, Path("."), spec.out_dir / "probe")
     base = processes.on_main(lambda: ensure_base(spec, probe.policy.chunk_size, probe.policy.n_action_steps))
     reports: dict[str, list[dict]] = {s: [] for s in spec.strategies}
-    timings: dict[str, list[float]] = {s: [] for s in spec.strategies}
+    timings: dict[str, list[dict]] = {s: [] for s in spec.strategies}
     runs: dict[str, list[str]] = {s: [] for s in spec.strategies}
     planned = [(seed, strategy, run_config(spec, strategy, seed, roots, base, spec.out_dir / f"seed{seed}" / strategy))
                for seed in spec.seeds for strategy in spec.strategies]
     # a finished run re-rendered later keeps the time it took to train: read before it is (re)run
-    earlier = {cfg.run_dir: _seconds(Path(cfg.run_dir) / TIMING_FILE) for _, _, cfg in planned}
+    earlier = {cfg.run_dir: _timing(Path(cfg.run_dir)) for _, _, cfg in planned}
+    begun = {cfg.run_dir: _begun(Path(cfg.run_dir)) for _, _, cfg in planned}
     for _, strategy, cfg, report, seconds in train_and_evaluate(planned):
-        timing = Path(cfg.run_dir) / TIMING_FILE
-        if earlier[cfg.run_dir] is None and processes.is_main():
-            write_json_atomic(timing, {"seconds": round(seconds, 1)})
+        timing = earlier[cfg.run_dir]
+        if timing is None:
+            timing = {"seconds": round(seconds, 1), "resumed": begun[cfg.run_dir]}
+            if processes.is_main():
+                write_json_atomic(Path(cfg.run_dir) / TIMING_FILE, timing)
         reports[strategy].append(report)
-        timings[strategy].append(earlier[cfg.run_dir] if earlier[cfg.run_dir] is not None else round(seconds, 1))
+        timings[strategy].append(timing)
         runs[strategy].append(str(cfg.run_dir))
         _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
     return _write_results(spec, roots, reports, timings, runs, data_seconds, format_summary, summarize)
@@ -334,9 +346,10 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
         lines.append(f"| {t} | {m['instruction']} | {sum(ev)}/{len(ev)} | "
                      f"{m.get('train_expert_successes', len(m['train_seeds']))}/{m['train_attempts']} |")
     for strategy, reps in done.items():
-        for rep, run_dir, secs in zip(reps, runs[strategy], timings[strategy]):
+        for rep, run_dir, timing in zip(reps, runs[strategy], timings[strategy]):
             R = rep["matrices"].get("success")
-            lines += ["", f"## {strategy} ({run_dir}, {secs / 60:.1f} min)", ""]
+            took = f"{timing['seconds'] / 60:.1f} min" + (", the last call's part of a resumed run" if timing["resumed"] else "")
+            lines += ["", f"## {strategy} ({run_dir}, {took})", ""]
             if R is None:
                 lines.append("no success matrix (closed-loop episodes = 0)")
                 continue
@@ -352,7 +365,8 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
                                                   *(_fmt(met.get(k)) for k in ("bwt", "fwt", "mean_forgetting")))]
     lines += ["", "## Over seeds", "", format_summary(summary, seeds=seeds_done)] if done else []
     out = {"spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()},
-           "data_seconds": round(data_seconds, 1), "run_seconds": timings, "runs": runs, "summary": summary,
+           "data_seconds": round(data_seconds, 1), "run_seconds": {k: [t["seconds"] for t in v] for k, v in timings.items()},
+           "run_resumed": {k: [t["resumed"] for t in v] for k, v in timings.items()}, "runs": runs, "summary": summary,
            "expert": {t: {"eval_success_rate": metas[t]["expert_eval_success_rate"],
                           "train_success_rate": metas[t]["expert_train_success_rate"]} for t in spec.tasks},
            "success_matrices": {s: [r["matrices"].get("success") for r in reps] for s, reps in done.items()},
