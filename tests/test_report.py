@@ -160,3 +160,35 @@ def test_evaluate_a_run_from_another_folder(full_run, demo_data, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(json.loads((run / "report.json").read_text())["matrices"]["val_loss"]) == 5
+
+
+def test_rows_evaluated_with_other_settings_are_evaluated_again(full_run, tmp_path, caplog):
+    """A cached row is reused only with the settings it was made with: `evaluate` with fewer
+    action-error episodes evaluates every row again, and the report's numbers are the new ones."""
+    import logging
+    import shutil
+
+    from kuavo_train.config.loading import load_run_config
+    from kuavo_train.evaluation.run_evaluation import evaluate_run
+    from conftest import FULL_RUN_EXTRA, tiny_overrides
+
+    cfg, run = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    before = json.loads((copy / "evaluation.json").read_text())["rows"]
+    assert {r["settings"]["action_error_episodes"] for r in before.values()} == {cfg.evaluation.action_error_episodes}
+    base, data = cfg.policy.pretrained_path, cfg.data_root
+    fewer = load_run_config(tiny_overrides(copy, base, data, *FULL_RUN_EXTRA, "evaluation.action_error_episodes=1"))
+    with caplog.at_level(logging.INFO, logger="kuavo_train"):
+        report = evaluate_run(fewer)
+    again = [r.getMessage() for r in caplog.records if "evaluated again" in r.getMessage()]
+    assert len(again) == 5 and f"action_error_episodes {cfg.evaluation.action_error_episodes} (now 1)" in again[0], again
+    after = json.loads((copy / "evaluation.json").read_text())["rows"]
+    assert {r["settings"]["action_error_episodes"] for r in after.values()} == {1}
+    assert report["matrices"]["action_error"] != [before[str(i)]["action_error"] for i in range(5)]
+    assert report["matrices"]["action_error"] == [after[str(i)]["action_error"] for i in range(5)]
+    # the same settings again: every row reused
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kuavo_train"):
+        evaluate_run(fewer)
+    assert not [r for r in caplog.records if "evaluated again" in r.getMessage() or "evaluating" in r.getMessage()]

@@ -109,12 +109,28 @@ _TRAINING_ONLY = ("optimizer_", "scheduler_", "pretrained_path", "pretrained_rev
                   "train_state_proj")
 
 
-def cell_key(policy, tid: int, episodes: int) -> str:
-    """A digest of what one cell's numbers are made from besides the run's data, statistics and
-    settings: the tensors the policy computes with for task `tid` (its adapter only), its
-    inference settings, and the episode count. Equal keys in one run give equal numbers (every
-    draw is seeded), so a model that did not change for a task (an earlier task's adapter, an
-    untrained task on a frozen base) is evaluated once."""
+def row_settings(cfg: RunConfig, row: int, n_tasks: int) -> dict:
+    """The settings a row's numbers depend on besides its model and the run's data: the final
+    model's row may have more closed-loop episodes than the earlier ones."""
+    ev, val = cfg.evaluation, cfg.validation
+    return {"closed_loop_episodes": ev.final_episodes if row == n_tasks else ev.closed_loop_episodes,
+            "closed_loop_batch_size": ev.closed_loop_batch_size, "action_error_episodes": ev.action_error_episodes,
+            "validation_seed": val.seed, "validation_batch_size": val.batch_size}
+
+
+def _made_with_other_settings(stored: dict, settings: dict) -> str | None:
+    """Which setting a cached row was made with differs from the config's (None: none does). Rows
+    cached before rows kept their settings record only their episode count."""
+    made = stored.get("settings", {"closed_loop_episodes": stored.get("closed_loop_episodes", 0)})
+    return next((f"{k} {made[k]} (now {settings[k]})" for k in settings if k in made and made[k] != settings[k]), None)
+
+
+def cell_key(policy, tid: int, settings: dict) -> str:
+    """A digest of what one cell's numbers are made from besides the run's data and statistics:
+    the tensors the policy computes with for task `tid` (its adapter only), its inference
+    settings, and the evaluation settings (`row_settings`). Equal keys in one run give equal
+    numbers (every draw is seeded), so a model that did not change for a task (an earlier task's
+    adapter, an untrained task on a frozen base) is evaluated once."""
     import dataclasses
 
     h = hashlib.sha256()
@@ -122,7 +138,7 @@ def cell_key(policy, tid: int, episodes: int) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 1-D: a 0-dim buffer too
     config = {k: v for k, v in dataclasses.asdict(policy.config).items() if not k.startswith(_TRAINING_ONLY)}
-    h.update(json.dumps({"task": tid, "episodes": episodes, "config": config}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"task": tid, "evaluation": settings, "config": config}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -132,11 +148,12 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
     this run (reused, and this row's added). Under `accelerate launch` the processes share the
     row's new cells and all end with the whole row."""
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
-    episodes = cfg.evaluation.final_episodes if row == max(tasks) else cfg.evaluation.closed_loop_episodes
+    settings = row_settings(cfg, row, max(tasks))
+    episodes = settings["closed_loop_episodes"]
     keys = {}
     for tid in sorted(tasks):
         with adapters.for_task(policy, tid):  # a model with per-task adapters runs each task with its own
-            keys[tid] = cell_key(policy, tid, episodes)
+            keys[tid] = cell_key(policy, tid, settings)
         if keys[tid] in cells:
             log.info("row %d, %s: the same model as row %d's, which was evaluated: reused", row, tasks[tid].name,
                      cells[keys[tid]]["row"])
@@ -154,6 +171,7 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
     out = {m: [cells[keys[tid]][m] for tid in sorted(tasks)] for m in DIRECTIONS}
     out["closed_loop_episodes"] = episodes if out["success"] and out["success"][0] is not None else 0
     out["cells"] = [keys[tid] for tid in sorted(tasks)]
+    out["settings"] = settings
     return out
 
 
@@ -203,7 +221,11 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
     cells = dict(ev.get("cells", {}))  # rows evaluated before cells were kept have none
     for row in rows:
         if str(row) in ev["rows"]:
-            continue
+            other = _made_with_other_settings(ev["rows"][str(row)], row_settings(cfg, row, max(tasks)))
+            if other is None:
+                continue
+            log.info("row %d was evaluated with %s: evaluated again", row, other)
+            del ev["rows"][str(row)]
         t0 = time.perf_counter()
         shared = shared_base_row(cfg, tasks) if row == 0 else None
         if shared is not None and shared.is_file():
