@@ -57,6 +57,7 @@ def test_default_map_file_is_the_builtin_defaults():
     ("unknown_key: 1\n", "unknown_key"),
     ("split: {val_fraction: 1.5}\n", "split.val_fraction"),
     ("fps: [10\n", "not valid YAML"),
+    ("fps: 7\n", "fps: 7 must divide main_camera_fps (30)"),  # every 4th frame: 7.5 per second, not 7
 ])
 def test_bad_map_is_one_line_naming_field_and_file(tmp_path, text, field):
     p = tmp_path / "map.yaml"
@@ -130,6 +131,59 @@ def test_bad_bag_has_one_reason(tmp_path, defect, reason):
     with pytest.raises(BagProblem) as err:
         read_episode(bag.path, TopicMap(hand={"kind": "leju_claw"}, instruction="x"))
     assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_camera_at_another_rate_than_the_map_says_is_refused(tmp_path):
+    """The synthetic head camera runs at 30 Hz; a map saying 60 would keep every 6th frame and label
+    frames 0.2 s apart as 10 fps."""
+    bag = write_synthetic_bag(tmp_path / "b.bag", task="task1_moving_grasp", hand_kind="leju_claw", only_arm=True,
+                              n_frames=60, seed=1)
+    with pytest.raises(BagProblem, match=r"the head_cam_h camera runs at 30\.\d Hz, the topic map says main_camera_fps 60"):
+        read_episode(bag.path, TopicMap(hand={"kind": "leju_claw"}, instruction="x", main_camera_fps=60))
+
+
+def test_frames_before_a_late_sensor_are_cut_and_a_stalled_camera_is_noted(tmp_path):
+    """Frames exist only where every sensor stream has begun (a hand state starting 1 s late would
+    give the first frames the hand's future values); a camera that stalls is named in a note."""
+    from kuavo_train.data.rosbag.synthetic import LATE_S
+
+    tm = TopicMap(hand={"kind": "leju_claw"}, instruction="x")
+    kw = dict(task="task1_moving_grasp", hand_kind="leju_claw", only_arm=True, n_frames=150, seed=1)
+    plain = read_episode(write_synthetic_bag(tmp_path / "plain.bag", **kw).path, tm)
+    late = read_episode(write_synthetic_bag(tmp_path / "late.bag", **kw, defect="late_hand_state").path, tm)
+    assert len(plain) - len(late) == pytest.approx(LATE_S * tm.fps - SAMPLE_DROP / JUMP, abs=1.5)
+    assert np.array_equal(late.stamps, plain.stamps[len(plain) - len(late):])
+    assert not plain.notes and not late.notes
+    stalled = read_episode(write_synthetic_bag(tmp_path / "stall.bag", **kw, defect="camera_stall").path, tm)
+    assert len(stalled) == len(plain)
+    [note] = stalled.notes
+    assert note.startswith("/cam_l/color/image_raw/compressed: frame ") and "more than two frame periods away" in note, note
+
+
+def test_overwrite_replaces_a_dataset_and_nothing_else(tmp_path, kuavo_bags):
+    """--overwrite never deletes a folder that is not a LeRobot dataset (a mistyped --out), nor the
+    folder holding the input bags."""
+    import shutil
+
+    bag = kuavo_bags["task2_weighing"][0].path
+    tm = bag_topic_map("task2_weighing")
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    own = shutil.copy(bag, folder / "ep0.bag")
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(RosbagError, match=r"--out .*recordings holds the input bag .*ep0.bag"):
+        convert_bags([Path(own)], folder, tm, overwrite=True, progress=False)
+    with pytest.raises(RosbagError, match="--overwrite replaces a LeRobot dataset, and .* is not one"):
+        convert_bags([bag], folder, tm, overwrite=True, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["ep0.bag", "notes.txt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    # a dataset is replaced, and each episode's bag is recorded by path too
+    out = tmp_path / "ds"
+    convert_bags([bag], out, tm, progress=False)
+    convert_bags([bag, Path(own)], out, tm, overwrite=True, progress=False)
+    meta = json.loads((out / "meta" / "kuavo_rosbag.json").read_text())
+    assert [(e["bag"], e["path"]) for e in meta["episodes"]] == [(bag.name, str(bag.resolve())),
+                                                                 ("ep0.bag", str((folder / "ep0.bag").resolve()))]
 
 
 # ---------------------------------------------------------------- converted datasets

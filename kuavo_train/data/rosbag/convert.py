@@ -211,8 +211,9 @@ def _streams(topic_map: TopicMap, present: set[str]) -> tuple[dict[str, _Stream]
     if arm_topic is None:
         missing.insert(0, f"{' or '.join(topic_map.arm.action_topics)} (arm command)")
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise BagProblem(f"missing topic {missing[0]}{more}")
+        hint = (f"; the topic map's hand.kind is {hand.kind!r}: set it to the bag's hand"
+                if any("(hand " in m for m in missing) else "")
+        raise BagProblem(f"missing topic{'s' if len(missing) > 1 else ''} {', '.join(missing)}{hint}")
     roles.append(("arm command", arm_topic, _vector([topic_map.arm.action_field])))
     if not topic_map.only_arm:
         if topic_map.base.gap_topic in present:
@@ -325,6 +326,41 @@ def nearest(stamps: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(take_hi, hi, lo)
 
 
+def _check_camera_rate(stamps: np.ndarray, topic_map: TopicMap) -> None:
+    """The main camera's measured rate against `main_camera_fps`: every (main_camera_fps // fps)-th
+    frame is kept and the dataset says `fps`, so a camera at another rate would give frames
+    another time apart than the dataset's fps says."""
+    if len(stamps) < 3:
+        return
+    measured = 1.0 / float(np.median(np.diff(stamps)))
+    if abs(measured - topic_map.main_camera_fps) > 0.2 * topic_map.main_camera_fps:
+        raise BagProblem(f"the {topic_map.main_camera} camera runs at {measured:.1f} Hz, the topic map says "
+                         f"main_camera_fps {topic_map.main_camera_fps}: its frames would be "
+                         f"{topic_map.jump / measured:.3f} s apart in a dataset of {topic_map.fps} fps; set "
+                         "main_camera_fps to the camera's rate")
+
+
+def _sensors(times: dict) -> list[str]:
+    """The streams a robot publishes all the time (cameras, joint and hand states). Commands may
+    pause (the arm command while walking, whose gaps the converter reads; a claw command sent on
+    change), so they neither cut the start nor count as stale."""
+    return [r for r in times if r.startswith(("camera ", "depth ")) or r in ("arm state", "hand state")]
+
+
+def _stale(times: dict, idx: dict, frame_t: np.ndarray, streams: dict, topic_map: TopicMap) -> list[str]:
+    """A note per sensor stream whose nearest message is more than two frame periods from a frame
+    (a camera that stalled, a state topic with a gap): those frames show old values."""
+    notes = []
+    for role in _sensors(times):
+        t = times[role]
+        dist = np.abs(t[idx[role]] - frame_t)
+        worst = int(np.argmax(dist))
+        if dist[worst] > 2.0 / topic_map.fps:
+            notes.append(f"{streams[role].topic}: frame {worst} is {dist[worst]:.3f} s from its nearest message "
+                         f"({int(np.sum(dist > 2.0 / topic_map.fps))} frames more than two frame periods away)")
+    return notes
+
+
 def main_timeline(raw: np.ndarray, topic_map: TopicMap, end: float) -> np.ndarray:
     """The frame times: main-camera stamps after sample_drop at each end, every `jump`-th, before `end`."""
     drop = topic_map.sample_drop
@@ -421,12 +457,20 @@ def read_episode(bag: Path, topic_map: TopicMap, spill_dir: Path | None = None) 
     empty = [s.topic for s in streams.values() if len(s) == 0]
     if empty:
         raise BagProblem(f"missing topic {empty[0]} (no messages)")
+    main = times[f"camera {topic_map.main_camera}"]
+    _check_camera_rate(main, topic_map)
     end_role = min(times, key=lambda r: times[r][-1])
-    frame_t = main_timeline(times[f"camera {topic_map.main_camera}"], topic_map, times[end_role][-1])
+    # frames only where every stream has begun and not yet ended: else their values come from
+    # the future (a topic that starts late) or the past (one that stops early)
+    start_role = max(_sensors(times), key=lambda r: times[r][0])
+    frame_t = main_timeline(main, topic_map, times[end_role][-1])
+    frame_t = frame_t[frame_t >= times[start_role][0] - 0.5 / topic_map.fps]
     if len(frame_t) == 0:
-        raise BagProblem(f"no frame left after alignment: the {topic_map.main_camera} frames left by sample_drop="
-                         f"{topic_map.sample_drop} all come after the last message of {streams[end_role].topic}")
+        raise BagProblem(f"no frame left after alignment: no {topic_map.main_camera} frame left by sample_drop="
+                         f"{topic_map.sample_drop} lies between the first message of {streams[start_role].topic} "
+                         f"and the last of {streams[end_role].topic}")
     idx = {role: nearest(t, frame_t) for role, t in times.items()}
+    notes = notes + _stale(times, idx, frame_t, streams, topic_map)
 
     # state: arm joints (radians) and one gripper value per hand
     arm, hand = topic_map.arm, topic_map.hand_resolved
@@ -577,11 +621,19 @@ def split_counts(n: int, topic_map: TopicMap) -> dict[str, str]:
     return splits
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, bags: list[Path]) -> None:
     if out.exists() and not overwrite:
         raise RosbagError(f"rosbag error: {out} exists already (remove it, choose another --out, or pass --overwrite)")
     if out.exists() and not out.is_dir():
         raise RosbagError(f"rosbag error: {out} exists and is not a folder")
+    inside = next((b for b in bags if b.resolve().is_relative_to(out.resolve())), None)
+    if inside is not None:
+        raise RosbagError(f"rosbag error: --out {out} holds the input bag {inside}: the dataset would replace it; "
+                          "choose another --out")
+    if out.exists() and not (out / "meta" / "info.json").is_file():
+        # --overwrite replaces a dataset; a folder of anything else (a typo of --out) is never deleted
+        raise RosbagError(f"rosbag error: --overwrite replaces a LeRobot dataset, and {out} is not one (no "
+                          "meta/info.json): remove it yourself or choose another --out")
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
     if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise RosbagError(f"rosbag error: cannot write to {out} ({probe} is not a writable folder)")
@@ -643,7 +695,7 @@ def convert_bags(bags: list[Path], out: Path, topic_map: TopicMap, *, repo_id: s
         raise RosbagError("rosbag error: no instruction: give --instruction TEXT or set `instruction:` in the topic map")
     if jobs < 1:
         raise RosbagError(f"rosbag error: --jobs must be >= 1 (got {jobs})")
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, bags)
     repo_id = repo_id or f"kuavo/{out.name}"
 
     from tqdm import tqdm
@@ -689,8 +741,10 @@ def convert_bags(bags: list[Path], out: Path, topic_map: TopicMap, *, repo_id: s
         info_path.write_text(json.dumps(info, indent=4))
         provenance = {
             "converter": "kuavo-train convert rosbag",
-            "episodes": [{"episode_index": e.episode_index, "bag": e.bag.name, "frames": e.frames} for e in episodes],
-            "failed": [{"bag": f.bag.name, "reason": f.reason} for f in failures],
+            # the bag's file name, and its path: bags of several folders may share names
+            "episodes": [{"episode_index": e.episode_index, "bag": e.bag.name, "path": str(e.bag.resolve()),
+                          "frames": e.frames} for e in episodes],
+            "failed": [{"bag": f.bag.name, "path": str(f.bag.resolve()), "reason": f.reason} for f in failures],
             "topic_map": topic_map.model_dump(mode="json"),
         }
         (root / "meta" / META_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -24,7 +24,9 @@ import numpy as np
 
 from kuavo_train.data.rosbag.topic_map import HAND_DEFAULTS, TopicMap
 
-DEFECTS = ("truncated", "missing_topic", "too_short", "stamps_out_of_order")
+DEFECTS = ("truncated", "missing_topic", "too_short", "stamps_out_of_order", "late_hand_state", "camera_stall")
+LATE_S = 1.0  # late_hand_state: the hand state starts this long after the first camera frame; camera_stall: the
+# left wrist camera sends nothing for this long from the middle of the recording
 CAMERA_RATE_HZ = 30.0
 SENSOR_RATE_HZ = 100.0
 COMMAND_RATE_HZ = 50.0
@@ -397,7 +399,8 @@ def write_synthetic_bag(path, *, task: str, hand_kind: str, only_arm: bool, n_fr
             twist = T["geometry_msgs/msg/Twist"](linear=vec3(x=x, y=y, z=0.0), angular=vec3(x=0.0, y=0.0, z=yaw))
             out.put("/cmd_pose_world_synced", "geometry_msgs/msg/TwistStamped", recv_c[k], T["geometry_msgs/msg/TwistStamped"](
                 header=out.header("/cmd_pose_world_synced", t), twist=twist))
-        _hand_messages(out, hand_kind, recv_c[k], t, grip_state[k], grip_cmd[k], skip_state=missing is not None)
+        late = defect == "late_hand_state" and t < t0 + MARGIN_S + LATE_S
+        _hand_messages(out, hand_kind, recv_c[k], t, grip_state[k], grip_cmd[k], skip_state=missing is not None or late)
 
     # cameras at ~30 Hz with jitter and transport latency; images follow the measured arm
     cam_ci = T["sensor_msgs/msg/CompressedImage"]
@@ -411,6 +414,8 @@ def write_synthetic_bag(path, *, task: str, hand_kind: str, only_arm: bool, n_fr
                   "wrist_cam_l": scene.wrist(0, ee, grip_seen[i]), "wrist_cam_r": scene.wrist(1, ee, grip_seen[i])}
         for k, cam in enumerate(cameras):
             stamp = t_nom[i] + 0.003 * k + rng.normal(0, 0.002)
+            if defect == "camera_stall" and cam == "wrist_cam_l" and 0 <= t_nom[i] - t_nom[n_frames // 2] < LATE_S:
+                continue
             if defect == "stamps_out_of_order" and cam == "head_cam_h" and i == n_frames // 2:
                 stamp -= 3.0 / CAMERA_RATE_HZ  # the driver's clock jumped back three frames
             recv = t_nom[i] + 0.003 * k + 0.012 + 0.004 * rng.random()

@@ -215,6 +215,11 @@ class TopicMap(_Strict):
             raise ValueError(f"main_camera: {self.main_camera!r} is not one of cameras ({', '.join(c.name for c in self.cameras)})")
         if self.main_camera_fps < self.fps:
             raise ValueError(f"main_camera_fps: {self.main_camera_fps} must be >= fps ({self.fps})")
+        if self.main_camera_fps % self.fps:
+            # every (main_camera_fps // fps)-th frame is kept: another ratio gives another rate than fps
+            raise ValueError(f"fps: {self.fps} must divide main_camera_fps ({self.main_camera_fps}): every "
+                             f"{self.main_camera_fps // self.fps}-th frame would be kept, "
+                             f"{self.main_camera_fps / (self.main_camera_fps // self.fps):g} per second")
         return self
 
     # --- derived values ---
