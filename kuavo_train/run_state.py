@@ -15,6 +15,10 @@ class RunNotFoundError(KuavoError):
     """A folder that is not a kuavo_train run directory; `str()` is one line."""
 
 
+class RunStateError(KuavoError):
+    """A run.json that cannot be read."""
+
+
 class ResumeSourceError(KuavoError):
     """A stage would start from an earlier stage's model that this run does not have."""
 
@@ -47,7 +51,16 @@ class RunState:
     @classmethod
     def load(cls, run_dir: Path) -> "RunState":
         path = Path(run_dir) / RUN_FILE
-        data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        if not path.is_file():
+            return cls(run_dir, {"stages": {}})
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:  # our writes are atomic: a hand edit, or another tool's copy
+            raise RunStateError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}): restore it, or choose "
+                                "another run_dir") from None
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+            raise RunStateError(f"{path} is not a kuavo_train run state (no \"stages\" object): restore it, or "
+                                "choose another run_dir")
         return cls(run_dir, data)
 
     @classmethod

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, FakeHub, final_pretrained, tiny_overrides
+from conftest import FULL_RUN_EXTRA, REPO, FakeHub, final_pretrained, tiny_overrides
 
 from kuavo_train.config.loading import load_run_config
 from kuavo_train.errors import KuavoError
@@ -214,6 +214,40 @@ def test_damaged_run_in_the_infer_command(python_exe, full_run, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     line = _one_line(_cli(python_exe, "infer", "--run", str(copy), "--episodes", "1"))
     assert "cannot load policy weights" in line
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncated run.json", "run.json is damaged (Unterminated string"),
+    ("run.json without stages", "is not a kuavo_train run state (no \"stages\" object)"),
+    ("statistics missing", "normalization_stats.json is missing: a run's normalization statistics"),
+    ("statistics damaged", "normalization_stats.json is damaged (JSONDecodeError"),
+])
+def test_damaged_run_files_are_one_line_in_evaluate_infer_and_train(python_exe, full_run, demo_base, demo_data,
+                                                                     tmp_path, damage, says):
+    """A run folder whose run.json or statistics were damaged (by hand, or another tool's copy):
+    `evaluate --run`, `infer --run` and a resumed `train` each stop in one line, and change nothing."""
+    _, run_dir = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    state, stats = copy / "run.json", copy / "normalization_stats.json"
+    if damage == "truncated run.json":
+        state.write_text(state.read_text()[:300])
+    elif damage == "run.json without stages":
+        state.write_text(json.dumps({"config": json.loads(state.read_text())["config"]}))
+    elif damage == "statistics missing":
+        stats.unlink()
+    else:
+        stats.write_text(stats.read_text()[:50])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    commands = [("evaluate", "--run", str(copy))]
+    if "run.json" in damage:  # infer reads the statistics saved with the checkpoint, not the run's
+        commands.append(("infer", "--run", str(copy), "--episodes", "1"))
+    if damage != "statistics missing":  # train computes a missing statistics file again
+        commands.append(("train", *tiny_overrides(copy, demo_base, demo_data, *FULL_RUN_EXTRA)))
+    for command in commands:
+        line = _one_line(_cli(python_exe, *command))
+        assert says in line, (command, line)
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoint, tmp_path):

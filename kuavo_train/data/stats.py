@@ -87,3 +87,21 @@ def stats_to_json(stats) -> dict:
 
 def stats_from_json(data) -> dict:
     return {k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in data.items()}
+
+
+def read_stats_file(path) -> dict:
+    """A run's statistics file (`STATS_FILE`), as `stats_from_json` gives it; one-line DataError when
+    it is missing or damaged."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data error: {path} is missing: a run's normalization statistics are written when its "
+                        "training starts (train first, or restore the file)")
+    try:
+        stats = stats_from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError) as exc:  # bad JSON, or not {key: {stat: numbers}}
+        raise DataError(f"data error: {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
+                        "restore it; a new run_dir computes the statistics again") from None
+    return stats

@@ -28,7 +28,7 @@ from kuavo_train.config.schema import RunConfig
 from kuavo_train.evaluation.closed_loop import StockPolicyFn, success_rate
 from kuavo_train.evaluation.plots import row_labels
 from kuavo_train.data.features import build_feature_space, make_task_dataset
-from kuavo_train.data.stats import STATS_FILE, stats_from_json
+from kuavo_train.data.stats import STATS_FILE, read_stats_file
 from kuavo_train.data.frames import DIM_PAD_KEY
 from kuavo_train.data.task_data import ACTION_KEY, TaskData, open_task_data
 from kuavo_train.evaluation.validation import seeded_noise_and_time, validation_frames, validation_loss
@@ -275,7 +275,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     state = RunState.load(run_dir)
     tasks = {s.task_id: open_task_data(s) for s in cfg.ordered_stages()}
-    stats = stats_from_json(json.loads((run_dir / STATS_FILE).read_text()))
+    stats = read_stats_file(run_dir / STATS_FILE)
     done = [0] + sorted(completed_rows(state))
     space = build_feature_space(list(tasks.values()), max_state_dim=cfg.policy.max_state_dim,
                                 max_action_dim=cfg.policy.max_action_dim)

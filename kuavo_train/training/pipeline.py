@@ -18,7 +18,7 @@ from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageCo
 from kuavo_train.errors import DataError, KuavoError, first_line
 from kuavo_train.logs import collapse_video_backend_warning
 from kuavo_train.data.features import build_feature_space
-from kuavo_train.data.stats import STATS_FILE, stats_from_json, stats_to_json, training_stats
+from kuavo_train.data.stats import STATS_FILE, read_stats_file, stats_to_json, training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
 from kuavo_train.policy import factory
 from kuavo_train.strategies import StagePlan, get_strategy
@@ -105,6 +105,8 @@ class Pipeline:
         # a stage resuming from another needs it complete or trained first
         check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
         check_settings(cfg, self.plans, self.run_dir, processes.count())  # a stage begun or done keeps its settings
+        if (self.run_dir / STATS_FILE).is_file():  # a resumed run's statistics: damaged ones stop it here
+            read_stats_file(self.run_dir / STATS_FILE)
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
@@ -142,11 +144,11 @@ class Pipeline:
     def load_or_compute_stats(self, state: RunState):
         path = self.run_dir / STATS_FILE
         if path.is_file():
-            return stats_from_json(json.loads(path.read_text()))
+            return read_stats_file(path)
         stats = training_stats(list(self.tasks.values()), self.space, stats_from=self.cfg.normalization.stats_from)
         write_json_atomic(path, stats_to_json(stats))
         # Use the values as stored (float32), so a resumed run normalizes bit-identically.
-        return stats_from_json(json.loads(path.read_text()))
+        return read_stats_file(path)
 
     def run(self) -> RunState:
         from torch.utils.tensorboard import SummaryWriter
