@@ -2,6 +2,8 @@
 
 import datetime
 import json
+import os
+import shutil
 
 import matplotlib.image
 import pytest
@@ -192,3 +194,43 @@ def test_rows_evaluated_with_other_settings_are_evaluated_again(full_run, tmp_pa
     with caplog.at_level(logging.INFO, logger="kuavo_train"):
         evaluate_run(fewer)
     assert not [r for r in caplog.records if "evaluated again" in r.getMessage() or "evaluating" in r.getMessage()]
+
+
+def test_evaluate_a_run_with_overrides_of_its_recorded_config(full_run, demo_data, tmp_path):
+    """`evaluate --run DIR key=value`: the recorded config with that field changed (data_root= moves
+    the datasets it held); a key the run does not have, or a config group, is one line."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cfg, run = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    state = json.loads((copy / "run.json").read_text())
+    state["config"]["data_root"] = str(tmp_path / "gone")  # the datasets have moved since the run was trained
+    for name, stage in state["config"]["stages"].items():
+        stage["dataset"]["root"] = str(tmp_path / "gone" / name)
+    (copy / "run.json").write_text(json.dumps(state))
+    (copy / "report.json").unlink()
+
+    def evaluate(*overrides):
+        return subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "evaluate", "--run", str(copy), *overrides],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+    for bad, says in [("not_a_key=3", "'not_a_key=3': with --run, give key=value for a field of the run's recorded config"),
+                      ("profile=demo", "'profile=demo': with --run"),
+                      ("evaluation=3", "'evaluation=3': with --run"),
+                      ("evaluation.closed_loop_episodes=-1", "evaluation.closed_loop_episodes: must be >= 0")]:
+        r = evaluate(f"data_root={demo_data}", bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, (bad, r.stderr[-2000:])
+        assert "run.json" in r.stderr and not (copy / "report.json").exists()
+    r = evaluate()
+    assert r.returncode == 2 and f"no LeRobot dataset at {tmp_path / 'gone'}" in r.stderr, r.stderr[-2000:]
+    r = evaluate(f"data_root={demo_data}", "evaluation.action_error_episodes=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((copy / "report.json").read_text())
+    assert report["config"]["evaluation"]["action_error_episodes"] == 1
+    assert report["config"]["stages"]["task2_weighing"]["dataset"]["root"] == str(demo_data / "task2_weighing")
+    rows = json.loads((copy / "evaluation.json").read_text())["rows"]
+    assert {r["settings"]["action_error_episodes"] for r in rows.values()} == {1}

@@ -292,18 +292,20 @@ def cmd_evaluate(args) -> None:
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
     if args.run is not None:
-        cfg = _config_of_run(Path(args.run))
+        cfg = _config_of_run(Path(args.run), args.overrides)
     else:
         cfg = _run_config(args.overrides, args.config_dir)
     evaluate_run(cfg)
 
 
-def _config_of_run(run_dir: Path):
-    """The config a run was trained with, as recorded in its run.json (its paths found from here)."""
-    from kuavo_train.config.schema import parse_run_config
-    from kuavo_train.run_state import RunState
+def _config_of_run(run_dir: Path, overrides: list[str] = ()):
+    """The config a run was trained with, as recorded in its run.json (its paths found from here),
+    with `key=value` overrides of its fields (e.g. evaluation.closed_loop_episodes=20, data_root=)."""
+    from kuavo_train.config.loading import recorded_config_with
+    from kuavo_train.run_state import RUN_FILE, RunState
 
-    return parse_run_config(RunState.load_existing(run_dir).recorded_config())
+    return recorded_config_with(RunState.load_existing(run_dir).recorded_config(), list(overrides),
+                                str(Path(run_dir) / RUN_FILE))
 
 
 OVERRIDES_HELP = """\
@@ -340,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", cmd_demo, "the full pipeline on the embedded offline default")
     add("train", cmd_train, "the sequential pipeline (task=all or task=tasks/<name>)")
     e = add("evaluate", cmd_evaluate, "forgetting matrices and report of a run (--run DIR, or the overrides that trained it)")
-    e.add_argument("--run", default=None, help="run directory: its recorded config is used")
+    e.add_argument("--run", default=None, help="run directory: its recorded config is used, with any key=value "
+                                                "overrides of its fields (e.g. evaluation.closed_loop_episodes=20, "
+                                                "data_root=DIR)")
     b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base")
     b.add_argument("--out", default=None)
     b.add_argument("--overwrite", action="store_true")

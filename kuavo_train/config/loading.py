@@ -120,3 +120,35 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 def load_run_config(overrides: list[str] | None = None, config_dir: str | Path | None = None) -> RunConfig:
     return to_run_config(compose(overrides, config_dir))
+
+
+_MISSING = object()
+
+
+def recorded_config_with(recorded: dict, overrides: list[str], source: str) -> RunConfig:
+    """A run's recorded config (`RunState.recorded_config`) with `key=value` overrides of its own
+    fields (Hydra's value syntax). There is no config tree to compose here, so config groups
+    (`profile=`, `strategy=`) and added or deleted keys are refused. `data_root=` moves every
+    dataset the recorded data_root held (`<data_root>/<task>`, where the task configs place them)."""
+    cfg = OmegaConf.create(recorded)
+    OmegaConf.set_struct(cfg, True)
+    old_root = recorded.get("data_root")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        found = OmegaConf.select(cfg, key, default=_MISSING) if sep and not key.startswith(("+", "~")) else _MISSING
+        if found is _MISSING or OmegaConf.is_dict(found):
+            raise ConfigError("overrides", source, f"{item!r}: with --run, give key=value for a field of the run's "
+                              "recorded config (config groups, added and deleted keys need the config tree: "
+                              "evaluate without --run)")
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            raise ConfigError(key, source, first_line(exc)) from None
+        if key == "data_root" and old_root is not None:
+            for name, stage in cfg.stages.items():
+                if Path(str(stage.dataset.root)) == Path(old_root) / name:
+                    stage.dataset.root = str(Path(str(cfg.data_root)) / name)
+    try:
+        return to_run_config(cfg)
+    except ConfigError as exc:  # the value comes from the recorded config or these overrides, not a config file
+        raise ConfigError(exc.field_path, source, exc.problem) from None
