@@ -165,6 +165,29 @@ def test_infer_command_runs_the_final_model_closed_loop(full_run, python_exe):
         assert any(line.strip().startswith(name) and "success" in line for line in r.stdout.splitlines()), r.stdout
 
 
+def test_infer_defaults_to_the_runs_final_row_episodes(full_run, python_exe, tmp_path):
+    """With neither option, infer runs the episodes and batch size the run's final matrix row was
+    evaluated with, so it prints that row's numbers; a bad count is one argparse line."""
+    import json
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run[1], run, symlinks=True)
+    state = json.loads((run / "run.json").read_text())
+    state["config"]["evaluation"].update(closed_loop_final_episodes=2, closed_loop_batch_size=2)
+    (run / "run.json").write_text(json.dumps(state))
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(run)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2 held-out scenes per task, 2 at a time)" in r.stdout, r.stdout
+    r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", "infer", "--run", str(run), "--episodes", "abc"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "argument --episodes: expected a whole number > 0, got 'abc'" in r.stderr, r.stderr
+
+
 def test_infer_on_a_folder_that_is_not_a_run(tmp_path, python_exe):
     import subprocess
 

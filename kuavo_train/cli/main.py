@@ -1,6 +1,6 @@
 """`kuavo-train`: one command for every job of the project.
 
-    kuavo-train demo                 build the embedded default if missing, train all stages, report, infer
+    kuavo-train demo                 build the embedded default if missing, train all stages, evaluate, report
     kuavo-train train [overrides]    the sequential pipeline (same as train_smolvla_sequential.py)
     kuavo-train build-base           the tiny offline SmolVLA base
     kuavo-train make-data            the Kuavo demo world datasets
@@ -215,14 +215,26 @@ def _print_infer(run_dir: Path, episodes: int, batch_size: int = 1) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
 def cmd_infer(args) -> None:
-    _print_infer(Path(args.run), args.episodes, args.batch_size)
+    from kuavo_train.run_state import RunState
+
+    episodes, batch_size = args.episodes, args.batch_size
+    if episodes is None or batch_size is None:
+        # as the run's own final matrix row was evaluated, so that the numbers are the same
+        ev = (RunState.load_existing(Path(args.run)).data.get("config") or {}).get("evaluation") or {}
+        final = ev.get("closed_loop_final_episodes") or ev.get("closed_loop_episodes") or 0
+        episodes = episodes or (final if final > 0 else 10)
+        batch_size = batch_size or ((ev.get("closed_loop_batch_size") or 1) if final > 0 else 1)
+    _print_infer(Path(args.run), episodes, batch_size)
 
 
 def _csv(cast):
@@ -363,12 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export_merged)
     x.add_argument("path", help="run directory (its final model), checkpoint or pretrained_model/ folder")
     x.add_argument("--out", default=None, help="folder of the merged models (default: merged/ in the run directory)")
-    i = sub.add_parser("infer", help="closed-loop success of a run's final model in the demo world")
+    i = sub.add_parser("infer", help="closed-loop success of a run's final model in its simulator (demo world, "
+                                     "MetaWorld), through the deployment wrapper",
+                       description="Closed-loop success per task of a run's final model, through the inference "
+                                   "wrapper, on the held-out scenes its forgetting matrix used. With neither option "
+                                   "it runs the episodes of the run's final matrix row, so its numbers are that row's.")
     i.set_defaults(fn=cmd_infer)
     i.add_argument("--run", default="outputs/demo/run", help="run directory (default: the demo run)")
-    i.add_argument("--episodes", type=_positive_int, default=10, help="held-out scenes per task")
-    i.add_argument("--batch-size", type=_positive_int, default=1,
-                   help="episodes stepped together (lerobot-eval's --eval.batch_size; other noise, same scenes)")
+    i.add_argument("--episodes", type=_positive_int, default=None,
+                   help="held-out scenes per task (default: the run's final-row episodes, or 10 if it had none)")
+    i.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="episodes stepped together (lerobot-eval's --eval.batch_size; other noise, same scenes; "
+                        "default: the run's evaluation.closed_loop_batch_size, or 1)")
     c = add("compare", cmd_compare, "run several strategies (and seeds) on the same data and tabulate them")
     # comma-separated, so that Hydra overrides may follow the options
     c.add_argument("--strategies", type=_csv(str), default=None,
