@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -46,3 +47,37 @@ def hash_folder(h, folder: str | Path) -> None:
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(folder)).encode())
         hash_file(h, f)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def settle_modes(root: str | Path) -> None:
+    """Give a staged folder and everything in it the modes a plain mkdir / open would have given
+    under the user's umask. The staging folder comes from tempfile.mkdtemp (0700) and safetensors
+    writes its files 0600, so a checkpoint would otherwise be unreadable to every other user (a
+    robot runtime, a container, a colleague on a shared disk)."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o100 else 0o666) & ~mask)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the staged folder `src` to `dest` (its modes settled first), replacing an old `dest`
+    so that a crash leaves one of the two whole."""
+    src, dest = Path(src), Path(dest)
+    settle_modes(src)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

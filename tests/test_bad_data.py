@@ -269,7 +269,7 @@ def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoin
 _SWAP_KILLER = """
 import os, shutil, signal, sys
 from pathlib import Path
-from kuavo_train.policy.factory import replace_dir
+from kuavo_train.files import replace_dir
 
 kill_before, calls = int(sys.argv[1]), [0]
 
@@ -319,3 +319,18 @@ def test_register_vlm_of_a_checkpoint_without_its_vlm_is_one_line(python_exe, ch
     line = _one_line(_cli(python_exe, "register-vlm", str(copy.parent), env={"HF_HOME": str(tmp_path / "hf")}))
     assert "is neither in this machine's Hugging Face cache nor bundled in" in line and "register-vlm" in line, line
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_checkpoints_and_the_base_follow_the_users_umask(full_run, demo_base):
+    """Staged folders come from mkdtemp (0700) and safetensors writes 0600: published checkpoints,
+    their `best` copies and the base get the modes a plain mkdir / open gives under the umask, so
+    that another user (a robot runtime, a container) can load them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    _, run_dir = full_run
+    folders = [p for p in run_dir.rglob("checkpoints/*") if p.is_dir()] + [demo_base.parent]
+    assert len(folders) > 4
+    for folder in folders:
+        for p in [folder, *folder.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode & 0o777), oct(want))

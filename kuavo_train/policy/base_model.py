@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from kuavo_train.policy import vlm_cache
-from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir
+from kuavo_train.files import replace_dir
+from kuavo_train.policy.factory import PRETRAINED_DIR
 from kuavo_train.policy.tiny_vlm import TinyVLMSpec, write_tiny_vlm
 
 

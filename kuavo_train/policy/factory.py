@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError, first_line
+from kuavo_train.files import replace_dir
 from kuavo_train.policy import adapters, vlm_cache
 
 log = logging.getLogger(__name__)
@@ -244,17 +243,6 @@ def save_pretrained(out_dir: str | Path, policy, preprocessor=None, postprocesso
     vlm_cache.bundle(policy.config.vlm_model_name, tmp)
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Move `src` to `dest`, replacing an old `dest` so that a crash leaves one of the two whole."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def count_parameters(policy) -> tuple[int, int]:

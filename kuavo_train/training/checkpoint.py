@@ -36,7 +36,8 @@ from kuavo_train.errors import KuavoError
 from kuavo_train.files import atomic_path
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.feature_cache import free_bytes
-from kuavo_train.policy.factory import PRETRAINED_DIR, replace_dir, save_policy
+from kuavo_train.files import replace_dir
+from kuavo_train.policy.factory import PRETRAINED_DIR, save_policy
 from kuavo_train.training import stock_resume
 from kuavo_train.training.optim import stock_param_groups
 

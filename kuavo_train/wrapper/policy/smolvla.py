@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from kuavo_train.errors import KuavoError
+from kuavo_train.files import replace_dir
 from kuavo_train.policy import adapters, factory
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def export_merged(path, out: Path | None = None) -> dict[str, Path]:
         try:
             dest = adapters.export_merged(policy, pretrained, t["task_id"], tmp)
             (dest / TASKS_FILE).write_text(json.dumps({"tasks": [t]}, indent=2) + "\n")  # what this model knows
-            factory.replace_dir(tmp, out / t["name"])
+            replace_dir(tmp, out / t["name"])
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
