@@ -166,6 +166,25 @@ def test_broken_v21_fails_in_one_line_and_leaves_nothing(v21_src, tmp_path):
     assert not (out / "x").exists() and list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("missing", ["episodes_stats.jsonl", "tasks.jsonl", "episodes.jsonl"])
+def test_v21_without_its_metadata_files_is_refused_before_anything_is_written(v21_src, tmp_path, missing):
+    """Without them LeRobot's converter failed seconds in, naming its own temporary copy, and the
+    pipeline left an empty cache folder."""
+    from kuavo_train.data.v21 import v3_view
+
+    broken = tmp_path / "broken"
+    shutil.copytree(v21_src, broken)
+    (broken / "meta" / missing).unlink()
+    for convert in (lambda: convert_v21(broken, tmp_path / "out" / "x"),
+                    lambda: v3_view(broken, tmp_path / ".v30", label="stages.t.dataset.root")):
+        with pytest.raises(DataError) as err:
+            convert()
+        msg = str(err.value)
+        assert "\n" not in msg and f"{broken} is a LeRobot v2.1 dataset without meta/{missing}" in msg, msg
+    assert msg.startswith("data error: stages.t.dataset.root: ")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".v30").exists()
+
+
 @pytest.mark.parametrize("version, hint", [("v2.0", "v2.0 -> v2.1"), ("v1.6", "convert_dataset_v1_to_v2"),
                                            ("v9.0", "cannot read")])
 def test_other_versions_one_line(tmp_path, version, hint):

@@ -82,7 +82,15 @@ def _check_v21(src: Path) -> None:
         raise DataError(f"data error: {src} is already a LeRobot {version} dataset; use it as it is")
     if version != "v2.1":
         raise DataError(f"data error: {_unsupported(src, version)}")
+    missing = [f for f in _V21_META if not (src / "meta" / f).is_file()]
+    if missing:  # else LeRobot's converter fails part-way, naming its own temporary copy
+        raise DataError(f"data error: {src} is a LeRobot v2.1 dataset without meta/{', meta/'.join(missing)}, which "
+                        "the conversion reads: restore them from the dataset's source (LeRobot v2.1 writes them with "
+                        "every dataset)")
 
+
+# The metadata files of a v2.1 dataset that LeRobot's v3.0 converter reads.
+_V21_META = ("tasks.jsonl", "episodes.jsonl", "episodes_stats.jsonl")
 
 
 
