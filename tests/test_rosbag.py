@@ -267,7 +267,11 @@ def cli_run(tmp_path_factory):
     proc = _cli(bags, "--out", out, "--map", "map.yaml", "--instruction", task_instruction("task2_weighing"),
                 "--val-fraction", "0.5", "--jobs", "2", cwd=tmp)
     yield proc, out
-    if proc.poll() is None:
+    if proc.poll() is None:  # (only when its test was deselected) its reading processes hold the pipes too
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
         proc.kill()
         proc.communicate()
 
@@ -327,6 +331,29 @@ def test_out_must_not_exist_and_instruction_is_required(tmp_path, kuavo_bags):
     with pytest.raises(RosbagError, match="no instruction"):
         convert_bags([bag], tmp_path / "new", TopicMap(image_size=None))
     assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_mid_conversion_leaves_nothing_and_says_so_in_one_line(tmp_path):
+    """`timeout` or a job scheduler stops a conversion with SIGTERM: the staged folder and the folders
+    made for --out go, the input stays, and the process says so in one line with exit code 143."""
+    import signal
+    import time
+
+    bags = [write_synthetic_bag(tmp_path / "bags" / f"b{i}.bag", task="task1_moving_grasp", hand_kind="rq2f85",
+                                only_arm=True, n_frames=120, seed=i).path for i in range(6)]
+    out = tmp_path / "new" / "deeper" / "task1"
+    proc = _cli(*bags, "--out", out, "--instruction", "x", "--images", cwd=tmp_path)
+    deadline = time.time() + 120
+    while not list((tmp_path / "new" / "deeper").glob(".tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the conversion
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM: its temporary files removed"), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not (tmp_path / "new").exists()
+    assert all(b.is_file() for b in bags)
 
 
 def test_default_map_is_documented_for_every_field():
