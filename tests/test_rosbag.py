@@ -124,6 +124,8 @@ def test_nearest_prefers_the_earlier_message_on_ties():
     ("missing_topic", "missing topic /leju_claw_state"),
     ("too_short", "too short"),
     ("stamps_out_of_order", "stamps out of order on /cam_h/color/image_raw/compressed"),
+    ("raw_image", "camera topic /cam_r/color/image_raw/compressed carries sensor_msgs/msg/Image; the converter reads "
+                  "sensor_msgs/CompressedImage"),
 ])
 def test_bad_bag_has_one_reason(tmp_path, defect, reason):
     bag = write_synthetic_bag(tmp_path / f"{defect}.bag", task="task1_moving_grasp", hand_kind="leju_claw",

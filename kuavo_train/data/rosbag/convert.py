@@ -233,13 +233,22 @@ def _read(bag: Path, topic_map: TopicMap) -> tuple[dict[str, _Stream], str, list
         reader = Reader(bag)
         reader.open()
     except (ReaderError, OSError, ValueError, KeyError, EOFError) as exc:
-        raise BagProblem(f"unreadable: {first_line(exc)}") from None
+        # an interrupted recording has no index: rosbag reindex on the robot rebuilds it
+        raise BagProblem(f"unreadable: {first_line(exc)} (if the recording was cut off, `rosbag reindex` it "
+                         "first)") from None
     try:
         by_topic: dict[str, list] = {}
         for conn in reader.connections:
             by_topic.setdefault(conn.topic, []).append(conn)
         streams, arm_topic, notes = _streams(topic_map, set(by_topic))
         used = {s.topic for s in streams.values()}
+        raw_images = [c for s in streams.values() if s.role.startswith(("camera ", "depth "))
+                      for c in by_topic[s.topic] if not c.msgtype.endswith("CompressedImage")]
+        if raw_images:  # their bytes are pixels, not JPEG / PNG
+            c = raw_images[0]
+            raise BagProblem(f"camera topic {c.topic} carries {c.msgtype}; the converter reads "
+                             "sensor_msgs/CompressedImage, as the robot records its cameras: name the compressed "
+                             "topic in the topic map's cameras")
         conns = [c for t in sorted(used) for c in by_topic[t]]
         try:
             store = _typestore(tuple(sorted({(c.msgtype, c.msgdef.data) for c in conns})))

@@ -24,7 +24,8 @@ import numpy as np
 
 from kuavo_train.data.rosbag.topic_map import HAND_DEFAULTS, TopicMap
 
-DEFECTS = ("truncated", "missing_topic", "too_short", "stamps_out_of_order", "late_hand_state", "camera_stall")
+DEFECTS = ("truncated", "missing_topic", "too_short", "stamps_out_of_order", "late_hand_state", "camera_stall",
+           "raw_image")
 LATE_S = 1.0  # late_hand_state: the hand state starts this long after the first camera frame; camera_stall: the
 # left wrist camera sends nothing for this long from the middle of the recording
 CAMERA_RATE_HZ = 30.0
@@ -420,6 +421,12 @@ def write_synthetic_bag(path, *, task: str, hand_kind: str, only_arm: bool, n_fr
                 stamp -= 3.0 / CAMERA_RATE_HZ  # the driver's clock jumped back three frames
             recv = t_nom[i] + 0.003 * k + 0.012 + 0.004 * rng.random()
             topic = CAMERA_TOPICS[cam]
+            if defect == "raw_image" and cam == "wrist_cam_r":  # a raw camera topic recorded by mistake
+                img = images[cam]
+                out.put(topic, "sensor_msgs/msg/Image", recv, T["sensor_msgs/msg/Image"](
+                    header=out.header(topic, stamp), height=img.shape[0], width=img.shape[1], encoding="rgb8",
+                    is_bigendian=0, step=img.shape[1] * 3, data=np.ascontiguousarray(img).reshape(-1)))
+                continue
             out.put(topic, "sensor_msgs/msg/CompressedImage", recv, cam_ci(
                 header=out.header(topic, stamp, frame=f"{cam}_optical_frame"), format="rgb8; jpeg compressed bgr8",
                 data=_jpeg(images[cam])))
