@@ -114,7 +114,7 @@ def _bad(obs_changes, drop=()):
     ({"observation.state": np.zeros((3, 16), np.float32)}, (), "task", "2 instructions for a batch of 3"),
     ({"observation.images.head_cam_h": np.zeros((3, 64, 64, 3), np.uint8)}, (), "observation.images.head_cam_h", "batch size 3"),
     ({"observation.state": np.full((2, 16), np.nan, np.float32)}, (), "observation.state", "NaN"),
-    ({"observation.images.head_cam_h": np.zeros((2, 32, 32, 3), np.uint8)}, (), "observation.images.head_cam_h", "expected 64x64"),
+    ({"observation.images.head_cam_h": np.zeros((2, 32, 32, 3), np.uint8)}, (), "observation.images.head_cam_h", "expected 64x64 images (the camera size of the task's data); got 32x32 (strict_image_size=False lets"),
     ({"observation.images.head_cam_h": np.zeros((2, 64, 64, 3), np.int32)}, (), "observation.images.head_cam_h", "uint8"),
     ({}, ("task",), "task", "missing"),
 ])

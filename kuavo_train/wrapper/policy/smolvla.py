@@ -250,7 +250,8 @@ class SmolVLAPolicyWrapper:
         if self.strict_image_size and tuple(t.shape[-2:]) not in known:
             sizes = " or ".join(f"{a}x{b}" for a, b in sorted(known))
             raise WrapperInputError(f"{key}: expected {sizes} images (the camera size of the task's data); "
-                                    f"got {t.shape[-2]}x{t.shape[-1]}")
+                                    f"got {t.shape[-2]}x{t.shape[-1]} (strict_image_size=False lets the policy "
+                                    "resize any size, as it does in training)")
         return t
 
     def _camera_inputs(self, obs: Mapping) -> dict[str, object]:
