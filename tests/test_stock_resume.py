@@ -69,11 +69,14 @@ def test_stock_lerobot_train_resumes_with_our_stats(full_run, tmp_path):
     ckpt = stage / "checkpoints" / "last"
     shutil.copytree(ours.parent, ckpt)
     out = stage / "lerobot_train"
+    # the data seen from elsewhere (a moved run, another machine): --dataset.root replaces the recorded path
+    moved = tmp_path / "moved_data"
+    moved.symlink_to(Path(cfg.stages[TASK].dataset.root).resolve(), target_is_directory=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     assert env.get("HF_HOME"), "conftest sets the session's HF_HOME (the tiny VLM is registered there)"
     cmd = [str(Path(sys.executable).parent / "lerobot-train"),
            f"--config_path={ckpt / 'pretrained_model' / 'train_config.json'}", "--resume=true",
-           f"--steps={step + 2}", f"--output_dir={out}", "--num_workers=0", "--log_freq=1"]
+           f"--steps={step + 2}", f"--output_dir={out}", f"--dataset.root={moved}", "--num_workers=0", "--log_freq=1"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -87,6 +90,7 @@ def test_stock_lerobot_train_resumes_with_our_stats(full_run, tmp_path):
     assert json.loads((written / "training_state" / "training_step.json").read_text())["step"] == step + 2
     assert (out / "checkpoints" / "last").resolve() == written.resolve()
     theirs = written / "pretrained_model"
+    assert json.loads((theirs / "train_config.json").read_text())["dataset"]["root"] == str(moved)
 
     # our statistics, bit for bit, in what stock wrote (pre- and post-processor) ...
     for prefix in ("policy_preprocessor", "policy_postprocessor"):
