@@ -231,7 +231,8 @@ def cmd_infer(args) -> None:
     if episodes is None or batch_size is None:
         # as the run's own final matrix row was evaluated, so that the numbers are the same
         ev = (RunState.load_existing(Path(args.run)).data.get("config") or {}).get("evaluation") or {}
-        final = ev.get("closed_loop_final_episodes") or ev.get("closed_loop_episodes") or 0
+        final = ev.get("closed_loop_final_episodes")  # None: closed_loop_episodes (EvaluationSettings.final_episodes)
+        final = (ev.get("closed_loop_episodes") or 0) if final is None else final
         episodes = episodes or (final if final > 0 else 10)
         batch_size = batch_size or ((ev.get("closed_loop_batch_size") or 1) if final > 0 else 1)
     _print_infer(Path(args.run), episodes, batch_size)

@@ -93,7 +93,6 @@ def _check_v21(src: Path) -> None:
 _V21_META = ("tasks.jsonl", "episodes.jsonl", "episodes_stats.jsonl")
 
 
-
 class _DropExpected(logging.Filter):
     """LeRobot warns that v2.1's total_chunks/total_videos are unknown to v3.0: expected here."""
 

@@ -339,9 +339,10 @@ def _check_camera_rate(stamps: np.ndarray, topic_map: TopicMap) -> None:
     """The main camera's measured rate against `main_camera_fps`: every (main_camera_fps // fps)-th
     frame is kept and the dataset says `fps`, so a camera at another rate would give frames
     another time apart than the dataset's fps says."""
-    if len(stamps) < 3:
+    period = float(np.median(np.diff(stamps))) if len(stamps) >= 3 else 0.0
+    if period <= 0:  # too few stamps, or repeated ones: nothing to measure
         return
-    measured = 1.0 / float(np.median(np.diff(stamps)))
+    measured = 1.0 / period
     if abs(measured - topic_map.main_camera_fps) > 0.2 * topic_map.main_camera_fps:
         raise BagProblem(f"the {topic_map.main_camera} camera runs at {measured:.1f} Hz, the topic map says "
                          f"main_camera_fps {topic_map.main_camera_fps}: its frames would be "
