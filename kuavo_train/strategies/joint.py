@@ -48,7 +48,6 @@ class Joint(Strategy):
                           stock_unsupported="the joint baseline trains on every task's dataset at once; stock "
                                             "lerobot-train reads one dataset")]
 
-
     def lr(self, stage):
         """Its one stage runs at stage 1's rate, whichever stage is asked about."""
         return super().lr(self.cfg.ordered_stages()[0])

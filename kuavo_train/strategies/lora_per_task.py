@@ -34,9 +34,9 @@ class LoRAOptions:
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     targets: Literal[adapters.TARGETS] = "smolvla_default"
     # Learning rate of every adapter (no decay across stages: each adapter starts fresh).
-    # None: lr_scale x stage 1's rate by the run's rule (or x the stage's own optimizer_lr), since a low-rank update wants a larger
-    # step than full fine-tuning (measured on MetaWorld push, 4 epochs: validation loss 1.08 at
-    # 1x the recipe's rate, 0.43 at 5x, 0.25 at 12.5x, 0.21 at 25x).
+    # None: lr_scale x stage 1's rate by the run's rule (or x the stage's own optimizer_lr), since
+    # a low-rank update wants a larger step than full fine-tuning (measured on MetaWorld push, 4
+    # epochs: validation loss 1.08 at 1x the recipe's rate, 0.43 at 5x, 0.25 at 12.5x, 0.21 at 25x).
     lr: PositiveFloat | None = None
     lr_scale: PositiveFloat = 10.0
 
