@@ -247,7 +247,20 @@ def test_damaged_run_files_are_one_line_in_evaluate_infer_and_train(python_exe, 
     for command in commands:
         line = _one_line(_cli(python_exe, *command))
         assert says in line, (command, line)
+    if "run.json" in damage:  # the wrapper given the run folder
+        with pytest.raises(KuavoError, match=says.split(" (")[0]):
+            SmolVLAPolicyWrapper.from_pretrained(copy)
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_whose_final_checkpoint_is_gone_is_one_line_in_the_wrapper(full_run, tmp_path):
+    _, run_dir = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(final_pretrained(copy, "task4_sorting").parent)
+    with pytest.raises(PolicyLoadError, match=r"its final checkpoint .* is missing \(deleted or moved\)") as err:
+        SmolVLAPolicyWrapper.from_pretrained(copy)
+    assert "hub id" not in str(err.value)
 
 
 def test_wrapper_never_asks_a_hub_for_a_bundled_checkpoint(python_exe, checkpoint, tmp_path):

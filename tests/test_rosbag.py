@@ -320,6 +320,7 @@ def test_cli_bad_map_nothing_converted_or_no_such_bag_exits_2_and_writes_nothing
         assert exit_.value.code == 2 and says in err and "Traceback" not in err, (argv, err)
         error_lines = [line for line in err.splitlines() if not line.startswith("failed: ")]
         assert len(error_lines) == 1, err
+        assert "failed: " not in err, err  # one bag: its reason is the error line, not said twice
         if "--map" in argv:
             assert "bad.yaml" in err or "missing.yaml" in err
     assert not (tmp_path / "out").exists()

@@ -65,6 +65,14 @@ def test_four_stages_from_kuavo_bags(tmp_path, demo_base, kuavo_bag_datasets):
         assert len(policy.action_names(instruction)) == dims
     assert policy.action_names(cfg.stages["task4_sorting"].instruction)[16:] == ["cmd_pos_x", "cmd_pos_y", "cmd_pos_yaw",
                                                                                   "ctrl_change_cmd"]
+    # one batch with a row of each: their actions (16 and 20 values) would not stack
+    from kuavo_train.wrapper.policy.smolvla import WrapperInputError
+
+    policy.reset()
+    with pytest.raises(WrapperInputError, match=r"^task: the batch mixes tasks with different action dims \(\[16, 20\]\)"):
+        policy.select_action({"observation.images": {k: np.stack([v, v]) for k, v in images.items()},
+                              "observation.state": np.zeros((2, 16), np.float32),
+                              "task": [cfg.stages["task1_moving_grasp"].instruction, cfg.stages["task4_sorting"].instruction]})
 
 
 @pytest.mark.slow

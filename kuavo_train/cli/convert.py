@@ -45,8 +45,9 @@ def _convert(args) -> None:
         result = convert_bags(bags, args.out, tmap, repo_id=args.repo_id, jobs=args.jobs,
                               progress=sys.stdout.isatty(), overwrite=args.overwrite, use_videos=not args.images)
     except NothingConverted as exc:
-        for f in exc.failures:
-            print(f"failed: {f.bag}: {f.reason}", file=sys.stderr)
+        if len(exc.failures) > 1:  # one bag's reason is the error line itself
+            for f in exc.failures:
+                print(f"failed: {f.bag}: {f.reason}", file=sys.stderr)
         raise
     for bag, note in result.notes:
         print(f"note: {bag}: {note}")

@@ -66,11 +66,15 @@ def resolve_pretrained_dir(path) -> Path:
     if (p / "run.json").is_file():
         from kuavo_train.run_state import RunState
 
-        state = RunState(p, json.loads((p / "run.json").read_text()))
+        state = RunState.load(p)  # a damaged run.json: one line
         done = [(s.get("task_id", 0), name) for name, s in state.data.get("stages", {}).items() if s.get("status") == "complete"]
         if not done:
             raise factory.PolicyLoadError(f"run {p} has no complete stage yet: nothing to load")
-        return state.final_checkpoint(max(done)[1]) / factory.PRETRAINED_DIR
+        final = state.final_checkpoint(max(done)[1]) / factory.PRETRAINED_DIR
+        if not (final / "config.json").is_file():
+            raise factory.PolicyLoadError(f"run {p}: its final checkpoint {final} is missing (deleted or moved); "
+                                          "give a checkpoint folder instead, or train the stage again")
+        return final
     if (p / factory.PRETRAINED_DIR / "config.json").is_file():
         return p / factory.PRETRAINED_DIR
     if (p / "config.json").is_file():
