@@ -262,7 +262,7 @@ def _begun(run_dir: Path) -> bool:
     """Whether a stage of the run had begun before this call: then its time is only this call's part."""
     from kuavo_train.run_state import RunState
 
-    return bool(RunState.load(run_dir).data.get("stages")) if (run_dir / "run.json").is_file() else False
+    return bool(RunState.load(run_dir).data["stages"])  # no run.json: no stages
 
 
 def run_benchmark(spec: BenchmarkSpec) -> dict:

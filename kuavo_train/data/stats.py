@@ -9,6 +9,9 @@ stored for each dataset's training episodes, aggregated with LeRobot's own
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, DataError, TaskData
@@ -92,9 +95,6 @@ def stats_from_json(data) -> dict:
 def read_stats_file(path) -> dict:
     """A run's statistics file (`STATS_FILE`), as `stats_from_json` gives it; one-line DataError when
     it is missing or damaged."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data error: {path} is missing: a run's normalization statistics are written when its "

@@ -192,6 +192,10 @@ def _image_bytes(msg) -> np.ndarray:
     return np.asarray(msg.data, dtype=np.uint8)
 
 
+# The roles of camera streams (`_streams` names them "camera <name>" and "depth <name>").
+_CAMERA_ROLES = ("camera ", "depth ")
+
+
 def _streams(topic_map: TopicMap, present: set[str]) -> tuple[dict[str, _Stream], str, list[str]]:
     """Every role the map needs, and the arm action topic used; BagProblem for a missing topic."""
     hand = topic_map.hand_resolved
@@ -242,7 +246,7 @@ def _read(bag: Path, topic_map: TopicMap) -> tuple[dict[str, _Stream], str, list
             by_topic.setdefault(conn.topic, []).append(conn)
         streams, arm_topic, notes = _streams(topic_map, set(by_topic))
         used = {s.topic for s in streams.values()}
-        raw_images = [c for s in streams.values() if s.role.startswith(("camera ", "depth "))
+        raw_images = [c for s in streams.values() if s.role.startswith(_CAMERA_ROLES)
                       for c in by_topic[s.topic] if not c.msgtype.endswith("CompressedImage")]
         if raw_images:  # their bytes are pixels, not JPEG / PNG
             c = raw_images[0]
@@ -354,7 +358,7 @@ def _sensors(times: dict) -> list[str]:
     """The streams a robot publishes all the time (cameras, joint and hand states). Commands may
     pause (the arm command while walking, whose gaps the converter reads; a claw command sent on
     change), so they neither cut the start nor count as stale."""
-    return [r for r in times if r.startswith(("camera ", "depth ")) or r in ("arm state", "hand state")]
+    return [r for r in times if r.startswith(_CAMERA_ROLES) or r in ("arm state", "hand state")]
 
 
 def _stale(times: dict, idx: dict, frame_t: np.ndarray, streams: dict, topic_map: TopicMap) -> list[str]:
