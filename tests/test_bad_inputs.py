@@ -385,3 +385,18 @@ def test_bad_strategy_options_before_the_demo_inputs_are_built(python_exe, tmp_p
                                f"data_root={data}", f"run_dir={run_dir}"), run_dir)
     assert expected in msg, msg
     assert not base.exists() and not data.exists()
+
+
+@pytest.mark.parametrize("made", ["nothing", "empty folder"])
+def test_a_missing_base_elsewhere_than_the_demos_is_one_line_and_nothing_is_built(python_exe, tmp_path, made):
+    """`train profile=demo policy.pretrained_path=<a base not built yet, or a typo>`: the embedded base is
+    built only where demo.base_dir says; another missing model is the user's, named in one line."""
+    run_dir, base, data = tmp_path / "run", tmp_path / "base", tmp_path / "datasets"
+    other = tmp_path / "base_s1" / "pretrained_model"
+    if made == "empty folder":
+        other.mkdir(parents=True)
+    msg = _one_line_error(_run(python_exe, *CLI, "train", "profile=demo", f"demo.base_dir={base}",
+                               f"policy.pretrained_path={other}", f"data_root={data}", f"run_dir={run_dir}"), run_dir)
+    expected = "has no model.safetensors (`kuavo-train build-base --out" if other.exists() else "does not exist"
+    assert f"pretrained model {str(other)!r} " in msg and expected in msg, msg
+    assert not base.exists() and not data.exists()

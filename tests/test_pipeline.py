@@ -178,11 +178,19 @@ def test_rerun_skips_complete_stages(full_run, python_exe, tmp_path):
     run_dir = tmp_path / "run"  # a copy: the shared run is read by other workers meanwhile
     shutil.copytree(shared_dir, run_dir)
     before = (run_dir / "run.json").read_text()
+    # as a crash during the evaluation after the last stage leaves it: stage 4 complete, its row and
+    # the report missing
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    row4 = evaluation["rows"].pop("4")
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+    (run_dir / "report.md").unlink()
     overrides = tiny_overrides(run_dir, Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA)
     r = subprocess.run([python_exe, *SPEC_SCRIPT, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("is complete already: skipped") == 4
     assert json.loads((run_dir / "run.json").read_text())["stages"] == json.loads(before)["stages"]
+    assert json.loads((run_dir / "evaluation.json").read_text())["rows"]["4"] == row4  # deterministic
+    assert "after stage 4" in (run_dir / "report.md").read_text()
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):

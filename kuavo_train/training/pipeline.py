@@ -182,11 +182,15 @@ class Pipeline:
         log.info("strategy %s: %s; stages: %s", self.strategy.name, self.strategy.description,
                  ", ".join(f"{p.stage.name} ({p.total_steps(cfg, acc.num_processes)} steps)" for p in self.plans))
         writer = SummaryWriter(str(self.run_dir / "tensorboard")) if acc.is_main_process else None
+        # A crash during the evaluation after a stage leaves that stage complete and its matrix row
+        # (and report) missing: a rerun that trains nothing after it evaluates once at the end.
+        evaluate_at_end = False
         try:
             for plan in self.plans_to_run():
                 stage = plan.stage
                 if state.is_complete(stage.name):
                     log.info("stage %d %s is complete already: skipped", stage.task_id, stage.name)
+                    evaluate_at_end = True
                     continue
                 if acc.is_main_process:
                     _drop_unsaved_validation(self.run_dir, plan)
@@ -202,7 +206,12 @@ class Pipeline:
                     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
                     evaluate_run(cfg)
+                evaluate_at_end = False
                 acc.wait_for_everyone()
+            if evaluate_at_end and cfg.evaluation.after_each_stage:
+                from kuavo_train.evaluation.run_evaluation import evaluate_run
+
+                evaluate_run(cfg)  # rows made already are read back, not evaluated again
         finally:
             if writer is not None:
                 writer.close()
