@@ -24,6 +24,24 @@ class NotSharedError(KuavoError):
     """The launched processes do not see one folder (several machines without a shared file system)."""
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """For a worker of a process pool: make Linux kill it when the process that started it dies.
+    A parent killed outright (SIGKILL, out of memory) runs no clean-up, and its workers would go on
+    writing and then wait forever, taking the cores of the rerun. The standard library has no
+    wrapper for prctl, hence ctypes; elsewhere than Linux this does nothing."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
+
+
 def launched() -> bool:
     """Started by `accelerate launch` (or torchrun) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

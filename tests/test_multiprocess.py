@@ -306,3 +306,31 @@ def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base,
     assert (tmp_path / "machine0" / "run" / "run.json").is_file()
     assert not (tmp_path / "machine1" / "run").exists()
     assert not list((tmp_path / "machine0" / "run").glob("stage*"))
+
+
+def test_data_workers_die_with_their_killed_parent(tmp_path):
+    """`make-data` killed outright (SIGKILL, out of memory) runs no clean-up: its two generator
+    processes must not go on writing and then wait forever beside the rerun."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "kuavo_train.cli.main", "make-data", "--out", str(tmp_path / "data"),
+           "--tasks", "task1_moving_grasp", "task3_placement", "--train-episodes", "30", "--val-episodes", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline, workers = time.time() + 120, []
+        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+            # the spawned workers, once they have imported what they run (their parent's import time)
+            workers = [c for c in psutil.Process(proc.pid).children() if c.cpu_times().user > 1.0]
+        assert len(workers) == 2, "the generator processes never started"
+        proc.send_signal(signal.SIGKILL)  # the parent alone
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"{len(alive)} worker(s) outlived their parent"
+    finally:
+        for p in [proc.pid, *[w.pid for w in workers]]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

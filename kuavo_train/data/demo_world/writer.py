@@ -166,13 +166,20 @@ def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_v
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from kuavo_train.logs import quiet_worker
-
     # spawn: the caller may hold torch's thread pools, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(write_task_dataset, out_dir, t, **kw): t for t in tasks}
         paths = {futures[f]: written(futures[f], f.result()) for f in as_completed(futures)}
         return [paths[t] for t in tasks]
+
+
+def _worker_init(parent_pid: int) -> None:
+    from kuavo_train.logs import quiet_worker
+    from kuavo_train.processes import die_with_parent
+
+    die_with_parent(parent_pid)
+    quiet_worker()
 
 
 def load_scene_seeds(root, split: str = "val") -> list[int]:

@@ -314,7 +314,10 @@ def run_episode(sim: MetaWorldSim, seed: int, act, *, record: bool = False) -> d
 _JOB: tuple | None = None  # (function, chunks): inherited by forked workers, never pickled
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
+    from kuavo_train.processes import die_with_parent
+
+    die_with_parent(parent_pid)
     # Two 1-thread workers beat one 2-thread process on 2 cores (FINDINGS).
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
@@ -341,7 +344,7 @@ def fork_map(fn, items: list, workers: int) -> list:
     chunks = [[items[i] for i in c] for c in chunks if len(c)]
     _JOB = (fn, chunks)
     try:
-        with mp.get_context("fork").Pool(len(chunks), initializer=_init_worker) as pool:
+        with mp.get_context("fork").Pool(len(chunks), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             parts = pool.map(_run_chunk, range(len(chunks)))
     finally:
         _JOB = None

@@ -571,7 +571,10 @@ def _episodes(bags: list[Path], topic_map: TopicMap, jobs: int, spill_root: Path
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # the parent may hold torch; never fork it
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    from kuavo_train.processes import die_with_parent
+
+    pool_kw = dict(max_workers=jobs, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(**pool_kw)
     pending: dict[int, object] = {}
     nxt = 0
     try:
@@ -585,7 +588,7 @@ def _episodes(bags: list[Path], topic_map: TopicMap, jobs: int, spill_root: Path
                 shutil.rmtree(spill(i), ignore_errors=True)
                 yield BagFailure(bag, "the reading process died (out of memory?)")
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+                pool = ProcessPoolExecutor(**pool_kw)
                 for j in list(pending):
                     pending[j] = pool.submit(_process, bags[j], topic_map, spill(j))
     finally:
