@@ -1,5 +1,5 @@
-"""Atomic file writes: the one helper every layer uses, so that a crash or a full disk leaves
-the old file or the new one, never half of one."""
+"""Atomic file writes: the one helper every layer uses, so that a crash, a power loss or a full
+disk leaves the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -19,9 +19,31 @@ def atomic_path(path: str | Path):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk. A rename can reach the disk before the
+    data it names (ext4's delayed allocation): after a power loss the new name would hold an empty
+    or short file where the old whole one was."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str | Path) -> None:
+    """`_sync` every file and folder under `root`, before it is renamed into place."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(p := os.path.join(folder, name)):
+                _sync(Path(p))
+        _sync(Path(folder))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -74,10 +96,12 @@ def replace_dir(src: Path, dest: Path) -> None:
     so that a crash leaves one of the two whole."""
     src, dest = Path(src), Path(dest)
     settle_modes(src)
+    sync_tree(src)
     old = None
     if dest.exists():
         old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
         os.replace(dest, old)
     os.replace(src, dest)
+    _sync(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,3 +18,39 @@ def test_hash_file_gives_the_digest_of_the_whole_file(tmp_path, size):
     hash_file(chunked, f, chunk=4096)
     assert chunked.hexdigest() == whole.hexdigest()
 
+
+
+def test_data_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
+    """A power loss after a rename must not leave the new name over an empty file (ext4 can write
+    a rename before the data it names): every file and folder moved into place is fsynced first,
+    and the folder holding the new name after."""
+    import os
+
+    from kuavo_train.files import replace_dir, write_json_atomic
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json_atomic(tmp_path / "run.json", {"a": 1})
+    (staged := tmp_path / "staged" / "sub").mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"w" * 100)
+    (tmp_path / "ckpt").mkdir()
+    replace_dir(tmp_path / "staged", tmp_path / "ckpt")
+
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    first = events[renames[0]]  # the json's temporary file, then its folder after the rename
+    assert ("fsync", first[1]) in events[:renames[0]] and events[renames[0] + 1] == ("fsync", str(tmp_path))
+    before_swap = [e[1] for e in events[renames[0] + 1:renames[1]] if e[0] == "fsync"]
+    for p in (staged / "model.safetensors", staged, tmp_path / "staged"):
+        assert str(p) in before_swap, (p, events)
+    assert len(renames) == 3 and events[renames[2] + 1] == ("fsync", str(tmp_path)), events
+    assert (tmp_path / "ckpt" / "sub" / "model.safetensors").read_bytes() == b"w" * 100

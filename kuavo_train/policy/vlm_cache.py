@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError
-from kuavo_train.files import hash_file, settle_modes, write_text_atomic
+from kuavo_train.files import hash_file, settle_modes, sync_tree, write_text_atomic
 
 REPO_PREFIX = "kuavo-train/tiny-smolvlm-"
 BUNDLED_DIR = "vlm"
@@ -84,6 +84,7 @@ def register(vlm_dir: str | Path) -> str:
         if (vlm_dir / name).is_file():
             shutil.copy2(vlm_dir / name, tmp / name)
     settle_modes(tmp)  # a model cache other users may read
+    sync_tree(tmp)  # its files on disk before the refs name it
     try:
         os.replace(tmp, snap)
     except OSError:  # another process registered it first

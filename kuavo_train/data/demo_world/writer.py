@@ -23,6 +23,7 @@ import numpy as np
 from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, TASKS_BY_NAME, DemoWorldError
 from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
 from kuavo_train.data.generated import made_with
+from kuavo_train.files import replace_dir
 
 FPS = 10
 GENERATOR_VERSION = 2
@@ -131,9 +132,7 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
         meta = {**params, "scene_seeds": used, "success_events": SUCCESS_EVENTS[task],
                 "success_criterion": "the task's key events happen in order (see kuavo_train/data/demo_world/world.py)"}
         (root / "meta" / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(root, dest)
+        replace_dir(root, dest)  # the old dataset goes only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

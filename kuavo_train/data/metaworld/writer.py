@@ -45,6 +45,7 @@ from kuavo_train.data.metaworld.env import (
     run_episode,
     state_names,
 )
+from kuavo_train.files import replace_dir
 
 META_FILE = "metaworld.json"
 GENERATOR_VERSION = 1
@@ -192,9 +193,7 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
             "success_criterion": "MetaWorld's info['success'] within the horizon",
         }
         (root / "meta" / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(root, dest)
+        replace_dir(root, dest)  # the old dataset goes only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:

@@ -40,6 +40,7 @@ import numpy as np
 from kuavo_train.data.demo_world.tasks import JOINT_NAMES
 from kuavo_train.data.rosbag.topic_map import RosbagError, TopicMap
 from kuavo_train.errors import first_line
+from kuavo_train.files import sync_tree
 
 STATE_NAMES: tuple[str, ...] = JOINT_NAMES  # zarm_l1..zarm_l7, left_claw, zarm_r1..zarm_r7, right_claw
 BASE_NAMES: tuple[str, ...] = ("cmd_pos_x", "cmd_pos_y", "cmd_pos_yaw", "ctrl_change_cmd")
@@ -765,6 +766,7 @@ def convert_bags(bags: list[Path], out: Path, topic_map: TopicMap, *, repo_id: s
             "topic_map": topic_map.model_dump(mode="json"),
         }
         (root / "meta" / META_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        sync_tree(root)  # on disk before it is renamed into place (files.sync_tree)
         if out.exists():  # --overwrite: the old dataset goes only once the new one is complete
             os.replace(out, tmp / "previous")
         os.replace(root, out)
