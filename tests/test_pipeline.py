@@ -216,10 +216,29 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
     assert "stage task1_moving_grasp of" in other.stderr and "was begun with 1 process(es) and this launch has 2" in other.stderr
     assert json.loads((cut_dir / "run.json").read_text()) == state
 
+    # what the killed launch may have logged after its checkpoint, which the rerun logs again
+    from torch.utils.tensorboard import SummaryWriter
+
+    saved = json.loads((cut_dir / "stage1_task1_moving_grasp" / "checkpoints" / "last" / "kuavo_checkpoint.json")
+                       .read_text())["step"]
+    with SummaryWriter(str(cut_dir / "tensorboard")) as w:
+        w.add_scalar("train/loss", 123.0, saved + 1)
+    with open(cut_dir / "validation.jsonl", "a") as f:  # and a line it was writing when killed
+        f.write('{"stage": 1, "epoch": 2, "st')
+
     resumed = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra)],
                              cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from last" in resumed.stdout
+    # TensorBoard shows each step once, with the values of the uninterrupted run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(run_dir):
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+    assert losses(cut_dir) == losses(ref_dir) and len(losses(ref_dir)) > saved + 1
     a = load_file(str(final_pretrained(ref_dir, "task1_moving_grasp") / "model.safetensors"))
     b = load_file(str(final_pretrained(cut_dir, "task1_moving_grasp") / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -150,6 +150,13 @@ class Pipeline:
         # Use the values as stored (float32), so a resumed run normalizes bit-identically.
         return read_stats_file(path)
 
+    def _first_step(self, state: RunState) -> int | None:
+        """The first global step this launch trains (None when every stage is complete)."""
+        for plan in self.plans_to_run():
+            if not state.is_complete(plan.stage.name):
+                return state.global_step_offset(plan.stage.task_id) + _saved_step(self.run_dir, plan) + 1
+        return None
+
     def run(self) -> RunState:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -181,7 +188,10 @@ class Pipeline:
         stats = self.load_or_compute_stats(state)
         log.info("strategy %s: %s; stages: %s", self.strategy.name, self.strategy.description,
                  ", ".join(f"{p.stage.name} ({p.total_steps(cfg, acc.num_processes)} steps)" for p in self.plans))
-        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if acc.is_main_process else None
+        # purge_step: TensorBoard hides what a crashed launch logged after its last checkpoint, which
+        # this launch logs again
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._first_step(state)) \
+            if acc.is_main_process else None
         # A crash during the evaluation after a stage leaves that stage complete and its matrix row
         # (and report) missing: a rerun that trains nothing after it evaluates once at the end.
         evaluate_at_end = False
@@ -221,20 +231,34 @@ class Pipeline:
         return state
 
 
-def _drop_unsaved_validation(run_dir: Path, plan: StagePlan) -> None:
-    """A crash between a validation and its checkpoint leaves log lines the rerun repeats."""
+def _saved_step(run_dir: Path, plan: StagePlan) -> int:
+    """The stage's step its `last` checkpoint holds (0 if it has none): where a rerun resumes."""
     from kuavo_train.training import checkpoint as ckpt
 
+    last = run_dir / plan.dir_name / "checkpoints" / "last"
+    return ckpt.read_meta(last)["step"] if ckpt.is_complete(last) else 0
+
+
+def _drop_unsaved_validation(run_dir: Path, plan: StagePlan) -> None:
+    """A crash between a validation and its checkpoint leaves log lines the rerun repeats (and a
+    kill mid-write a torn line)."""
     stage = plan.stage
     path = run_dir / "validation.jsonl"
     if not path.is_file():
         return
-    last = run_dir / plan.dir_name / "checkpoints" / "last"
-    saved_step = ckpt.read_meta(last)["step"] if ckpt.is_complete(last) else 0
+    saved_step = _saved_step(run_dir, plan)
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not (json.loads(ln)["stage"] == stage.task_id and json.loads(ln)["step"] > saved_step)]
+    keep = [ln for ln in lines if (r := _record(ln)) is not None and not (r["stage"] == stage.task_id and r["step"] > saved_step)]
     if len(keep) != len(lines):
         write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _record(line: str) -> dict | None:
+    """A validation.jsonl line, or None for the torn last line of a process killed mid-write."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _log_to_file(path: Path) -> logging.Handler | None:
