@@ -400,3 +400,27 @@ def test_a_missing_base_elsewhere_than_the_demos_is_one_line_and_nothing_is_buil
     expected = "has no model.safetensors (`kuavo-train build-base --out" if other.exists() else "does not exist"
     assert f"pretrained model {str(other)!r} " in msg and expected in msg, msg
     assert not base.exists() and not data.exists()
+
+
+def test_every_command_is_listed_and_described_in_its_help():
+    """`kuavo-train --help` lists every subcommand, and each subcommand's --help says what it does."""
+    import argparse
+
+    from kuavo_train.cli.main import build_parser
+
+    def subcommands(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    def check(sp, name):
+        assert sp.description, name
+        for action in sp._actions:
+            if action.option_strings and action.dest not in ("help", "config_dir"):
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+        for child, csp in subcommands(sp).items():
+            check(csp, f"{name} {child}")
+
+    parser = build_parser()
+    top = parser.format_help()
+    for name, sp in subcommands(parser).items():
+        assert f"kuavo-train {name}" in top, name
+        check(sp, name)

@@ -168,6 +168,15 @@ def test_a_strategy_or_seed_named_twice_is_one_run():
     assert (args.strategies, args.seeds) == (["joint"], [1])
 
 
+def test_compare_without_strategies_runs_every_one_against_the_recipe():
+    from kuavo_train.cli.main import build_parser, compare_strategies
+    from kuavo_train.strategies import names
+
+    every = compare_strategies(build_parser().parse_args(["compare"]).strategies)
+    assert every[0] == "replay_freeze_decay" and sorted(every) == names() and len(every) > 2
+    assert compare_strategies(["joint", "ewc"]) == ["joint", "ewc"]
+
+
 def test_comparison_says_which_differences_exceed_twice_their_standard_error():
     import numpy as np
 

@@ -102,7 +102,8 @@ def _cell(stat: dict | None) -> str:
 
 def format_summary(summary: dict, *, seeds: list[int]) -> str:
     """One markdown table per matrix, strategies as rows."""
-    parts = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds when more than one)."]
+    parts = [f"Seeds: {', '.join(map(str, seeds))} (mean ± population standard deviation over seeds when more "
+             "than one; the differences below use the standard error of the mean)."]
     for matrix in MATRIX_ORDER:
         if not any(matrix in s for s in summary.values()):
             continue

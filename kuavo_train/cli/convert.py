@@ -118,7 +118,8 @@ def add_v21_parser(sub) -> None:
 
 
 def add_convert_parser(sub) -> None:
-    conv = sub.add_parser("convert", help="convert Kuavo rosbags or LeRobot v2.1 datasets to LeRobot v3.0")
+    conv_help = "convert Kuavo rosbags or LeRobot v2.1 datasets to LeRobot v3.0"
+    conv = sub.add_parser("convert", help=conv_help, description=conv_help)
     csub = conv.add_subparsers(dest="source", required=True)
     add_rosbag_parser(csub)
     add_v21_parser(csub)

@@ -10,6 +10,7 @@
     kuavo-train benchmark metaworld  the strategies on MetaWorld v3 tasks, judged closed loop in the simulator
     kuavo-train convert rosbag|v21   Kuavo rosbags or LeRobot v2.1 datasets -> LeRobot v3.0 datasets
     kuavo-train register-vlm PATH    make a checkpoint's bundled tiny VLM loadable by stock LeRobot on this machine
+    kuavo-train export-merged PATH   one stock checkpoint per task of a lora_per_task model
 
 Config overrides are Hydra's `key=value` syntax, e.g. `profile=demo seed=3`.
 """
@@ -259,16 +260,23 @@ def _csv(cast):
     return lambda v: list(dict.fromkeys(cast(x) for x in v.split(",") if x))
 
 
+def compare_strategies(named: list[str] | None) -> list[str]:
+    """The strategies `compare` runs: the named ones, or every one with the recipe first (the first
+    is the reference the others' differences are tested against)."""
+    from kuavo_train.config.schema import DEFAULT_STRATEGY
+    from kuavo_train.strategies import names
+
+    return named or sorted(names(), key=lambda n: n != DEFAULT_STRATEGY)
+
+
 def cmd_compare(args) -> None:
     from kuavo_train.benchmark.compare import run_comparison
 
     overrides = ["profile=demo", *args.overrides] if args.demo else list(args.overrides)
     if args.demo:
         ensure_demo_inputs(_run_config(overrides, args.config_dir))
-    from kuavo_train.strategies import names
-
-    result = run_comparison(overrides, out_dir=Path(args.out), strategies=args.strategies or names(), seeds=args.seeds,
-                            config_dir=args.config_dir)
+    result = run_comparison(overrides, out_dir=Path(args.out), strategies=compare_strategies(args.strategies),
+                            seeds=args.seeds, config_dir=args.config_dir)
     print(result["table"])
     print(f"comparison: {Path(args.out) / 'comparison.md'}")
 
@@ -374,20 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "overrides of its fields (e.g. evaluation.closed_loop_episodes=20, "
                                                 "data_root=DIR)")
     b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base")
-    b.add_argument("--out", default=None)
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--out", default=None, help="folder of the base (default: demo.base_dir, outputs/demo/base)")
+    b.add_argument("--overwrite", action="store_true", help="replace a base already there")
     m = add("make-data", cmd_make_data, "generate the Kuavo demo world datasets")
-    m.add_argument("--out", default=None)
-    m.add_argument("--tasks", nargs="+", default=None)
-    m.add_argument("--train-episodes", type=int, default=None)
-    m.add_argument("--val-episodes", type=int, default=None)
-    m.add_argument("--seed", type=int, default=None)
-    m.add_argument("--overwrite", action="store_true")
-    rv = sub.add_parser("register-vlm", help="make a checkpoint's bundled tiny VLM resolvable on this machine (for stock LeRobot)")
+    m.add_argument("--out", default=None, help="folder of the datasets (default: data_root, outputs/demo/datasets)")
+    m.add_argument("--tasks", nargs="+", default=None, help="space-separated task names (default: all four)")
+    m.add_argument("--train-episodes", type=int, default=None, help="demonstrations per task (default: demo.num_train_episodes)")
+    m.add_argument("--val-episodes", type=int, default=None, help="held-out scenes per task (default: demo.num_val_episodes)")
+    m.add_argument("--seed", type=int, default=None, help="seed of the scenes (default: demo.seed)")
+    m.add_argument("--overwrite", action="store_true", help="replace datasets already there")
+    rv_help = "make a checkpoint's bundled tiny VLM resolvable on this machine (for stock LeRobot)"
+    rv = sub.add_parser("register-vlm", help=rv_help, description=rv_help)
     rv.set_defaults(fn=cmd_register_vlm)
     rv.add_argument("path", help="run directory, checkpoint or pretrained_model/ folder")
-    x = sub.add_parser("export-merged", help="one stock checkpoint per task of a model with per-task adapters "
-                                             "(strategy lora_per_task)")
+    x_help = "one stock checkpoint per task of a model with per-task adapters (strategy lora_per_task)"
+    x = sub.add_parser("export-merged", help=x_help, description=x_help)
     x.set_defaults(fn=cmd_export_merged)
     x.add_argument("path", help="run directory (its final model), checkpoint or pretrained_model/ folder")
     x.add_argument("--out", default=None, help="folder of the merged models (default: merged/ in the run directory)")
@@ -406,13 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("compare", cmd_compare, "run several strategies (and seeds) on the same data and tabulate them")
     # comma-separated, so that Hydra overrides may follow the options
     c.add_argument("--strategies", type=_csv(str), default=None,
-                   help="comma-separated (default: every strategy in configs/policy/strategy/, aliases aside)")
-    c.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated, e.g. 0,1")
-    c.add_argument("--out", default="outputs/demo/compare")
+                   help="comma-separated; the first is the reference the others are tested against (default: "
+                        "every strategy in configs/policy/strategy/, aliases aside, replay_freeze_decay first)")
+    c.add_argument("--seeds", type=_csv(int), default=[0], help="comma-separated, e.g. 0,1 (default: 0)")
+    c.add_argument("--out", default="outputs/demo/compare",
+                   help="folder of the runs and comparison.md (default: outputs/demo/compare)")
     c.add_argument("--no-demo", dest="demo", action="store_false", help="do not apply profile=demo")
     bm = sub.add_parser("benchmark", help="closed-loop benchmark in a simulator we did not write (MetaWorld)",
-                        description="Generate scripted-expert MetaWorld datasets, train every strategy on the task "
-                                    "sequence with the same pipeline, evaluate each stage closed loop on held-out seeds.")
+                        description="Generate scripted-expert MetaWorld datasets, train the strategies (--strategies) "
+                                    "on the task sequence with the same pipeline, evaluate each stage closed loop on "
+                                    "held-out seeds.")
     bm.set_defaults(fn=cmd_benchmark)
     bm.add_argument("suite", choices=["metaworld"])
     bm.add_argument("overrides", nargs="*", help="Hydra overrides key=value (on top of profile=metaworld)")
@@ -438,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--data", default=None, help="dataset folder (default data/metaworld)")
     bm.add_argument("--out", default=None, help="output folder (default outputs/metaworld)")
     bm.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="seed of the training and held-out scenes")
-    bm.add_argument("--overwrite-data", dest="overwrite_data", action="store_true")
+    bm.add_argument("--overwrite-data", dest="overwrite_data", action="store_true",
+                    help="generate the datasets again even if they match (on a resumed call too)")
     bm.add_argument("--smoke", action="store_true", help="CI size: 1 demo and 1 evaluation episode per task, 1 epoch per stage")
     from kuavo_train.cli.convert import add_convert_parser
 
