@@ -127,3 +127,9 @@ class RunState:
     def global_step_offset(self, task_id: int) -> int:
         """Optimizer steps of the stages before `task_id` (x axis shared by all stages)."""
         return sum(s.get("total_steps", 0) for s in self.data["stages"].values() if s.get("task_id", 0) < task_id)
+
+    def stage_starts(self) -> dict[str, int]:
+        """Global step at which each stage that has begun starts, in training order, by stage name
+        (a stage not begun yet has no start; the joint baseline's one stage starts at 0)."""
+        stages = sorted(self.data["stages"].items(), key=lambda kv: kv[1].get("task_id", 0))
+        return {name: self.global_step_offset(s.get("task_id", 0)) for name, s in stages if "task_id" in s}

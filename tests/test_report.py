@@ -39,14 +39,14 @@ def test_write_report_files_and_numbers(tmp_path):
     rep = write_report(tmp_path, matrices={"success": SUCCESS, "val_loss": LOSS},
                        directions={"success": True, "val_loss": False}, task_names=NAMES,
                        config={"seed": 7, "strategy": "sequential"},
-                       extra={"strategy": "sequential", "stage_boundaries": [0, 10, 20]})
+                       extra={"strategy": "sequential", "stage_boundaries": {"a": 0, "b": 10, "c": 20}})
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == load_report(tmp_path) == json.loads(json.dumps(rep))
     assert set(on_disk) >= {"matrices", "metrics", "task_names", "directions", "config", "versions", "seed",
                             "created", "extra"}
     assert on_disk["matrices"] == {"success": SUCCESS, "val_loss": LOSS}  # keys and rows kept, row 0 first
     assert on_disk["directions"] == {"success": True, "val_loss": False}
-    assert on_disk["task_names"] == NAMES and on_disk["seed"] == 7 and on_disk["extra"]["stage_boundaries"] == [0, 10, 20]
+    assert on_disk["task_names"] == NAMES and on_disk["seed"] == 7 and on_disk["extra"]["stage_boundaries"] == {"a": 0, "b": 10, "c": 20}
     assert set(on_disk["versions"]) == {"python", "torch", "lerobot", "transformers", "kuavo_train"}
     assert datetime.datetime.fromisoformat(on_disk["created"]).tzinfo is not None
     # hand-computed (see test_metrics): success BWT -0.25, FWT 0.1; loss ACC 0.6, BWT -0.3, FWT 0.65
@@ -95,15 +95,42 @@ def test_rows_are_named_after_the_stage_that_filled_them(tmp_path):
     assert "| after stage 2 | 0.250 | 0.500 |" in (tmp_path / "s" / "report.md").read_text()
 
 
+def test_a_report_keeps_no_figure_of_a_matrix_it_no_longer_has(tmp_path):
+    """`evaluate --run DIR evaluation.closed_loop_episodes=0` after a run with success: the old
+    success heatmap (and curves without validation.jsonl) would show numbers the report does not."""
+    _write_validation_log(tmp_path)
+    write_report(tmp_path, matrices={"success": SUCCESS, "val_loss": LOSS}, directions={"success": True, "val_loss": False},
+                 task_names=NAMES, config={}, extra={"stage_boundaries": {"a": 0, "b": 10}})
+    assert (tmp_path / "heatmap_success.png").is_file() and (tmp_path / "validation_curves.png").is_file()
+    (tmp_path / "validation.jsonl").unlink()
+    rep = write_report(tmp_path, matrices={"val_loss": LOSS}, directions={"val_loss": False}, task_names=NAMES, config={})
+    assert rep["figures"] == {"val_loss": "heatmap_val_loss.png", "validation_curves": None}
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["heatmap_val_loss.png"]
+
+
+def test_stage_starts_name_only_the_stages_that_have_begun(tmp_path):
+    from kuavo_train.run_state import RunState
+
+    def starts(stages):
+        (tmp_path / "run.json").write_text(json.dumps({"stages": stages}))
+        return RunState.load(tmp_path).stage_starts()
+
+    # after stage 2 began: no marker for stages 3 and 4, which have not
+    assert starts({"t2": {"task_id": 2, "status": "running", "total_steps": 12},
+                   "t1": {"task_id": 1, "status": "complete", "total_steps": 10}}) == {"t1": 0, "t2": 10}
+    # the joint baseline: one stage, recorded with the last task's id, starting at 0
+    assert starts({"joint": {"task_id": 4, "status": "complete", "total_steps": 40}}) == {"joint": 0}
+
+
 def test_validation_curves_skip_torn_line_and_missing_file(tmp_path):
     assert plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
-                                  stage_boundaries=[0]) is None
+                                  stage_boundaries={"a": 0}) is None
     (tmp_path / "validation.jsonl").write_text("")
     assert plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
-                                  stage_boundaries=[0]) is None
+                                  stage_boundaries={"a": 0}) is None
     _write_validation_log(tmp_path, torn_tail=True)
     out = plot_validation_curves(tmp_path / "validation.jsonl", tmp_path / "v.png", task_names=NAMES,
-                                 stage_boundaries=[0, 10, 20])
+                                 stage_boundaries={"a": 0, "b": 10, "c": 20})
     assert out == tmp_path / "v.png"
     _assert_png(out)
 

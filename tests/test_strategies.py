@@ -87,8 +87,9 @@ def test_the_old_name_is_the_default_recipe():
     assert get_strategy(parse_run_config(data)).name == "replay_freeze_decay"
 
 
-def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
+def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data, caplog):
     import json
+    import logging
 
     from conftest import tiny_overrides
 
@@ -96,7 +97,12 @@ def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
     from kuavo_train.training.pipeline import Pipeline
 
     cfg = load_run_config(tiny_overrides(tmp_path / "joint", demo_base, demo_data, "strategy=joint"))
+    caplog.set_level(logging.INFO)
     Pipeline(cfg).run()
+    # its log names the joint stage, not "stage 4", and every task it validates is one it learns
+    log = caplog.text
+    assert "joint stage epoch 1/" in log and "stage 4" not in log
+    assert log.count("current task") == 4 * log.count("multi-task validation") > 0 and "earlier task" not in log
     state = json.loads((tmp_path / "joint" / "run.json").read_text())
     assert list(state["stages"]) == [JOINT_STAGE] and state["stages"][JOINT_STAGE]["status"] == "complete"
     sizes = {s.task_id: open_task_data(s).num_train_frames for s in cfg.ordered_stages()}
@@ -105,6 +111,7 @@ def test_joint_run_through_the_pipeline(tmp_path, demo_base, demo_data):
     assert seq <= state["stages"][JOINT_STAGE]["total_steps"] < seq + epochs
     assert set(state["stages"][JOINT_STAGE]["replay_mix"]) == set(TASK_NAMES)
     report = json.loads((tmp_path / "joint" / "report.json").read_text())
+    assert report["extra"]["stage_boundaries"] == {JOINT_STAGE: 0}  # one marker on validation_curves.png
     rows = report["matrices"]["val_loss"]
     assert all(v is not None for v in rows[0] + rows[4]) and all(v is None for r in rows[1:4] for v in r)
     assert report["metrics"]["val_loss"]["bwt"] is None and report["metrics"]["val_loss"]["acc"] is not None

@@ -13,6 +13,8 @@ wording next to them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import math
 
 GOOD, MODERATE, FORGETTING, UNKNOWN = "good", "moderate", "forgetting", "n/a"
@@ -56,23 +58,27 @@ def _fmt_loss(x) -> str:
     return f"{x:.4f}" if _finite(x) else "n/a"
 
 
-def format_validation_table(stage: int, epoch: int, losses: dict[int, float], names: dict[int, str], current_task: int,
-                            thresholds, *, mode: str = "absolute", reference_losses: dict[int, float] | None = None) -> str:
-    """An aligned plain-text table: one row per task (loss, current / retention verdict), then a summary line."""
+def format_validation_table(stage: int | str, epoch: int, losses: dict[int, float], names: dict[int, str],
+                            current_task: int | Collection[int], thresholds, *, mode: str = "absolute",
+                            reference_losses: dict[int, float] | None = None) -> str:
+    """An aligned plain-text table: one row per task (loss, current / retention verdict), then a summary line.
+    `stage`: its number, or how the log names it; `current_task`: the task it learns, or the tasks (the
+    joint baseline learns them all, so none is retained from earlier)."""
     refs = reference_losses or {}
+    current = {current_task} if isinstance(current_task, int) else set(current_task)
     lo, hi = thresholds
     rule = (f"relative to end-of-own-stage loss: ratio <= {lo:g} good, <= {hi:g} moderate" if mode == "relative"
             else f"absolute: loss < {lo:g} good, < {hi:g} moderate")
-    header = f"stage {stage}, epoch {epoch}: multi-task validation (held-out episodes; retention {rule})"
+    header = f"{f'stage {stage}' if isinstance(stage, int) else stage}, epoch {epoch}: multi-task validation (held-out episodes; retention {rule})"
     label = {t: f"{t}. {names.get(t, f'task{t}')}" for t in losses}
     w = max([len("task"), *map(len, label.values())])
     lines = [header, f"  {'task':<{w}}  {'loss':>9}  retention",
              f"  {'-' * w}  {'-' * 9}  {'-' * 9}"]
     for t in sorted(losses):
         loss = losses[t]
-        if t == current_task:
+        if t in current:
             verdict = "current task"
-        elif t > current_task:
+        elif t > max(current):
             verdict = "not trained yet"
         else:
             ref = refs.get(t)
@@ -87,7 +93,7 @@ def format_validation_table(stage: int, epoch: int, losses: dict[int, float], na
         lines.append(f"  {label[t]:<{w}}  {_fmt_loss(loss):>9}  {verdict}")
     valid = [v for v in losses.values() if _finite(v)]
     summary = f"  mean loss over {len(valid)} task(s): {_fmt_loss(sum(valid) / len(valid)) if valid else 'n/a'}"
-    earlier = {t: v for t, v in losses.items() if t < current_task and _finite(v)}
+    earlier = {t: v for t, v in losses.items() if t < min(current) and _finite(v)}
     if earlier:
         # "worst" is judged the same way as the rows: by ratio in relative mode, by raw loss otherwise
         ratios = {t: retention_ratio(v, refs.get(t)) for t, v in earlier.items()}

@@ -47,8 +47,9 @@ def row_labels(n_rows: int, task_names=(), row_stages: dict | None = None) -> li
 
 
 def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bool,
-                        row_stages: dict | None = None) -> Path:
-    """Rows = before training / after stage k (stage k trains task k), columns = tasks; missing cells grey."""
+                        row_stages: dict | None = None, value_range: tuple[float, float] | None = None) -> Path:
+    """Rows = before training / after stage k (stage k trains task k), columns = tasks; missing cells grey.
+    The colour scale spans `value_range`, or the matrix's own values when it is None."""
     plt = _plt()
     data = np.array([[np.nan if v is None else float(v) for v in (row or [None] * len(task_names))] for row in R],
                     dtype=float)
@@ -57,7 +58,7 @@ def plot_matrix_heatmap(R, task_names, title: str, path, *, higher_is_better: bo
     # reversed map for lower-is-better so that "good" is the same (bright) colour in every heatmap
     cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r").with_extremes(bad="#d9d9d9")
     finite = data[np.isfinite(data)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    vmin, vmax = value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
     if vmin == vmax:  # a constant matrix would give a degenerate colour scale
         vmin, vmax = vmin - 0.5, vmax + 0.5
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
@@ -94,8 +95,10 @@ def read_validation_log(validation_jsonl) -> list[dict]:
     return out
 
 
-def plot_validation_curves(validation_jsonl, path, *, task_names: list[str], stage_boundaries: list[int]) -> Path | None:
-    """Held-out loss of every task vs the run's global step, dashed lines where each stage starts; None if no data."""
+def plot_validation_curves(validation_jsonl, path, *, task_names: list[str],
+                           stage_boundaries: dict[str, int]) -> Path | None:
+    """Held-out loss of every task vs the run's global step, a dashed line named after each stage
+    (stage name -> its first step) where it starts; None if no data."""
     records = read_validation_log(validation_jsonl)
     if not records:
         return None
@@ -112,9 +115,9 @@ def plot_validation_curves(validation_jsonl, path, *, task_names: list[str], sta
         ax.plot(xs, ys, marker="o", markersize=3, label=f"{tid}. {name}")
     # x in data units, y in axes units: labels sit at the top whatever the loss scale
     trans = ax.get_xaxis_transform()
-    for k, b in enumerate(stage_boundaries, start=1):
+    for name, b in stage_boundaries.items():
         ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(b, 0.98, f" stage {k}", transform=trans, fontsize=7, va="top", color="grey")
+        ax.text(b, 0.98, f" {name}", transform=trans, fontsize=7, va="top", color="grey")
     ax.set_xlabel("optimizer step (whole run)")
     ax.set_ylabel("validation loss (held-out)")
     ax.set_title("multi-task validation loss", fontsize=9)

@@ -27,6 +27,11 @@ SIGN_CONVENTION = ("Sign convention: for every matrix positive BWT/FWT = better 
                    "(differences are negated for lower-is-better matrices); ACC is in the matrix's own units.")
 
 
+# Matrices whose values have fixed bounds: their heatmaps use the whole range, so that a colour means
+# the same rate in every run (15% is not drawn as the best colour because nothing did better).
+BOUNDED = {"success": (0.0, 1.0)}
+
+
 def heatmap_name(matrix: str) -> str:
     return f"heatmap_{matrix}.png"
 
@@ -88,7 +93,7 @@ def render_markdown(report: dict) -> str:
         out += matrix_md(R, names, extra.get("row_stages")) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
     out += ["## Validation loss over the run", ""]
     if report.get("figures", {}).get("validation_curves"):
-        out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark stage starts.",
+        out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark where each stage that has begun starts.",
                 "", f"![validation curves]({CURVES_PNG})", ""]
     else:
         out += ["No validation log (validation.jsonl) was found.", ""]
@@ -105,10 +110,16 @@ def write_report(run_dir, *, matrices: dict, directions: dict, task_names: list[
     figures = {}
     for m, R in mats.items():
         figures[m] = plot_matrix_heatmap(R, task_names, m, run_dir / heatmap_name(m), higher_is_better=dirs[m],
-                                         row_stages=(extra or {}).get("row_stages")).name
+                                         row_stages=(extra or {}).get("row_stages"),
+                                         value_range=BOUNDED.get(m)).name
     curves = plot_validation_curves(run_dir / "validation.jsonl", run_dir / CURVES_PNG, task_names=list(task_names),
-                                    stage_boundaries=list((extra or {}).get("stage_boundaries") or []))
+                                    stage_boundaries=dict((extra or {}).get("stage_boundaries") or {}))
     figures["validation_curves"] = curves.name if curves else None
+    # a figure of an earlier report whose matrix or curves this one no longer has would show numbers
+    # the report does not
+    for old in [*run_dir.glob(heatmap_name("*")), run_dir / CURVES_PNG]:
+        if old.name not in figures.values():
+            old.unlink(missing_ok=True)
     report = {
         "matrices": mats,
         "metrics": all_metrics(mats, dirs),

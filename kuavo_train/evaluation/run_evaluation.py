@@ -234,7 +234,7 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
             ev["rows"]["0"] = stored["row"]
             cells.update(stored.get("cells", {}))
         else:
-            log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"stage {row}")
+            log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"the model {labels[row]}")
             ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space, cells)
             if shared is not None and processes.is_main():
                 write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"],
@@ -282,7 +282,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     ev = evaluate_rows(cfg, done, tasks, stats, state, space)
     mats = matrices(ev, len(tasks) + 1, len(tasks))
     names = [tasks[t].name for t in sorted(tasks)]
-    boundaries = [state.global_step_offset(t) for t in sorted(tasks)]
+    boundaries = state.stage_starts()
     report = None
     if processes.is_main():
         report = write_report(run_dir, matrices=mats, directions={m: DIRECTIONS[m] for m in mats}, task_names=names,

@@ -39,6 +39,23 @@ class StagePlan:
     dir_name: str = ""
     # Why stock `lerobot-train --resume` cannot continue this stage (None: it can, see stock_resume.py).
     stock_unsupported: str | None = None
+    # How logs name the stage ("" = "stage <task id>") and the tasks it learns (() = its own task; the
+    # others it validates are retained or not trained yet)
+    label: str = ""
+    learns: tuple[int, ...] = ()
+
+    @property
+    def title(self) -> str:
+        return self.label or f"stage {self.stage.task_id}"
+
+    @property
+    def full_title(self) -> str:
+        """The title with the stage's name ("stage 1 task1_moving_grasp"; a label says it already)."""
+        return self.label or f"{self.title} {self.stage.name}"
+
+    @property
+    def learnt_tasks(self) -> tuple[int, ...]:
+        return self.learns or (self.stage.task_id,)
 
     def steps_per_epoch(self, cfg: RunConfig, num_processes: int) -> int:
         return steps_per_epoch(self.epoch_samples, cfg.dataloader.batch_size, cfg.dataloader.drop_last, num_processes)

@@ -44,7 +44,8 @@ class Joint(Strategy):
         )
         samples = math.ceil(total / epochs) * cfg.dataloader.batch_size * num_processes
         return [StagePlan(stage=stage, weights=normalized(stage.replay_weights), lr=lr, lr_source=f"stage 1's ({source})",
-                          epoch_samples=samples, dir_name="joint_all_tasks",
+                          epoch_samples=samples, dir_name="joint_all_tasks", label="joint stage",
+                          learns=tuple(s.task_id for s in stages),
                           stock_unsupported="the joint baseline trains on every task's dataset at once; stock "
                                             "lerobot-train reads one dataset")]
 

@@ -199,7 +199,7 @@ class Pipeline:
             for plan in self.plans_to_run():
                 stage = plan.stage
                 if state.is_complete(stage.name):
-                    log.info("stage %d %s is complete already: skipped", stage.task_id, stage.name)
+                    log.info("%s is complete already: skipped", plan.full_title)
                     evaluate_at_end = True
                     continue
                 if acc.is_main_process:
@@ -210,7 +210,7 @@ class Pipeline:
                 acc.wait_for_everyone()
                 state.reload()  # every process sees the stage complete, as the main process wrote it
                 # its wall time (this invocation's part of it, when resumed), what `time` would say of it
-                log.info("stage %d %s complete in %.1f s: %s", stage.task_id, stage.name, time.perf_counter() - t0,
+                log.info("%s complete in %.1f s: %s", plan.full_title, time.perf_counter() - t0,
                          state.final_checkpoint(stage.name))
                 if cfg.evaluation.after_each_stage:  # every process takes a share of the matrices' cells
                     from kuavo_train.evaluation.run_evaluation import evaluate_run

@@ -149,10 +149,10 @@ class StageTrainer:
             self.strategy.load_state_dict({} if source_ckpt is None else ckpt.read_strategy_state(source_ckpt, final=True))
         self.strategy.before_stage(policy, self.plan)
         preprocessor, postprocessor = factory.make_processors(pcfg, stats=self.stats)
-        cache = create_cache(policy, cfg.feature_cache, log_prefix=f"stage {stage.task_id}: ")
+        cache = create_cache(policy, cfg.feature_cache, log_prefix=f"{self.plan.title}: ")
         trainable, total = factory.count_parameters(policy)
-        log.info("stage %d %s: %s trainable of %s parameters (%.2f%%), lr %.3g (%s), from %s%s",
-                 stage.task_id, stage.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+        log.info("%s: %s trainable of %s parameters (%.2f%%), lr %.3g (%s), from %s%s",
+                 self.plan.full_title, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  self.plan.lr, self.plan.lr_source, source, " (resuming from last)" if resuming else "")
 
         weights = self.plan.weights
@@ -191,7 +191,7 @@ class StageTrainer:
             persistent_workers=dl.persistent_workers and dl.num_workers > 0,
         )
         mix = {self.tasks[t].name: q for t, q in sampler.quotas.items()}
-        log.info("stage %d replay mix per epoch (samples): %s", stage.task_id, mix)
+        log.info("%s replay mix per epoch (samples): %s", self.plan.title, mix)
         steps_per_epoch = self.plan.steps_per_epoch(cfg, self.acc.num_processes)
         total_steps = steps_per_epoch * stage.max_epoch
 
@@ -230,7 +230,7 @@ class StageTrainer:
             # Through the prepared loader: accelerate re-sets the sampler's epoch from its own
             # iteration counter at every __iter__, which restarts at 0 in a resumed process.
             loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
-            bar = tqdm(loader, desc=f"stage {stage.task_id} epoch {epoch + 1}/{stage.max_epoch}",
+            bar = tqdm(loader, desc=f"{self.plan.title} epoch {epoch + 1}/{stage.max_epoch}",
                        disable=not self._bars(), leave=False, dynamic_ncols=True)
             epoch_loss, epoch_steps, skipped, t0 = 0.0, 0, 0, time.perf_counter()
             for raw in fetch_batches(bar):  # a damaged image in a worker: its one-line DataError
@@ -271,12 +271,12 @@ class StageTrainer:
             bar.close()
             done = epoch + 1
             # one line per epoch: what a log file (or a terminal without bars) keeps of the progress
-            log.info("stage %d epoch %d/%d: %d steps, mean loss %.4f, lr %.2e, %.2f steps/s", stage.task_id, done,
+            log.info("%s epoch %d/%d: %d steps, mean loss %.4f, lr %.2e, %.2f steps/s", self.plan.title, done,
                      stage.max_epoch, epoch_steps, epoch_loss / max(epoch_steps, 1), scheduler.get_last_lr()[0],
                      epoch_steps / max(time.perf_counter() - t0, 1e-9))
             if skipped:
-                log.info("stage %d epoch %d: the fp16 loss scaler skipped %d of its updates (gradients overflowed)",
-                         stage.task_id, done, skipped)
+                log.info("%s epoch %d: the fp16 loss scaler skipped %d of its updates (gradients overflowed)",
+                         self.plan.title, done, skipped)
             meta = {"stage": stage.task_id, "task": stage.name, "epoch": done, "max_epoch": stage.max_epoch}
             if done % cfg.validation.validation_freq_epoch == 0 or done == stage.max_epoch:
                 val_losses = self.validate(raw_policy, preprocessor, val_sets, epoch=done, step=step, offset=offset,
@@ -300,7 +300,7 @@ class StageTrainer:
         final = self.ckpt_dir / "last"
         sharding = self._sharding(seen, first_epoch)
         if cache is not None:
-            log.info("stage %d frozen-feature cache: %s", stage.task_id, cache.summary())
+            log.info("%s frozen-feature cache: %s", self.plan.title, cache.summary())
             cache.detach()
         # What the strategy keeps of this stage (e.g. statistics of its task), saved with the final checkpoint
         # before the stage is marked complete (a rerun after a crash here repeats it from `last`).
@@ -384,7 +384,7 @@ class StageTrainer:
         if self.main:
             names = {t: self.tasks[t].name for t in losses}
             table = format_validation_table(
-                self.stage.task_id, epoch, losses, names, self.stage.task_id,
+                self.plan.title, epoch, losses, names, self.plan.learnt_tasks,
                 tuple(cfg.validation.forgetting_thresholds),
                 mode=cfg.validation.forgetting_mode, reference_losses=ref_losses,
             )
