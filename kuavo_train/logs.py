@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from pathlib import Path
 
 NOISY = ("httpx", "huggingface_hub", "urllib3", "filelock", "lerobot.configs.video", "OpenGL")
 VIDEO_BACKEND_LOGGER = "lerobot.utils.import_utils"
@@ -33,6 +35,40 @@ def collapse_video_backend_warning() -> None:
     logger = logging.getLogger(VIDEO_BACKEND_LOGGER)
     if not any(isinstance(f, _VideoBackendOnce) for f in logger.filters):
         logger.addFilter(_VideoBackendOnce())
+
+
+LOG_FILE = "train.log"
+
+
+def attach_log_file(path: str | Path) -> logging.Handler | None:
+    """Add a run's log file to the root logger; returns the handler to remove when the run ends
+    (None when one is attached already), so that runs made one after another in one process
+    (compare, the benchmark) each keep their own log."""
+    collapse_video_backend_warning()
+    path = Path(path)
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return None
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    return h
+
+
+def detach_log_file(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def logging_to(path: str | Path):
+    """The block's log lines go to `path` too (a run's train.log, by a command working on the run)."""
+    handler = attach_log_file(path)
+    try:
+        yield
+    finally:
+        detach_log_file(handler)
 
 
 def quiet() -> None:

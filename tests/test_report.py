@@ -261,3 +261,6 @@ def test_evaluate_a_run_with_overrides_of_its_recorded_config(full_run, demo_dat
     assert report["config"]["stages"]["task2_weighing"]["dataset"]["root"] == str(demo_data / "task2_weighing")
     rows = json.loads((copy / "evaluation.json").read_text())["rows"]
     assert {r["settings"]["action_error_episodes"] for r in rows.values()} == {1}
+    # the run's log has the evaluation's lines, as it has the training's
+    log = (copy / "train.log").read_text()
+    assert log.count("was evaluated with") == len(rows) and f"report: {copy / 'report.md'}" in log

@@ -206,7 +206,8 @@ def _after_training(cfg) -> None:
     """The report of the run, ending with its final model's closed-loop success per task."""
     from kuavo_train.evaluation.run_evaluation import evaluate_run
 
-    report = evaluate_run(cfg)
+    with _run_log(cfg):
+        report = evaluate_run(cfg)
     rows = report["matrices"].get("success")
     if rows:
         # The last row of the success matrix: the final model on the same seeded held-out episodes
@@ -331,7 +332,20 @@ def cmd_evaluate(args) -> None:
         cfg = _config_of_run(Path(args.run), args.overrides)
     else:
         cfg = _run_config(args.overrides, args.config_dir)
-    evaluate_run(cfg)
+    with _run_log(cfg):
+        evaluate_run(cfg)
+
+
+def _run_log(cfg):
+    """The run's train.log gets the lines of a command that evaluates it (rows made again, their
+    times), as it has the training's; the main process writes it, as in training."""
+    import contextlib
+
+    import kuavo_train.processes as processes
+    from kuavo_train.logs import LOG_FILE, logging_to
+
+    run_log = Path(cfg.run_dir) / LOG_FILE
+    return logging_to(run_log) if processes.is_main() and run_log.parent.is_dir() else contextlib.nullcontext()
 
 
 def _config_of_run(run_dir: Path, overrides: list[str] = ()):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kuavo_train.config.schema import BASE_FILE, ConfigError, RunConfig, StageConfig, source_of
 from kuavo_train.errors import DataError, KuavoError, first_line
-from kuavo_train.logs import collapse_video_backend_warning
+from kuavo_train.logs import LOG_FILE, attach_log_file, detach_log_file
 from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import STATS_FILE, read_stats_file, stats_to_json, training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
@@ -111,6 +111,10 @@ class Pipeline:
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
         self.token_report = check_instructions(vlm, cfg.ordered_stages(), cfg.policy.tokenizer_max_length)
+
+    def warn_instructions(self) -> None:
+        """Said once train.log is attached, so that the log file has it too."""
+        warn_truncated(self.token_report, self.cfg.policy.tokenizer_max_length)
         for t in self.tasks.values():
             if t.dataset_tasks and t.instruction not in t.dataset_tasks:
                 log.warning("stage %s: the configured instruction differs from the dataset's task %r; training uses the configured one",
@@ -170,8 +174,8 @@ class Pipeline:
         log_file = None
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            log_file = _log_to_file(self.run_dir / "train.log")
-            warn_truncated(self.token_report, cfg.policy.tokenizer_max_length)
+            log_file = attach_log_file(self.run_dir / LOG_FILE)
+            self.warn_instructions()
             state = RunState.load(self.run_dir)
             # launch_id: a new value each launch, so that another machine's stale copy of run.json
             # cannot pass for this one (processes.check_shared)
@@ -225,9 +229,7 @@ class Pipeline:
         finally:
             if writer is not None:
                 writer.close()
-            if log_file is not None:
-                logging.getLogger().removeHandler(log_file)
-                log_file.close()
+            detach_log_file(log_file)
         return state
 
 
@@ -259,17 +261,3 @@ def _record(line: str) -> dict | None:
         return json.loads(line)
     except json.JSONDecodeError:
         return None
-
-
-def _log_to_file(path: Path) -> logging.Handler | None:
-    """Add the run's train.log to the root logger; returns the handler to remove when the run
-    ends (None when one is attached already), so that runs made one after another in one
-    process (compare, the benchmark) each keep their own log."""
-    collapse_video_backend_warning()
-    root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
-        return None
-    h = logging.FileHandler(path)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(h)
-    return h
