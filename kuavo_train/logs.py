@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
@@ -69,6 +70,13 @@ def logging_to(path: str | Path):
         yield
     finally:
         detach_log_file(handler)
+
+
+def lerobot_prints_silenced():
+    """LeRobot's SmolVLA prints (not logs) a line or two each time a policy is built ("Reducing the
+    number of VLM layers", "Loading weights from local directory"): a demo run builds a dozen, and
+    the lines would bury its own. Logging is untouched."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def quiet() -> None:

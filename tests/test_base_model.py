@@ -184,3 +184,11 @@ def test_pretraining_trains_what_each_phase_says_and_learns(tmp_path):
     assert any("lm_expert" in k for k in changed) and any("text_model" in k for k in changed), sorted(changed)[:5]
     losses = info["skills_training"]
     assert 0 < losses["final_loss"] < 0.7 * losses["first_loss"], losses
+
+
+def test_loading_a_policy_prints_nothing(demo_base, capsys):
+    """LeRobot's SmolVLA prints a line or two per policy built; a demo run builds a dozen."""
+    from kuavo_train.policy import factory
+
+    factory.load_policy(demo_base, factory.read_pretrained_config(demo_base))
+    assert capsys.readouterr().out == ""

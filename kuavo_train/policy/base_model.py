@@ -15,6 +15,7 @@ from typing import Callable
 
 from kuavo_train.policy import vlm_cache
 from kuavo_train.files import replace_dir
+from kuavo_train.logs import lerobot_prints_silenced
 from kuavo_train.policy.factory import PRETRAINED_DIR
 from kuavo_train.policy.tiny_vlm import TinyVLMSpec, write_tiny_vlm
 
@@ -74,7 +75,8 @@ def build_base_model(
             push_to_hub=False,
         )
         torch.manual_seed(seed)
-        policy = SmolVLAPolicy(cfg)
+        with lerobot_prints_silenced():
+            policy = SmolVLAPolicy(cfg)
         pretraining = pretrain(policy) if pretrain is not None else None
         pretrained = tmp / PRETRAINED_DIR
         policy.save_pretrained(pretrained)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kuavo_train.errors import KuavoError, first_line
 from kuavo_train.files import replace_dir
+from kuavo_train.logs import lerobot_prints_silenced
 from kuavo_train.policy import adapters, vlm_cache
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def load_policy(pretrained_path: str | Path, cfg):
 
     vlm_cache.ensure_available(cfg.vlm_model_name, pretrained_path if Path(pretrained_path).is_dir() else None)
     try:
-        policy = SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
+        with lerobot_prints_silenced():
+            policy = SmolVLAPolicy.from_pretrained(str(pretrained_path), config=cfg)
     except Exception as exc:  # OSError, RuntimeError, safetensors' SafetensorError on a truncated file
         raise PolicyLoadError(f"cannot load policy weights from {str(pretrained_path)!r}: {first_line(exc)}") from None
     try:
