@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,32 @@ def test_rerun_skips_complete_stages(full_run, python_exe, tmp_path):
     assert "after stage 4" in (run_dir / "report.md").read_text()
 
 
+def test_a_crash_before_best_was_copied_is_made_good_on_resume(full_run, tmp_path):
+    """Killed after writing `last` and before copying it to `best` (the final epoch, whose loss is the
+    lowest): the rerun has nothing left to train, and must still make `best` that epoch's."""
+    cfg, shared_dir = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(shared_dir, run_dir)
+    stage_dir = run_dir / f"stage1_{TASK_NAMES[0]}" / "checkpoints"
+    last = json.loads((stage_dir / "last" / "kuavo_checkpoint.json").read_text())
+    assert last["epoch"] == 2 and last["current_task_val_loss"] is not None
+    # as the crash leaves it: best is an earlier epoch's, with a higher loss, and the stage is running
+    best = {**last, "epoch": 1, "current_task_val_loss": last["current_task_val_loss"] + 1.0}
+    (stage_dir / "best" / "kuavo_checkpoint.json").write_text(json.dumps(best))
+    state = json.loads((run_dir / "run.json").read_text())
+    state["stages"][TASK_NAMES[0]]["status"] = "running"
+    (run_dir / "run.json").write_text(json.dumps(state))
+    overrides = tiny_overrides(run_dir, Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA,
+                               f"task=tasks/{TASK_NAMES[0]}")
+    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((stage_dir / "best" / "kuavo_checkpoint.json").read_text()) == last
+    assert (stage_dir / "best" / "pretrained_model" / "model.safetensors").read_bytes() == \
+        (stage_dir / "last" / "pretrained_model" / "model.safetensors").read_bytes()
+    assert json.loads((run_dir / "run.json").read_text())["stages"][TASK_NAMES[0]]["status"] == "complete"
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
     """SIGKILL stage 1 after its first epoch's checkpoint; the rerun must end with the same weights."""
     extra = ("task=tasks/task1_moving_grasp", "stages.task1_moving_grasp.max_epoch=3", "evaluation.after_each_stage=false")
@@ -239,6 +266,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
         return [(e.step, e.value) for e in acc.Scalars("train/loss")]
 
     assert losses(cut_dir) == losses(ref_dir) and len(losses(ref_dir)) > saved + 1
+    # run.json counts the samples of the launch that finished the stage, and says from which step
+    ref_stage, cut_stage = (json.loads((d / "run.json").read_text())["stages"]["task1_moving_grasp"]
+                            for d in (ref_dir, cut_dir))
+    assert ref_stage["samples_per_process"] == [ref_stage["total_steps"] * 16] and ref_stage["samples_counted_from_step"] == 0
+    assert cut_stage["samples_per_process"] == [(cut_stage["total_steps"] - saved) * 16]
+    assert cut_stage["samples_counted_from_step"] == saved
     a = load_file(str(final_pretrained(ref_dir, "task1_moving_grasp") / "model.safetensors"))
     b = load_file(str(final_pretrained(cut_dir, "task1_moving_grasp") / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

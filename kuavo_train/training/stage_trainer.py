@@ -209,6 +209,8 @@ class StageTrainer:
                 step, optimizer, scheduler = load_training_state(last, optimizer, scheduler)
         meta_best = ckpt.read_meta(self.ckpt_dir / "best") if ckpt.is_complete(self.ckpt_dir / "best") else {}
         best_loss = meta_best.get("current_task_val_loss", float("inf"))
+        if resuming and self.main:  # a crash right after writing `last` left its copies undone
+            best_loss = self._copy_last(last, ckpt.read_meta(last), step, best_loss)
 
         policy, optimizer, loader = self.acc.prepare(policy, optimizer, loader)
         raw_policy = self.acc.unwrap_model(policy)
@@ -221,6 +223,7 @@ class StageTrainer:
         val_sets = self.val_sets(pcfg.chunk_size)
         ref_losses = self._reference_losses()
         start_epoch = step // steps_per_epoch
+        step_at_start = step
         val_losses: dict[int, float] = {}
         # What this process trained on: its sample count, and which (task, frame) pairs in its
         # first epoch, so that the run records how the replay plan was split across processes.
@@ -290,15 +293,10 @@ class StageTrainer:
                                       stock=StockSpec.for_stage(cfg, self.plan, self.tasks, self.space, self.stage_dir,
                                                                 total_steps),
                                       strategy_state=self.strategy.state_dict())
-                if "current_task_val_loss" in meta and meta["current_task_val_loss"] < best_loss:
-                    best_loss = meta["current_task_val_loss"]
-                    ckpt.copy_checkpoint(last, self.ckpt_dir / "best")
-                freq = cfg.checkpoint.save_freq_epoch
-                if freq > 0 and done % freq == 0:
-                    ckpt.copy_checkpoint(last, self.ckpt_dir / f"{step:06d}")
+                best_loss = self._copy_last(last, meta, step, best_loss)
             self.acc.wait_for_everyone()
         final = self.ckpt_dir / "last"
-        sharding = self._sharding(seen, first_epoch)
+        sharding = self._sharding(seen, first_epoch, resumed_at=step_at_start if resuming else None)
         if cache is not None:
             log.info("%s frozen-feature cache: %s", self.plan.title, cache.summary())
             cache.detach()
@@ -315,6 +313,18 @@ class StageTrainer:
         # its workers): without this every finished stage would stay in (GPU) memory until the run ends.
         self.acc.free_memory()
         return StageResult(final, total_steps, val_losses)
+
+    def _copy_last(self, last: Path, meta: dict, step: int, best_loss: float) -> float:
+        """Copy the `last` just written to `best` when its own task's loss is the lowest so far, and
+        to `<step>` every `checkpoint.save_freq_epoch` epochs (unless there already); returns the
+        best loss."""
+        if meta.get("current_task_val_loss", float("inf")) < best_loss:
+            best_loss = meta["current_task_val_loss"]
+            ckpt.copy_checkpoint(last, self.ckpt_dir / "best")
+        freq = self.cfg.checkpoint.save_freq_epoch
+        if freq > 0 and meta["epoch"] % freq == 0 and not ckpt.is_complete(numbered := self.ckpt_dir / f"{step:06d}"):
+            ckpt.copy_checkpoint(last, numbered)
+        return best_loss
 
     def _own_task_batches(self, preprocessor, chunk_size: int) -> "TaskBatches":
         """Preprocessed batches of the stage's own task's training frames, in order (each made when used)."""
@@ -334,15 +344,19 @@ class StageTrainer:
     def _bars(self) -> bool:
         return self.main and progress_bars(self.cfg.logging.progress_bars)
 
-    def _sharding(self, seen: int, first_epoch: list) -> dict:
-        """Per-process sample counts and the first epoch's overlap, gathered on every process."""
+    def _sharding(self, seen: int, first_epoch: list, *, resumed_at: int | None) -> dict:
+        """Per-process sample counts and the first epoch's overlap, gathered on every process. A
+        stage resumed after a crash counts this launch's samples only (from step `resumed_at`), and
+        its first epoch's overlap only if this launch trained that epoch."""
         from accelerate.utils import gather_object
 
         counts = gather_object([seen])
         pairs = gather_object([first_epoch])
         flat = [tuple(p) for part in pairs for p in part]
-        return {"samples_per_process": counts, "first_epoch_samples": len(flat),
-                "first_epoch_distinct_samples": len(set(flat))}
+        out = {"samples_per_process": counts, "samples_counted_from_step": resumed_at or 0}
+        if flat or not resumed_at:
+            out.update(first_epoch_samples=len(flat), first_epoch_distinct_samples=len(set(flat)))
+        return out
 
     def trained_tasks(self) -> list[dict]:
         """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper, with each
