@@ -220,6 +220,26 @@ def test_a_crash_before_best_was_copied_is_made_good_on_resume(full_run, tmp_pat
     assert json.loads((run_dir / "run.json").read_text())["stages"][TASK_NAMES[0]]["status"] == "complete"
 
 
+def test_statistics_left_before_any_stage_began_are_computed_again(full_run, tmp_path):
+    """A launch stopped between writing the statistics and beginning stage 1 (a one-line error in
+    between, a crash) leaves them; the next may have other data or settings, so they are made again."""
+    cfg, shared_dir = full_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stats = json.loads((shared_dir / "normalization_stats.json").read_text())
+    stale = json.loads(json.dumps(stats))
+    stale["action"]["mean"][0] += 9.5  # as if computed from other data
+    (run_dir / "normalization_stats.json").write_text(json.dumps(stale))
+    (run_dir / "run.json").write_text(json.dumps({"stages": {}}))
+    overrides = tiny_overrides(run_dir, Path(cfg.policy.pretrained_path), Path(cfg.data_root), *FULL_RUN_EXTRA,
+                               f"task=tasks/{TASK_NAMES[0]}", "evaluation.after_each_stage=false")
+    r = subprocess.run([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run_dir / "normalization_stats.json").read_text()) == stats  # the same data: the same values
+    assert "no stage has begun: the normalization statistics are computed again" in (run_dir / "train.log").read_text()
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_data, python_exe):
     """SIGKILL stage 1 after its first epoch's checkpoint; the rerun must end with the same weights."""
     extra = ("task=tasks/task1_moving_grasp", "stages.task1_moving_grasp.max_epoch=3", "evaluation.after_each_stage=false")

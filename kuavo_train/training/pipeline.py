@@ -105,8 +105,8 @@ class Pipeline:
         # a stage resuming from another needs it complete or trained first
         check_resume_sources(cfg, [p.stage for p in self.plans_to_run()], self.run_dir)
         check_settings(cfg, self.plans, self.run_dir, processes.count())  # a stage begun or done keeps its settings
-        if (self.run_dir / STATS_FILE).is_file():  # a resumed run's statistics: damaged ones stop it here
-            read_stats_file(self.run_dir / STATS_FILE)
+        if (self.run_dir / STATS_FILE).is_file() and RunState.load(self.run_dir).data["stages"]:
+            read_stats_file(self.run_dir / STATS_FILE)  # a resumed run's statistics: damaged ones stop it here
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
@@ -145,14 +145,15 @@ class Pipeline:
                                                  f"(its stages: {', '.join(p.stage.name for p in self.plans)}): use task=all")
         return chosen
 
-    def load_or_compute_stats(self, state: RunState):
-        path = self.run_dir / STATS_FILE
-        if path.is_file():
-            return read_stats_file(path)
+    def write_stats(self, state: RunState) -> None:
+        """The run's one set of normalization statistics, computed when no stage has begun: a file
+        left by a launch that stopped before its first stage may be of other data or settings."""
+        if not state.data["stages"] and (self.run_dir / STATS_FILE).is_file():
+            log.info("no stage has begun: the normalization statistics are computed again")
+        elif (self.run_dir / STATS_FILE).is_file():
+            return  # a begun stage was normalized with these: the run keeps them
         stats = training_stats(list(self.tasks.values()), self.space, stats_from=self.cfg.normalization.stats_from)
-        write_json_atomic(path, stats_to_json(stats))
-        # Use the values as stored (float32), so a resumed run normalizes bit-identically.
-        return read_stats_file(path)
+        write_json_atomic(self.run_dir / STATS_FILE, stats_to_json(stats))
 
     def _first_step(self, state: RunState) -> int | None:
         """The first global step this launch trains (None when every stage is complete)."""
@@ -183,13 +184,14 @@ class Pipeline:
                               features=self.space.to_json(), num_processes=acc.num_processes,
                               launch_id=uuid.uuid4().hex)
             state.save()
-            self.load_or_compute_stats(state)
+            self.write_stats(state)
         else:
             logging.getLogger().setLevel(logging.WARNING)
         acc.wait_for_everyone()
         processes.check_shared(self.run_dir / RUN_FILE, "run_dir")
         state = RunState.load(self.run_dir)
-        stats = self.load_or_compute_stats(state)
+        # the values as stored (float32), so that a resumed run normalizes bit-identically
+        stats = read_stats_file(self.run_dir / STATS_FILE)
         log.info("strategy %s: %s; stages: %s", self.strategy.name, self.strategy.description,
                  ", ".join(f"{p.stage.name} ({p.total_steps(cfg, acc.num_processes)} steps)" for p in self.plans))
         # purge_step: TensorBoard hides what a crashed launch logged after its last checkpoint, which

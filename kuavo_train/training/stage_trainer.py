@@ -345,18 +345,16 @@ class StageTrainer:
         return self.main and progress_bars(self.cfg.logging.progress_bars)
 
     def _sharding(self, seen: int, first_epoch: list, *, resumed_at: int | None) -> dict:
-        """Per-process sample counts and the first epoch's overlap, gathered on every process. A
-        stage resumed after a crash counts this launch's samples only (from step `resumed_at`), and
-        its first epoch's overlap only if this launch trained that epoch."""
+        """Per-process sample counts and the overlap of the first epoch this launch trained, gathered
+        on every process. A stage resumed after a crash counts this launch's samples only, from step
+        `resumed_at`."""
         from accelerate.utils import gather_object
 
         counts = gather_object([seen])
         pairs = gather_object([first_epoch])
         flat = [tuple(p) for part in pairs for p in part]
-        out = {"samples_per_process": counts, "samples_counted_from_step": resumed_at or 0}
-        if flat or not resumed_at:
-            out.update(first_epoch_samples=len(flat), first_epoch_distinct_samples=len(set(flat)))
-        return out
+        return {"samples_per_process": counts, "samples_counted_from_step": resumed_at or 0,
+                "first_epoch_samples": len(flat), "first_epoch_distinct_samples": len(set(flat))}
 
     def trained_tasks(self) -> list[dict]:
         """Tasks 1..k: what the checkpoint knows, recorded for the inference wrapper, with each
