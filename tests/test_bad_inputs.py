@@ -303,6 +303,17 @@ def test_a_stage_is_never_reused_or_resumed_with_other_settings_cli(python_exe, 
              "evaluation.closed_loop_episodes=1", "validation.validation_episodes=1", "dataloader.num_workers=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 task1_moving_grasp is complete already: skipped" in r.stdout + r.stderr
+    # a stage begun with other settings and stopped before its first checkpoint trained nothing to
+    # mix with: it starts again with the config's
+    state = json.loads((run_dir / "run.json").read_text())
+    state["stages"]["task2_weighing"] = {"task_id": 2, "status": "running", "processes": 2,
+                                         "settings": {"stages.task2_weighing.max_epoch": 7}}
+    (run_dir / "run.json").write_text(json.dumps(state))
+    r = _run(python_exe, *CLI, "train", *tiny_overrides(run_dir, demo_base, demo_data, "task=tasks/task2_weighing",
+                                                         "evaluation.after_each_stage=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage2 = json.loads((run_dir / "run.json").read_text())["stages"]["task2_weighing"]
+    assert stage2["status"] == "complete" and stage2["settings"]["stages.task2_weighing.max_epoch"] == 1
 
 
 # ---- 8. the inference wrapper's refusal of an unknown instruction --------------------------------------

@@ -262,6 +262,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
     assert "stage task1_moving_grasp of" in other.stderr and "was begun with 1 process(es) and this launch has 2" in other.stderr
     assert json.loads((cut_dir / "run.json").read_text()) == state
+    # resumed with another setting: refused, and the way out keeps the stages before it
+    other = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra),
+                            "learning_rate.base_lr=3e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "was begun with 0.002, this config says 0.003" in other.stderr, other.stderr[-2000:]
+    assert f"or delete {cut_dir / 'stage1_task1_moving_grasp'} to begin the stage again" in other.stderr
 
     # what the killed launch may have logged after its checkpoint, which the rerun logs again
     from torch.utils.tensorboard import SummaryWriter

@@ -70,8 +70,12 @@ def check_settings(cfg, plans: list, run_dir: Path, processes: int = 1) -> None:
     stage is reused, an interrupted one resumed, so other settings now would be silently mixed
     with the old ones. An interrupted one also keeps its number of processes: its steps per epoch,
     and so the epoch it resumes at, depend on it. Checked before anything is written."""
+    from kuavo_train.training.checkpoint import is_complete
+
     state = RunState.load(run_dir)
     for plan in plans:
+        if not state.is_complete(plan.stage.name) and not is_complete(Path(run_dir) / plan.dir_name / "checkpoints" / "last"):
+            continue  # begun, but stopped before its first checkpoint: it starts again, with any settings
         begun_with = state.stage(plan.stage.name).get("processes")
         if not state.is_complete(plan.stage.name) and begun_with is not None and begun_with != processes:
             raise SettingsChangedError(
@@ -93,7 +97,10 @@ def check_settings(cfg, plans: list, run_dir: Path, processes: int = 1) -> None:
         source = strategy_source(cfg.strategy.name) if key.startswith("strategy.") else source_of(key)
         done = "trained" if state.is_complete(plan.stage.name) else "begun"
         more = f" (and {len(changed) - 1} more setting(s))" if len(changed) > 1 else ""
+        # an interrupted stage can begin again alone: the stages before it stay
+        way_out = "delete this one" if done == "trained" else \
+            f"delete {Path(run_dir) / plan.dir_name} to begin the stage again"
         raise SettingsChangedError(
             f"config error: {key}: stage {plan.stage.name} of {run_dir} was {done} with {old[key]!r}, this "
             f"config says {new[key]!r}{more}; a stage is never reused or resumed with other settings: choose "
-            f"another run_dir, or delete this one (in {source} or its overrides)")
+            f"another run_dir, or {way_out} (in {source} or its overrides)")
