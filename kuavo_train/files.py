@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 
@@ -91,6 +93,44 @@ def settle_modes(root: str | Path) -> None:
                 os.chmod(path, (0o777 if os.stat(path).st_mode & 0o100 else 0o666) & ~mask)
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}~{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def staging_dir(parent: str | Path, name: str) -> Path:
+    """A new empty folder in `parent` to build `parent/name` in before `replace_dir` moves it there,
+    named after this process (`.tmp-<name>~<host>~<pid>~<random>`). First the leftovers of earlier
+    processes of this machine that died (SIGKILL, power loss: no clean-up ran) for the same name are
+    cleared: their staging folders removed (a conversion's decoded frames can be gigabytes), and an old
+    `name` a swap had set aside put back if the swap never finished. Folders of live processes, or of
+    other machines sharing the disk, are left alone."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for p in list(parent.iterdir()):
+        for kind in (".tmp-", ".old-"):
+            if not p.name.startswith(f"{kind}{name}~"):
+                continue
+            host, _, pid = p.name[len(kind) + len(name) + 1:].partition("~")
+            pid = pid.split("~")[0]
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == ".old-" and not (parent / name).exists():
+                os.replace(p, parent / name)  # the swap moved the whole old one aside, then died
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}~{_owner()}~"))
+
+
 def replace_dir(src: Path, dest: Path) -> None:
     """Move the staged folder `src` to `dest` (its modes settled first), replacing an old `dest`
     so that a crash leaves one of the two whole."""
@@ -99,7 +139,7 @@ def replace_dir(src: Path, dest: Path) -> None:
     sync_tree(src)
     old = None
     if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        old = dest.with_name(f".old-{dest.name}~{_owner()}")
         os.replace(dest, old)
     os.replace(src, dest)
     _sync(dest.parent)

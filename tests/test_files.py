@@ -54,3 +54,30 @@ def test_data_is_on_disk_before_its_name_is(tmp_path, monkeypatch):
         assert str(p) in before_swap, (p, events)
     assert len(renames) == 3 and events[renames[2] + 1] == ("fsync", str(tmp_path)), events
     assert (tmp_path / "ckpt" / "sub" / "model.safetensors").read_bytes() == b"w" * 100
+
+
+def test_staging_clears_what_dead_processes_of_this_machine_left(tmp_path):
+    """A conversion or dataset build killed outright (SIGKILL, power loss) leaves its staging folder
+    (decoded frames: gigabytes) and perhaps the old copy a swap had set aside: the next build of the
+    same name clears them, and leaves live processes' and other machines' folders alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from kuavo_train.files import staging_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    (tmp_path / f".tmp-ds~{host}~{dead}~abc" / "frames").mkdir(parents=True)
+    (tmp_path / f".old-ds~{host}~{dead}" / "meta").mkdir(parents=True)  # killed between the swap's renames
+    kept = [tmp_path / f".tmp-ds~{host}~{os.getpid()}~xyz",  # a live process's
+            tmp_path / f".tmp-ds~another-host~{dead}~abc",  # another machine's on a shared disk
+            tmp_path / f".tmp-ds2~{host}~{dead}~abc"]  # another name's
+    for p in kept:
+        p.mkdir()
+    new = staging_dir(tmp_path, "ds")
+    assert (tmp_path / "ds" / "meta").is_dir()  # the whole old one, put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", new.name, *(p.name for p in kept)])
+    assert new.name.startswith(f".tmp-ds~{host}~{os.getpid()}~") and not any(new.iterdir())

@@ -322,16 +322,28 @@ def test_data_workers_die_with_their_killed_parent(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
+        data = tmp_path / "data"
+
+        def staged():
+            return sorted(p.name for p in data.iterdir() if p.name.startswith(".tmp-")) if data.is_dir() else []
+
         deadline, workers = time.time() + 120, []
-        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        while time.time() < deadline and (len(workers) < 2 or len(staged()) < 2) and proc.poll() is None:
             time.sleep(0.2)
             # the spawned workers, once they have imported what they run (their parent's import time)
             workers = [c for c in psutil.Process(proc.pid).children() if c.cpu_times().user > 1.0]
-        assert len(workers) == 2, "the generator processes never started"
+        assert len(workers) == 2 and len(staged()) == 2, "the generator processes never started"
         proc.send_signal(signal.SIGKILL)  # the parent alone
         proc.wait()
         gone, alive = psutil.wait_procs(workers, timeout=20)
         assert not alive, f"{len(alive)} worker(s) outlived their parent"
+        # their staging folders stay (nothing ran their clean-up) until the next build of the same name
+        from kuavo_train.files import staging_dir
+
+        assert len(staged()) == 2
+        for task in ("task1_moving_grasp", "task3_placement"):
+            staging_dir(data, task).rmdir()
+        assert staged() == []
     finally:
         for p in [proc.pid, *[w.pid for w in workers]]:
             try:

@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import DataError, first_line
+from kuavo_train.files import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def convert_v21(src: str | Path, dst: str | Path, *, repo_id: str | None = None)
     repo_id = repo_id or f"local/{src.name}"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+        tmp = staging_dir(dst.parent, dst.name)
     except OSError as exc:
         raise DataError(f"data error: cannot write next to {dst}: {first_line(exc)}") from None
     try:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from kuavo_train.policy import vlm_cache
-from kuavo_train.files import replace_dir
+from kuavo_train.files import replace_dir, staging_dir
 from kuavo_train.logs import lerobot_prints_silenced
 from kuavo_train.policy.factory import PRETRAINED_DIR
 from kuavo_train.policy.tiny_vlm import TinyVLMSpec, write_tiny_vlm
@@ -53,7 +52,7 @@ def build_base_model(
         raise ValueError("build_base_model needs at least one instruction for the tokenizer vocabulary")
     spec = spec or TinyVLMSpec(image_size=image_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    tmp = staging_dir(out_dir.parent, out_dir.name)
     try:
         vlm_dir = write_tiny_vlm(tmp / "vlm", instructions, spec)
         repo_id = vlm_cache.register(vlm_dir)

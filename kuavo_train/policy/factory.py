@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError, first_line
-from kuavo_train.files import replace_dir
+from kuavo_train.files import replace_dir, staging_dir
 from kuavo_train.logs import lerobot_prints_silenced
 from kuavo_train.policy import adapters, vlm_cache
 
@@ -236,7 +235,7 @@ def save_pretrained(out_dir: str | Path, policy, preprocessor=None, postprocesso
     """LeRobot's `pretrained_model/` layout, written to a temp folder and renamed into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    tmp = staging_dir(out_dir.parent, out_dir.name)
     policy.save_pretrained(tmp)
     if preprocessor is not None:
         preprocessor.save_pretrained(tmp)

@@ -29,14 +29,12 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from kuavo_train.errors import KuavoError
-from kuavo_train.files import atomic_path
+from kuavo_train.files import atomic_path, replace_dir, staging_dir
 from kuavo_train.policy import vlm_cache
 from kuavo_train.policy.feature_cache import free_bytes
-from kuavo_train.files import replace_dir
 from kuavo_train.policy.factory import PRETRAINED_DIR, save_policy
 from kuavo_train.training import stock_resume
 from kuavo_train.training.optim import stock_param_groups
@@ -128,7 +126,7 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
     with _disk_full_is_one_line(ckpt_dir, needed):
         ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
         _ensure_space(ckpt_dir, needed)
-        tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".tmp-{ckpt_dir.name}-"))
+        tmp = staging_dir(ckpt_dir.parent, ckpt_dir.name)
         try:
             pretrained = tmp / PRETRAINED_DIR
             save_policy(policy, pretrained)
@@ -157,8 +155,8 @@ def copy_checkpoint(src: Path, dest: Path) -> Path:
     with _disk_full_is_one_line(dest, needed):
         dest.parent.mkdir(parents=True, exist_ok=True)
         _ensure_space(dest, needed)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
-        shutil.rmtree(tmp)
+        tmp = staging_dir(dest.parent, dest.name)
+        tmp.rmdir()  # copytree makes it
         try:
             shutil.copytree(src, tmp)
             replace_dir(tmp, dest)
@@ -203,14 +201,14 @@ def is_complete(ckpt_dir: Path) -> bool:
 def clean_temporaries(folder: Path) -> None:
     """Remove leftovers of writes that a crash interrupted.
 
-    A swap (`replace_dir`) moves the old checkpoint to `.old-<name>-<pid>` and then renames the
+    A swap (`replace_dir`) moves the old checkpoint to `.old-<name>~<host>~<pid>` and then renames the
     new one in: a kill between the two renames leaves no `<name>`, so its old copy is put back
     (it is complete: it was the checkpoint before the swap began)."""
     if not Path(folder).is_dir():
         return
     for p in sorted(Path(folder).iterdir()):
         if p.name.startswith(".old-"):
-            name = p.name[len(".old-"):].rsplit("-", 1)[0]
+            name = p.name[len(".old-"):].split("~")[0]
             if not (p.parent / name).exists() and is_complete(p):
                 os.replace(p, p.parent / name)
                 continue

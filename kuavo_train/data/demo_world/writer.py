@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, TASKS_BY_NAME, DemoWorldError
 from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
 from kuavo_train.data.generated import made_with
-from kuavo_train.files import replace_dir
+from kuavo_train.files import replace_dir, staging_dir
 
 FPS = 10
 GENERATOR_VERSION = 2
@@ -104,7 +103,7 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
             return dest
         raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{task}-"))
+    tmp = staging_dir(out_dir, task)
     try:
         root = tmp / task
         ds = LeRobotDataset.create(repo_id=f"kuavo_demo/{task}", fps=FPS, features=features(image_size), root=root,

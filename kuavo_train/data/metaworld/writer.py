@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from kuavo_train.data.metaworld.env import (
     run_episode,
     state_names,
 )
-from kuavo_train.files import replace_dir
+from kuavo_train.files import replace_dir, staging_dir
 
 META_FILE = "metaworld.json"
 GENERATOR_VERSION = 1
@@ -153,7 +152,7 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
     gen_seconds = time.time() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{settings.task}-"))
+    tmp = staging_dir(out_dir, settings.task)
     try:
         root = tmp / settings.task
         fps = int(round(1.0 / 0.0125))  # MetaWorld steps at 80 Hz (frame_skip 5 x 2.5 ms)

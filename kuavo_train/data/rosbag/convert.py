@@ -28,7 +28,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import numpy as np
 from kuavo_train.data.demo_world.tasks import JOINT_NAMES
 from kuavo_train.data.rosbag.topic_map import RosbagError, TopicMap
 from kuavo_train.errors import first_line
-from kuavo_train.files import sync_tree
+from kuavo_train.files import staging_dir, sync_tree
 
 STATE_NAMES: tuple[str, ...] = JOINT_NAMES  # zarm_l1..zarm_l7, left_claw, zarm_r1..zarm_r7, right_claw
 BASE_NAMES: tuple[str, ...] = ("cmd_pos_x", "cmd_pos_y", "cmd_pos_yaw", "ctrl_change_cmd")
@@ -720,7 +719,7 @@ def convert_bags(bags: list[Path], out: Path, topic_map: TopicMap, *, repo_id: s
 
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # removed again if nothing is published
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = staging_dir(out.parent, out.name)
     failures: list[BagFailure] = []
     episodes: list[EpisodeInfo] = []
     notes: list[tuple[Path, str]] = []

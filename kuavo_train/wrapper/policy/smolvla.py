@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kuavo_train.errors import KuavoError
-from kuavo_train.files import replace_dir
+from kuavo_train.files import replace_dir, staging_dir
 from kuavo_train.policy import adapters, factory
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,6 @@ def export_merged(path, out: Path | None = None) -> dict[str, Path]:
     """One plain stock checkpoint per task of a model with per-task adapters (base and the task's
     adapter merged): `<out>/<task name>/pretrained_model`, each written whole or not at all.
     `out` defaults to `merged/` beside the checkpoint folder (in the run directory for a run)."""
-    import tempfile
 
     pretrained = resolve_pretrained_dir(path)
     cfg = factory.read_pretrained_config(pretrained)
@@ -423,7 +422,7 @@ def export_merged(path, out: Path | None = None) -> dict[str, Path]:
     for t in tasks:
         if adapters.adapter_name(t["task_id"]) not in adapters.names(policy):
             continue
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{t['name']}-"))
+        tmp = staging_dir(out, t["name"])
         try:
             dest = adapters.export_merged(policy, pretrained, t["task_id"], tmp)
             (dest / TASKS_FILE).write_text(json.dumps({"tasks": [t]}, indent=2) + "\n")  # what this model knows
