@@ -65,11 +65,16 @@ def check_config_files() -> None:
     (composing the same config as the `kuavo-train` CLI does), for one line naming the file and
     the field."""
     from kuavo_train.cli.errors import one_line_errors
-    from kuavo_train.config.loading import check_strategy_override, check_yaml_files, load_run_config
+    from kuavo_train.config.loading import CONFIG_NAME, check_strategy_override, check_yaml_files, load_run_config
+    from kuavo_train.config.schema import ConfigError
     from kuavo_train.strategies import get_strategy
 
     dirs = _config_dirs(sys.argv[1:])
     with one_line_errors():
+        if not (dirs[0] / f"{CONFIG_NAME}.yaml").is_file():  # Hydra resolves it from this file's folder
+            raise ConfigError("--config-path", str(dirs[0].resolve()),
+                              f"no {CONFIG_NAME}.yaml in {dirs[0].resolve()} (a relative --config-path is relative "
+                              f"to {HERE}, not to the current folder)")
         check_yaml_files(dirs)
         check_strategy_override(sys.argv[1:], dirs[0])
         overrides = _plain_overrides(sys.argv[1:])

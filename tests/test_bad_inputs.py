@@ -339,6 +339,10 @@ def test_unknown_instruction_message_shows_it_whole_and_marks_the_first_differen
     longer = unknown_instruction_message(right + " now", known)
     assert f"goes on at character {len(right) + 1} where task2_weighing's ends" in longer
     assert unknown_instruction_message("dance", {}) == "task: 'dance' is not an instruction this model was trained on"
+    # the beginning of an instruction, typed alone, is that instruction's (similarity alone picked another)
+    for name, text in known.items():
+        start = text[:16]
+        assert f"stops at character 17 where {name}'s goes on" in unknown_instruction_message(start, known), (name, start)
 
 
 def test_wrapper_refuses_unknown_instruction_in_one_line():
@@ -435,3 +439,13 @@ def test_every_command_is_listed_and_described_in_its_help():
     for name, sp in subcommands(parser).items():
         assert f"kuavo-train {name}" in top, name
         check(sp, name)
+
+
+def test_a_config_path_without_the_base_config_is_one_line_naming_the_flag(python_exe, tmp_path):
+    """`--config-path` is relative to kuavo_train/, not to the current folder (Hydra's rule): a path
+    written from the repository root finds nothing, and the line says which flag and why."""
+    run_dir = tmp_path / "run"
+    line = _one_line_error(_run(python_exe, SPEC_SCRIPT[0], "--config-path=configs/policy", SPEC_SCRIPT[2],
+                                f"run_dir={run_dir}"), run_dir)
+    assert "config error: --config-path: no smolvla_sequential_base.yaml in " in line, line
+    assert "relative to " in line and line.count("kuavo_train") >= 2, line

@@ -77,7 +77,7 @@ def test_success_matrix_is_filled_for_every_strategy(smoke):
 
     final = seq[2]  # binomial standard error of the mean over tasks, from the 2 final episodes per task
     sem = (sum(p * (1 - p) / 2 for p in final)) ** 0.5 / len(final)
-    assert f"(± {sem:.2f} standard error of the final row's 2 episodes per task)" in md
+    assert f"(± {sem:.3f} standard error of the final row's 2 episodes per task)" in md
     assert episode_sem([0.5, 1.0], 20) == pytest.approx((0.25 / 20) ** 0.5 / 2)
     assert result["expert"]["push-v3"]["eval_success_rate"] == 1.0
 

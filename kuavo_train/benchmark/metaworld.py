@@ -308,8 +308,8 @@ _STOCK_NOTE = (
     "seeded once, so single episodes may differ).")
 
 
-def _fmt(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+def _fmt(v, digits: int = 2) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def episode_sem(rates: list[float | None], episodes: int) -> float | None:
@@ -360,9 +360,10 @@ def _write_results(spec, roots, reports, timings, runs, data_seconds, format_sum
             lines.append("| scripted expert (ceiling) | " + " | ".join(_fmt(v) for v in ceiling) + " |")
             met = rep["metrics"]["success"]
             lines += ["", "ACC {} (± {} standard error of the final row's {} episodes per task), BWT {}, FWT {}, "
-                      "mean forgetting {}".format(_fmt(met.get("acc")), _fmt(episode_sem(R[-1], spec.final_episodes)),
+                      # three decimals: a mean of rates in steps of 1/episodes (0.8375 is not 0.84)
+                      "mean forgetting {}".format(_fmt(met.get("acc"), 3), _fmt(episode_sem(R[-1], spec.final_episodes), 3),
                                                   spec.final_episodes,
-                                                  *(_fmt(met.get(k)) for k in ("bwt", "fwt", "mean_forgetting")))]
+                                                  *(_fmt(met.get(k), 3) for k in ("bwt", "fwt", "mean_forgetting")))]
     lines += ["", "## Over seeds", "", format_summary(summary, seeds=seeds_done)] if done else []
     out = {"spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()},
            "data_seconds": round(data_seconds, 1), "run_seconds": {k: [t["seconds"] for t in v] for k, v in timings.items()},

@@ -87,14 +87,19 @@ def resolve_pretrained_dir(path) -> Path:
 
 def unknown_instruction_message(instruction: str, known: Mapping[str, str]) -> str:
     """One line: the refused instruction whole, and the first character where it differs from
-    the closest known one (by similarity), marked with `^` in that instruction."""
+    the closest known one, marked with `^` in that instruction. Closest: the longest shared
+    beginning (what the message shows), then similarity (difflib's ratio)."""
     msg = f"task: {instruction!r} is not an instruction this model was trained on"
     if not known:
         return msg
     import difflib
 
-    name, closest = max(known.items(), key=lambda kv: difflib.SequenceMatcher(None, instruction, kv[1]).ratio())
-    i = next((k for k, (a, b) in enumerate(zip(instruction, closest)) if a != b), min(len(instruction), len(closest)))
+    def shared_beginning(text: str) -> int:
+        return next((k for k, (a, b) in enumerate(zip(instruction, text)) if a != b), min(len(instruction), len(text)))
+
+    name, closest = max(known.items(), key=lambda kv: (shared_beginning(kv[1]),
+                                                        difflib.SequenceMatcher(None, instruction, kv[1]).ratio()))
+    i = shared_beginning(closest)
     lo, hi = max(0, i - 30), i + 30
     shown = ("..." if lo else "") + closest[lo:i] + "^" + closest[i:hi] + ("..." if hi < len(closest) else "")
     if i < min(len(instruction), len(closest)):
