@@ -267,6 +267,13 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, demo_base, demo_dat
                             "learning_rate.base_lr=3e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "was begun with 0.002, this config says 0.003" in other.stderr, other.stderr[-2000:]
     assert f"or delete {cut_dir / 'stage1_task1_moving_grasp'} to begin the stage again" in other.stderr
+    # ...or another held-out set: its `best` so far was chosen on the old one (a finished stage may
+    # be validated otherwise: test_bad_inputs.py::test_a_stage_is_never_reused_or_resumed_with_other_settings_cli)
+    other = subprocess.run([python_exe, *SPEC_SCRIPT, *tiny_overrides(cut_dir, demo_base, demo_data, *extra),
+                            "validation.validation_episodes=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "validation.validation_episodes: stage task1_moving_grasp" in other.stderr
+    assert "was begun with 2, this config says 1" in other.stderr, other.stderr[-2000:]
+    assert json.loads((cut_dir / "run.json").read_text()) == state
 
     # what the killed launch may have logged after its checkpoint, which the rerun logs again
     from torch.utils.tensorboard import SummaryWriter

@@ -29,6 +29,12 @@ _NOT_TRAINING = ("run_dir", "data_root", "task", "stages", "validation", "checkp
                  "dataloader.prefetch_factor", "dataloader.persistent_workers")
 
 
+# Keys that do not decide a stage's weights but decide which of its checkpoints is `best`: the
+# held-out set its own task's loss is measured on. An interrupted stage keeps them (its `best` so far
+# was chosen on that set); a finished one may be validated otherwise afterwards.
+_RESUME_ONLY = ("validation.validation_episodes", "validation.seed")
+
+
 def _flat(data, prefix: str = "") -> dict:
     if isinstance(data, dict) and data:
         out = {}
@@ -55,7 +61,7 @@ def _model_id(path: str) -> str:
 def stage_settings(cfg, plan) -> dict:
     """{dotted key: value} of everything that decides what stage `plan` (a strategy's StagePlan)
     trains, as stored in run.json when the stage starts."""
-    flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not _ignored(k, _NOT_TRAINING)}
+    flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not _ignored(k, _NOT_TRAINING) or k in _RESUME_ONLY}
     flat["strategy.name"] = strategy_class(cfg.strategy.name).name  # an alias trains the same
     flat["policy.pretrained_path"] = _model_id(str(cfg.policy.pretrained_path))  # moved or copied: the same
     stage = {k: v for k, v in _flat(dataclasses.asdict(plan.stage)).items() if k != "dataset.root"}
@@ -89,8 +95,10 @@ def check_settings(cfg, plans: list, run_dir: Path, processes: int = 1) -> None:
         new = stage_settings(cfg, plan)
         # Keys both sides have: a key added since keeps, by its default, what runs did before it.
         # The keys a user sets first, those derived from them (planned_*) last.
-        changed = sorted((k for k in old.keys() & new.keys() if old[k] != new[k]),
-                         key=lambda k: (".planned_" in k, k))
+        compared = old.keys() & new.keys()
+        if state.is_complete(plan.stage.name):
+            compared -= set(_RESUME_ONLY)
+        changed = sorted((k for k in compared if old[k] != new[k]), key=lambda k: (".planned_" in k, k))
         if not changed:
             continue
         key = changed[0]
