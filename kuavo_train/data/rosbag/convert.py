@@ -39,7 +39,7 @@ import numpy as np
 from kuavo_train.data.demo_world.tasks import JOINT_NAMES
 from kuavo_train.data.rosbag.topic_map import RosbagError, TopicMap
 from kuavo_train.errors import first_line
-from kuavo_train.files import staging_dir, sync_tree
+from kuavo_train.files import replace_dir, staging_dir
 
 STATE_NAMES: tuple[str, ...] = JOINT_NAMES  # zarm_l1..zarm_l7, left_claw, zarm_r1..zarm_r7, right_claw
 BASE_NAMES: tuple[str, ...] = ("cmd_pos_x", "cmd_pos_y", "cmd_pos_yaw", "ctrl_change_cmd")
@@ -765,10 +765,7 @@ def convert_bags(bags: list[Path], out: Path, topic_map: TopicMap, *, repo_id: s
             "topic_map": topic_map.model_dump(mode="json"),
         }
         (root / "meta" / META_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        sync_tree(root)  # on disk before it is renamed into place (files.sync_tree)
-        if out.exists():  # --overwrite: the old dataset goes only once the new one is complete
-            os.replace(out, tmp / "previous")
-        os.replace(root, out)
+        replace_dir(root, out)  # --overwrite: the old dataset goes only once the new one is in place
     finally:
         results.close()  # stops the reading processes if anything above failed
         shutil.rmtree(tmp, ignore_errors=True)
