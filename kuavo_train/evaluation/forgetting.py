@@ -13,9 +13,8 @@ wording next to them.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import math
+from collections.abc import Collection
 
 GOOD, MODERATE, FORGETTING, UNKNOWN = "good", "moderate", "forgetting", "n/a"
 SPEC_LABELS = {GOOD: "Well Retained", MODERATE: "Slight Degradation", FORGETTING: "Significant Forgetting",
@@ -69,7 +68,8 @@ def format_validation_table(stage: int | str, epoch: int, losses: dict[int, floa
     lo, hi = thresholds
     rule = (f"relative to end-of-own-stage loss: ratio <= {lo:g} good, <= {hi:g} moderate" if mode == "relative"
             else f"absolute: loss < {lo:g} good, < {hi:g} moderate")
-    header = f"{f'stage {stage}' if isinstance(stage, int) else stage}, epoch {epoch}: multi-task validation (held-out episodes; retention {rule})"
+    title = f"stage {stage}" if isinstance(stage, int) else stage
+    header = f"{title}, epoch {epoch}: multi-task validation (held-out episodes; retention {rule})"
     label = {t: f"{t}. {names.get(t, f'task{t}')}" for t in losses}
     w = max([len("task"), *map(len, label.values())])
     lines = [header, f"  {'task':<{w}}  {'loss':>9}  retention",

@@ -93,7 +93,8 @@ def render_markdown(report: dict) -> str:
         out += matrix_md(R, names, extra.get("row_stages")) + [""] + _metrics_md(met, names) + ["", f"![{m}]({heatmap_name(m)})", ""]
     out += ["## Validation loss over the run", ""]
     if report.get("figures", {}).get("validation_curves"):
-        out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark where each stage that has begun starts.",
+        out += ["Held-out loss of each task trained so far, logged during training; dashed lines mark where each "
+                "stage that has begun starts.",
                 "", f"![validation curves]({CURVES_PNG})", ""]
     else:
         out += ["No validation log (validation.jsonl) was found.", ""]
