@@ -116,29 +116,23 @@ def ensure_demo_inputs(cfg) -> None:
 
 
 def _build_missing_demo_inputs(cfg) -> None:
+    from kuavo_train.data.demo_world import write_demo_world
+    from kuavo_train.data.generated import generator_processes
+    from kuavo_train.policy.factory import PolicyLoadError, read_pretrained_config
+
     d = cfg.demo
     base_pretrained = Path(cfg.policy.pretrained_path)
     if not (base_pretrained / "model.safetensors").is_file():
-        # Only the embedded base is built here: a pretrained_path elsewhere (a typo, a base not built yet)
-        # is the user's model, which rebuilding demo.base_dir would neither make nor leave alone.
-        if base_pretrained.resolve() != (Path(d.base_dir) / "pretrained_model").resolve():
-            from kuavo_train.policy.factory import PolicyLoadError, read_pretrained_config
-
-            if base_pretrained.is_dir():
-                raise PolicyLoadError(f"pretrained model {str(base_pretrained)!r} has no model.safetensors "
-                                      f"(`kuavo-train build-base --out {base_pretrained.parent}` builds a base there)")
+        # Only the embedded base is built here: a pretrained_path elsewhere (a typo, a base not built
+        # yet) is the user's model, which rebuilding demo.base_dir would neither make nor leave alone.
+        if base_pretrained.resolve() == (Path(d.base_dir) / "pretrained_model").resolve():
+            log.info("building the embedded base model in %s", d.base_dir)
+            _build_demo_base(cfg, Path(d.base_dir), overwrite=True)
+        elif base_pretrained.is_dir():
+            raise PolicyLoadError(f"pretrained model {str(base_pretrained)!r} has no model.safetensors "
+                                  f"(`kuavo-train build-base --out {base_pretrained.parent}` builds a base there)")
+        else:
             read_pretrained_config(base_pretrained)  # a missing folder is one line; a cached hub id loads later
-            return _build_missing_datasets(cfg)
-        log.info("building the embedded base model in %s", d.base_dir)
-        _build_demo_base(cfg, Path(d.base_dir), overwrite=True)
-    _build_missing_datasets(cfg)
-
-
-def _build_missing_datasets(cfg) -> None:
-    from kuavo_train.data.demo_world import write_demo_world
-    from kuavo_train.data.generated import generator_processes
-
-    d = cfg.demo
     missing = [s.name for s in cfg.ordered_stages() if not (Path(s.dataset.root) / "meta" / "info.json").is_file()]
     if missing:
         log.info("generating the Kuavo demo world datasets for %s in %s", ", ".join(missing), cfg.data_root)

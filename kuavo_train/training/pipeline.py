@@ -148,10 +148,10 @@ class Pipeline:
     def write_stats(self, state: RunState) -> None:
         """The run's one set of normalization statistics, computed when no stage has begun: a file
         left by a launch that stopped before its first stage may be of other data or settings."""
-        if not state.data["stages"] and (self.run_dir / STATS_FILE).is_file():
+        if (self.run_dir / STATS_FILE).is_file():
+            if state.data["stages"]:
+                return  # a begun stage was normalized with these: the run keeps them
             log.info("no stage has begun: the normalization statistics are computed again")
-        elif (self.run_dir / STATS_FILE).is_file():
-            return  # a begun stage was normalized with these: the run keeps them
         stats = training_stats(list(self.tasks.values()), self.space, stats_from=self.cfg.normalization.stats_from)
         write_json_atomic(self.run_dir / STATS_FILE, stats_to_json(stats))
 
