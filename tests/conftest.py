@@ -1,19 +1,30 @@
 """Shared fixtures: the real tiny SmolVLA base and real demo-world datasets, built once per session."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
+
+
+def _private_folder(prefix: str) -> str:
+    """A temporary folder removed when this process exits: a suite's feature cache reaches
+    hundreds of megabytes, and every pytest process (each xdist worker too) makes its own."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
 
 # Before anything imports huggingface_hub: never touch the network, and keep
 # the embedded VLM registration in a private cache for this session.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="kuavo-test-hf-"))
+if "HF_HOME" not in os.environ:
+    os.environ["HF_HOME"] = _private_folder("kuavo-test-hf-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Runs share one frozen-feature cache folder per test session, never the user's.
-os.environ["KUAVO_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="kuavo-test-features-")
+os.environ["KUAVO_FEATURE_CACHE"] = _private_folder("kuavo-test-features-")
 
 import pickle  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
