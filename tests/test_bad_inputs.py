@@ -441,6 +441,29 @@ def test_every_command_is_listed_and_described_in_its_help():
         check(sp, name)
 
 
+
+def test_each_commands_help_offers_overrides_it_reads():
+    """The overrides a command's --help offers are keys of the config, and those of training
+    (run_dir=, strategy=, task=) are not offered where nothing is trained."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from kuavo_train.cli.main import build_parser
+    from kuavo_train.config.loading import compose
+
+    cfg = compose(["profile=demo"])
+    choices = next(a.choices for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    for name, sp in choices.items():
+        keys = set(re.findall(r"(?:^ +|, )([a-z_.]+)=", sp.epilog or "", flags=re.M))
+        for key in keys - {"profile", "task", "strategy"}:  # config groups, not fields
+            assert OmegaConf.select(cfg, key, default="absent") != "absent", f"{name}: {key}"
+        if name in ("build-base", "make-data", "evaluate"):
+            assert not keys & {"strategy", "task", "seed"}, name
+        if name in ("build-base", "make-data"):
+            assert "run_dir" not in keys, name
+    assert {"run_dir", "strategy", "task"} <= set(re.findall(r"^ +([a-z_.]+)=", choices["train"].epilog, flags=re.M))
+
 def test_a_config_path_without_the_base_config_is_one_line_naming_the_flag(python_exe, tmp_path):
     """`--config-path` is relative to kuavo_train/, not to the current folder (Hydra's rule): a path
     written from the repository root finds nothing, and the line says which flag and why."""

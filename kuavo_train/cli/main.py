@@ -352,6 +352,12 @@ def _config_of_run(run_dir: Path, overrides: list[str] = ()):
                                 str(Path(run_dir) / RUN_FILE))
 
 
+ENVIRONMENT_HELP = """\
+environment:
+  HF_ENDPOINT=URL     a Hugging Face mirror for hub downloads
+  HF_HUB_OFFLINE=1    never contact a hub (models must be in the local cache or local folders)
+"""
+
 OVERRIDES_HELP = """\
 common overrides (Hydra key=value; any config field works, see configs/policy/):
   profile=demo                    the embedded offline default (tiny base, demo world)
@@ -363,9 +369,22 @@ common overrides (Hydra key=value; any config field works, see configs/policy/):
                                   spec's recipe; alias sequential_spec), sequential_naive, joint, ...
   policy.pretrained_path=DIR|HUB_ID   the base model (default lerobot/smolvla_base)
   stages.<task>.max_epoch=N, stages.<task>.optimizer_lr=X, dataloader.batch_size=N
-environment:
-  HF_ENDPOINT=URL     a Hugging Face mirror for hub downloads
-  HF_HUB_OFFLINE=1    never contact a hub (models must be in the local cache or local folders)
+""" + ENVIRONMENT_HELP
+
+DEMO_INPUTS_HELP = """\
+common overrides (Hydra key=value on top of profile=demo; see configs/policy/profile/demo.yaml):
+  demo.seed=N                     seed of the generated scenes and of the base's pretraining
+  demo.image_size=N               camera images N x N pixels
+  demo.num_train_episodes=N, demo.num_val_episodes=N    demonstrations / held-out scenes per task
+  demo.pretrain_vision_steps=N, demo.pretrain_skill_steps=N    the base's two pretraining phases
+"""
+
+EVALUATE_HELP = """\
+common overrides (Hydra key=value; with --run, fields of the run's recorded config):
+  run_dir=DIR                     the run (without --run: with the overrides that trained it)
+  data_root=DIR                   folder holding one dataset per task (<data_root>/<task name>)
+  evaluation.closed_loop_episodes=N    held-out scenes per task and row (0: no closed loop)
+  evaluation.action_error_episodes=N   held-out episodes per task for the action error
 """
 
 
@@ -374,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", default=None, help="folder with smolvla_sequential_base.yaml (default: this checkout's configs/policy)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_, description=help_, epilog=OVERRIDES_HELP,
+    def add(name, fn, help_, epilog=OVERRIDES_HELP):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides key=value (see below)")
@@ -385,14 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "the full pipeline on the embedded offline default")
     add("train", cmd_train, "the sequential pipeline (task=all or task=tasks/<name>)")
-    e = add("evaluate", cmd_evaluate, "forgetting matrices and report of a run (--run DIR, or the overrides that trained it)")
+    e = add("evaluate", cmd_evaluate, "forgetting matrices and report of a run (--run DIR, or the overrides that trained it)",
+          EVALUATE_HELP + ENVIRONMENT_HELP)
     e.add_argument("--run", default=None, help="run directory: its recorded config is used, with any key=value "
                                                 "overrides of its fields (e.g. evaluation.closed_loop_episodes=20, "
                                                 "data_root=DIR)")
-    b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base")
+    b = add("build-base", cmd_build_base, "build the tiny offline SmolVLA base", DEMO_INPUTS_HELP)
     b.add_argument("--out", default=None, help="folder of the base (default: demo.base_dir, outputs/demo/base)")
     b.add_argument("--overwrite", action="store_true", help="replace a base already there")
-    m = add("make-data", cmd_make_data, "generate the Kuavo demo world datasets")
+    m = add("make-data", cmd_make_data, "generate the Kuavo demo world datasets", DEMO_INPUTS_HELP)
     m.add_argument("--out", default=None, help="folder of the datasets (default: data_root, outputs/demo/datasets)")
     m.add_argument("--tasks", nargs="+", default=None, help="space-separated task names (default: all four)")
     m.add_argument("--train-episodes", type=int, default=None, help="demonstrations per task (default: demo.num_train_episodes)")
