@@ -182,6 +182,52 @@ def test_bad_task_name_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
+
+def _kill_self(chunk):
+    import signal
+
+    if chunk == [1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [c * 10 for c in chunk]
+
+
+def _raise(chunk):
+    raise ValueError(f"bad chunk {chunk}")
+
+
+def test_a_killed_worker_is_one_error_not_a_hang():
+    """A simulator worker killed outright (out of memory, a crashing renderer) ends the map with
+    one error line; the others are stopped. A process pool would wait for ever."""
+    import time
+
+    from kuavo_train.data.metaworld.env import MetaWorldError, fork_map
+
+    assert fork_map(lambda c: [x * 10 for x in c], [0, 2, 3], 2) == [0, 20, 30]
+    t0 = time.time()
+    with pytest.raises(MetaWorldError, match=r"a simulator worker process died \(exit code -9"):
+        fork_map(_kill_self, [0, 1, 2], 3)
+    assert time.time() - t0 < 60
+    with pytest.raises(ValueError, match=r"bad chunk \[0\]"):
+        fork_map(_raise, [0], 1)
+
+
+def test_overrides_the_benchmark_sets_itself_are_refused_before_any_data(tmp_path):
+    """`seed=`, `strategy=`... would be overridden per run, silently; a key that does not exist
+    is reported before minutes of dataset generation, not after."""
+    base = [sys.executable, "-m", "kuavo_train.cli.main", "benchmark", "metaworld"]
+    tail = ["--smoke", "--tasks", "reach-v3", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")]
+    env = {**os.environ, "KUAVO_METAWORLD_WORKERS": "1"}
+    for override, expected in (("seed=3", "the benchmark sets seed itself; use --seeds"),
+                               ("evaluation.closed_loop_episode=3", "Could not override 'evaluation.closed_loop_episode'")):
+        r = subprocess.run([*base, override, *tail], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert expected in r.stderr, r.stderr
+    r = subprocess.run([*base, *tail], capture_output=True, text=True, timeout=120,
+                       env={**env, "KUAVO_METAWORLD_WORKERS": "two"})
+    assert r.returncode == 2 and r.stderr.strip() == ("error: metaworld error: KUAVO_METAWORLD_WORKERS='two': expected "
+                                                      "a whole number of processes, 1 or more"), r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
 # ---- --observation stock: LeRobot's own metaworld env -------------------------------------------
 
 STOCK_TASK = "coffee-button-v3"  # its expert needs ~35 steps: the cheapest recording at stock's 480 px

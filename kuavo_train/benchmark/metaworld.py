@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,29 @@ def check_spec(spec: BenchmarkSpec) -> None:
     spec.eval_seeds = max(spec.eval_seeds, spec.episodes, spec.final_episodes)
     if not spec.seeds:
         raise MetaWorldError("metaworld error: --seeds is empty")
+    check_overrides(spec)
+
+
+# Overrides the benchmark sets for each run itself, and the option that sets them.
+_OWN_KEYS = {"seed": "--seeds", "strategy": "--strategies", "run_dir": "--out", "data_root": "--data",
+             "evaluation.closed_loop_final_episodes": "--final-episodes"}
+
+
+def check_overrides(spec: BenchmarkSpec) -> None:
+    """Keys the benchmark sets per run are refused (they would be ignored, or the report would
+    describe other episodes than were run); `evaluation.closed_loop_episodes` is --episodes; and
+    the rest must compose, said before minutes of dataset generation."""
+    from kuavo_train.config.loading import compose
+
+    for o in spec.overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in _OWN_KEYS:
+            raise MetaWorldError(f"metaworld error: override {o!r}: the benchmark sets {key} itself; use "
+                                 f"{_OWN_KEYS[key]}")
+        if key == "evaluation.closed_loop_episodes" and value.strip().isdigit() and int(value) > 0:
+            spec.episodes = int(value)
+            spec.eval_seeds = max(spec.eval_seeds, spec.episodes)
+    compose(["profile=metaworld", *[o for o in spec.overrides if not o.lstrip("+~").startswith("stages.")]])
 
 
 def prepare_data(spec: BenchmarkSpec) -> dict[str, Path]:
@@ -272,6 +296,8 @@ def run_benchmark(spec: BenchmarkSpec) -> dict:
 
     check_spec(spec)
     torch.set_num_threads(spec.threads)
+    # --workers for the closed-loop episodes too, which take their count from the environment
+    os.environ["KUAVO_METAWORLD_WORKERS"] = str(spec.workers)
     t0 = time.time()
     # under `accelerate launch` the main process writes the datasets and the base, the others wait
     roots = processes.on_main(lambda: prepare_data(spec))

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-merged", help=x_help, description=x_help)
     x.set_defaults(fn=cmd_export_merged)
     x.add_argument("path", help="run directory (its final model), checkpoint or pretrained_model/ folder")
-    x.add_argument("--out", default=None, help="folder of the merged models (default: merged/ in the run directory)")
+    x.add_argument("--out", default=None, help="folder of the merged models (default for a run directory: its "
+                                              "merged/; needed for a checkpoint)")
     i = sub.add_parser("infer", help="closed-loop success of a run's final model in its simulator (demo world, "
                                      "MetaWorld), through the deployment wrapper",
                        description="Closed-loop success per task of a run's final model, through the inference "
@@ -455,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "held-out seeds.")
     bm.set_defaults(fn=cmd_benchmark)
     bm.add_argument("suite", choices=["metaworld"])
-    bm.add_argument("overrides", nargs="*", help="Hydra overrides key=value (on top of profile=metaworld)")
+    bm.add_argument("overrides", nargs="*", help="Hydra overrides key=value on top of profile=metaworld, right after "
+                                                 "'metaworld' (before the options)")
     bm.add_argument("--tasks", type=lambda v: [x for x in v.split(",") if x], default=["push-v3", "pick-place-v3", "drawer-open-v3", "door-open-v3"],
                     help="comma-separated MetaWorld v3 task names with a scripted expert, in training order")
     bm.add_argument("--strategies", type=_csv(str), default=None,
@@ -473,10 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ours (default) or stock: LeRobot's own metaworld env (its camera, flips, 4-dim agent state, "
                          "instructions, 500 steps), recorded and evaluated in it, comparable with "
                          "lerobot-eval --env.type=metaworld (default folders data/metaworld-stock, outputs/metaworld-stock)")
-    bm.add_argument("--workers", type=int, default=None, help="processes for simulator episodes (default: min(2, CPUs))")
+    bm.add_argument("--workers", type=int, default=None,
+                    help="processes for simulator episodes, recording and evaluating (default: "
+                         "KUAVO_METAWORLD_WORKERS, or min(2, CPUs))")
     bm.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1: see BenchmarkSpec.threads)")
-    bm.add_argument("--data", default=None, help="dataset folder (default data/metaworld)")
-    bm.add_argument("--out", default=None, help="output folder (default outputs/metaworld)")
+    bm.add_argument("--data", default=None, help="dataset folder (default data/metaworld, with -stock and -smoke "
+                                                 "added for --observation stock and --smoke)")
+    bm.add_argument("--out", default=None, help="output folder (default outputs/metaworld, with -stock and -smoke "
+                                                "added likewise)")
     bm.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="seed of the training and held-out scenes")
     bm.add_argument("--overwrite-data", dest="overwrite_data", action="store_true",
                     help="generate the datasets again even if they match (on a resumed call too)")

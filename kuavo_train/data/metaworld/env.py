@@ -315,17 +315,31 @@ _JOB: tuple | None = None  # (function, chunks): inherited by forked workers, ne
 
 
 def _init_worker(parent_pid: int) -> None:
+    import signal
+
     from kuavo_train.processes import die_with_parent
 
     die_with_parent(parent_pid)
+    # The parent stops the workers itself on Ctrl-C or SIGTERM; the handler they inherit from the
+    # command line would print a traceback in each of them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Two 1-thread workers beat one 2-thread process on 2 cores (FINDINGS).
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _run_chunk(i: int):
+def _run_chunk(i: int, conn, parent_pid: int) -> None:
+    _init_worker(parent_pid)
     fn, chunks = _JOB
-    return fn(chunks[i])
+    try:
+        result = ("ok", fn(chunks[i]))
+    except BaseException as e:  # noqa: BLE001 - raised again in the parent
+        result = ("error", e)
+    try:
+        conn.send(result)
+    except Exception:  # an exception that does not pickle
+        conn.send(("error", RuntimeError(repr(result[1]))))
 
 
 def fork_map(fn, items: list, workers: int) -> list:
@@ -333,24 +347,66 @@ def fork_map(fn, items: list, workers: int) -> list:
 
     Fork (not spawn) so the workers share the parent's loaded policy without pickling it
     and without re-importing torch; results come back in item order, so the outcome
-    does not depend on the number of workers."""
+    does not depend on the number of workers. One process per chunk, waited on here, rather
+    than a pool: multiprocessing.Pool waits for ever when a worker is killed (out of memory, a
+    crashing renderer), and concurrent.futures notices that but cannot stop the others."""
     global _JOB
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     if not items:
         return []
     n = max(1, min(int(workers), len(items)))
     chunks = [list(c) for c in np.array_split(np.arange(len(items)), n)]
     chunks = [[items[i] for i in c] for c in chunks if len(c)]
+    ctx = mp.get_context("fork")
     _JOB = (fn, chunks)
+    procs, conns = [], []
     try:
-        with mp.get_context("fork").Pool(len(chunks), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-            parts = pool.map(_run_chunk, range(len(chunks)))
+        for i in range(len(chunks)):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_run_chunk, args=(i, send, os.getpid()), daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(recv)
+        parts: list = [None] * len(chunks)
+        waiting = set(range(len(chunks)))
+        while waiting:
+            ready = wait([conns[i] for i in waiting] + [procs[i].sentinel for i in waiting])
+            for i in sorted(waiting):
+                if conns[i] in ready or conns[i].poll():
+                    try:
+                        kind, value = conns[i].recv()
+                    except EOFError:
+                        kind, value = "died", None
+                elif procs[i].sentinel in ready:
+                    kind, value = "died", None
+                else:
+                    continue
+                if kind == "error":
+                    raise value
+                if kind == "died":
+                    procs[i].join()
+                    raise MetaWorldError(
+                        f"metaworld error: a simulator worker process died (exit code {procs[i].exitcode}; killed, or "
+                        f"out of memory?): fewer at once with KUAVO_METAWORLD_WORKERS=1, or --workers 1")
+                parts[i] = value
+                waiting.discard(i)
     finally:
         _JOB = None
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
     return [r for part in parts for r in part]
 
 
 def default_workers() -> int:
-    env = os.environ.get("KUAVO_METAWORLD_WORKERS")
-    return int(env) if env else generator_processes()
+    env = os.environ.get("KUAVO_METAWORLD_WORKERS", "").strip()
+    if not env:
+        return generator_processes()
+    if not env.isdigit() or int(env) < 1:
+        raise MetaWorldError(f"metaworld error: KUAVO_METAWORLD_WORKERS={env!r}: expected a whole number of "
+                             f"processes, 1 or more")
+    return int(env)
