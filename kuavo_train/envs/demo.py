@@ -29,7 +29,7 @@ from gymnasium import spaces
 
 from kuavo_train.data.demo_world.tasks import CAMERAS, TASKS_BY_NAME, DemoWorldError
 from kuavo_train.data.demo_world.world import KuavoDemoWorld
-from kuavo_train.envs.seeding import EPISODE_KEY, encode
+from kuavo_train.envs.seeding import EPISODE_KEY, encode, scene_for
 
 SCENE_MODES = ("heldout", "train", "seed")
 DEMO_META = "demo_world.json"
@@ -92,10 +92,7 @@ class KuavoDemoEnv(gym.Env):
         self._obs: dict | None = None
 
     def scene_for(self, seed: int | None) -> int:
-        if self.scene_list is None:
-            return int(seed) if seed is not None else int(self.np_random.integers(0, 2**31 - 1))
-        i = int(seed) % len(self.scene_list) if seed is not None else int(self.np_random.integers(len(self.scene_list)))
-        return self.scene_list[i]
+        return scene_for(self.scene_list, seed, self.np_random)
 
     def _observation(self, world_obs: dict) -> dict:
         self._obs = world_obs

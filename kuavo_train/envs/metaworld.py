@@ -37,7 +37,7 @@ from kuavo_train.data.metaworld.env import (
     instruction_for,
     state_names,
 )
-from kuavo_train.envs.seeding import EPISODE_KEY, encode
+from kuavo_train.envs.seeding import EPISODE_KEY, encode, scene_for
 
 SCENE_MODES = ("heldout", "train", "seed")
 META_FILE = "metaworld.json"  # kuavo_train/data/metaworld/writer.py
@@ -169,10 +169,7 @@ class KuavoMetaWorldEnv(gym.Env):
         self._image: np.ndarray | None = None
 
     def scene_for(self, seed: int | None) -> int:
-        if self.scene_list is None:
-            return int(seed) if seed is not None else int(self.np_random.integers(0, 2**31 - 1))
-        i = int(seed) % len(self.scene_list) if seed is not None else int(self.np_random.integers(len(self.scene_list)))
-        return self.scene_list[i]
+        return scene_for(self.scene_list, seed, self.np_random)
 
     def _observation(self, sim_obs: dict) -> dict:
         self._image = sim_obs[image_key(self.camera)]

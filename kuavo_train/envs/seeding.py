@@ -29,6 +29,19 @@ _LOW = 1 << 16
 MAX_SEED = 1 << 40  # seed // 2**16 must stay below 2**24 to be exact in float32
 
 
+def scene_for(scene_list: list[int] | None, seed: int | None, rng: np.random.Generator) -> int:
+    """The scene of an episode seed. With a dataset's held-out scenes, seeds EVAL_START_SEED,
+    EVAL_START_SEED + 1, ... (lerobot-eval's default --seed, and ours) visit them in their stored
+    order from the first, whatever their number, so that n episodes are the first n scenes, those
+    the dataset's expert success was measured on."""
+    from kuavo_train.data.generated import EVAL_START_SEED
+
+    if scene_list is None:
+        return int(seed) if seed is not None else int(rng.integers(0, 2**31 - 1))
+    i = (int(seed) - EVAL_START_SEED) % len(scene_list) if seed is not None else int(rng.integers(len(scene_list)))
+    return scene_list[i]
+
+
 def encode(seed: int | None, step: int) -> np.ndarray:
     """The observation entry; seed -1 means "not seeded" (no reseeding)."""
     if seed is None or not 0 <= int(seed) < MAX_SEED:
