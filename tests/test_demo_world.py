@@ -147,7 +147,7 @@ def test_existing_dataset_with_other_parameters_is_not_overwritten(tmp_path):
     kw = dict(tasks=["task3_placement"], num_val_episodes=1, image_size=32, seed=0)
     write_demo_world(tmp_path, num_train_episodes=1, **kw)
     before = (tmp_path / "task3_placement" / "meta" / "demo_world.json").read_text()
-    with pytest.raises(DemoWorldError, match="exists with other contents"):
+    with pytest.raises(DemoWorldError, match=r"made with other settings \(num_train_episodes 1 -> 2\)"):
         write_demo_world(tmp_path, num_train_episodes=2, **kw)
     assert (tmp_path / "task3_placement" / "meta" / "demo_world.json").read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

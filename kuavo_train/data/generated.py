@@ -20,8 +20,11 @@ def generator_processes() -> int:
 
 def made_with(root: Path, sidecar: str, params: dict) -> bool:
     """True when `root/meta/<sidecar>` records exactly these generation parameters (so it can be reused)."""
+    return (Path(root) / "meta" / sidecar).is_file() and not changed_params(root, sidecar, params)
+
+
+def changed_params(root: Path, sidecar: str, params: dict) -> list[str]:
+    """`name old -> new` for each generation parameter `root/meta/<sidecar>` records otherwise."""
     meta = Path(root) / "meta" / sidecar
-    if not meta.is_file():
-        return False
-    old = json.loads(meta.read_text())
-    return all(old.get(k) == v for k, v in params.items())
+    old = json.loads(meta.read_text()) if meta.is_file() else {}
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in params.items() if old.get(k) != v]

@@ -21,7 +21,7 @@ import numpy as np
 
 from kuavo_train.data.demo_world.tasks import CAMERAS, DEMO_TASKS, JOINT_NAMES, TASKS_BY_NAME, DemoWorldError
 from kuavo_train.data.demo_world.world import SUCCESS_EVENTS, KuavoDemoWorld
-from kuavo_train.data.generated import made_with
+from kuavo_train.data.generated import changed_params, made_with
 from kuavo_train.files import replace_dir, staging_dir
 
 FPS = 10
@@ -101,7 +101,7 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
     if dest.exists() and not overwrite:
         if made_with(dest, META_FILE, params):
             return dest
-        raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
+        raise _made_otherwise(dest, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out_dir, task)
     try:
@@ -137,6 +137,12 @@ def write_task_dataset(out_dir, task: str, *, num_train_episodes: int, num_val_e
     return dest
 
 
+def _made_otherwise(dest: Path, params: dict) -> DemoWorldError:
+    changed = ", ".join(changed_params(dest, META_FILE, params)[:3])
+    return DemoWorldError(f"demo world error: {dest} exists, made with other settings ({changed}): "
+                          f"`kuavo-train make-data --overwrite` regenerates it")
+
+
 def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_val_episodes: int = 8, seed: int = 0,
                      image_size: int = 64, overwrite: bool = False, workers: int = 1) -> list[Path]:
     """One dataset per task; every input is checked before anything is written.
@@ -147,8 +153,9 @@ def write_demo_world(out_dir, *, tasks=None, num_train_episodes: int = 40, num_v
     _check_inputs(out_dir, tasks, num_train_episodes, num_val_episodes, image_size)
     for task in tasks:
         dest = Path(out_dir) / task
-        if dest.exists() and not overwrite and not made_with(dest, META_FILE, _params(task, num_train_episodes, num_val_episodes, seed, image_size)):
-            raise DemoWorldError(f"demo world error: {dest} exists with other contents (pass overwrite to regenerate it)")
+        params = _params(task, num_train_episodes, num_val_episodes, seed, image_size)
+        if dest.exists() and not overwrite and not made_with(dest, META_FILE, params):
+            raise _made_otherwise(dest, params)
     kw = dict(num_train_episodes=num_train_episodes, num_val_episodes=num_val_episodes, seed=seed,
               image_size=image_size, overwrite=overwrite)
     workers = max(1, min(int(workers), len(tasks)))

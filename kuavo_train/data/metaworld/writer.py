@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kuavo_train.data.generated import EVAL_START_SEED, made_with
+from kuavo_train.data.generated import EVAL_START_SEED, changed_params, made_with
 from kuavo_train.data.metaworld.env import (
     ACTION_KEY,
     OBSERVATIONS,
@@ -126,7 +126,9 @@ def write_task_dataset(out_dir, settings: SimSettings, *, num_train_episodes: in
     if dest.exists() and not overwrite:
         if made_with(dest, META_FILE, params):
             return dest
-        raise MetaWorldError(f"metaworld error: {dest} exists with other contents (pass --overwrite-data to regenerate it)")
+        changed = ", ".join(changed_params(dest, META_FILE, params)[:3])
+        raise MetaWorldError(f"metaworld error: {dest} exists, made with other settings ({changed}): pass "
+                             f"--overwrite-data to regenerate it, or --data for another folder")
     t0 = time.time()
     # Training demos: try candidate seeds in order until enough expert successes.
     eval_seeds = scene_seeds(seed, num_eval_seeds, "eval", settings.observation)
