@@ -334,6 +334,21 @@ def test_register_vlm_of_a_checkpoint_without_its_vlm_is_one_line(python_exe, ch
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
 
 
+
+def test_register_vlm_of_a_hub_vlm_claims_nothing_it_did_not_do(python_exe, checkpoint, tmp_path):
+    """A checkpoint of a real SmolVLA names a hub VLM, which no checkpoint bundles: register-vlm
+    says there is nothing to register and whether this machine's cache has it, not that stock
+    LeRobot can now load it."""
+    copy = tmp_path / "real_vlm" / "pretrained_model"
+    shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("vlm"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "vlm_model_name": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"}))
+    r = _cli(python_exe, "register-vlm", str(copy.parent), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("VLM HuggingFaceTB/SmolVLM2-500M-Video-Instruct is a hub model, not bundled (nothing to register); not in "
+            "this machine's model cache: stock LeRobot downloads it") in r.stdout, r.stdout
+    assert "can load it now" not in r.stdout
+
 def test_checkpoints_and_the_base_follow_the_users_umask(full_run, demo_base):
     """Staged folders come from mkdtemp (0700) and safetensors writes 0600: published checkpoints,
     their `best` copies and the base get the modes a plain mkdir / open gives under the umask, so

@@ -22,6 +22,7 @@ from kuavo_train.strategies import get_strategy
 SPEC_SCRIPT = ["kuavo_train/train_smolvla_sequential.py", "--config-path=../configs/policy", "--config-name=smolvla_sequential_base"]
 CLI = ["-m", "kuavo_train.cli.main"]
 TASK2_FILE = "configs/policy/tasks/task2_weighing.yaml"
+TASK3_FILE = "configs/policy/tasks/task3_placement.yaml"
 BASE_FILE = "configs/policy/smolvla_sequential_base.yaml"
 
 
@@ -46,6 +47,9 @@ BAD_VALUES = [
     # 1. empty or blank instruction
     (["stages.task2_weighing.instruction=''"], "stages.task2_weighing.instruction: must not be empty or blank, got ''", TASK2_FILE),
     (["stages.task2_weighing.instruction='   '"], "stages.task2_weighing.instruction: must not be empty or blank, got '   '", TASK2_FILE),
+    # the deployed model tells tasks apart by instruction alone
+    (["stages.task1_moving_grasp.instruction='pick it up'", "stages.task3_placement.instruction='pick it up'"],
+     "stages.task3_placement.instruction: the same as stage 'task1_moving_grasp''s", TASK3_FILE),
     # 2. decay_lr at or above a stage's lr (demo lrs: 2e-3, 1.4e-3, 1e-3, 8e-4)
     (["scheduler.decay_lr=1e-3"], "scheduler.decay_lr: 0.001 >= the learning rate 0.001 of stage task3_placement", BASE_FILE),
     (["scheduler.decay_lr=3e-3"], "scheduler.decay_lr: 0.003 >= the learning rate 0.002 of stage task1_moving_grasp", BASE_FILE),

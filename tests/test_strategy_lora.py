@@ -222,3 +222,55 @@ def test_one_rate_for_every_adapter_scaled_from_the_rule_unless_given():
     assert [(p.stage.resume_from, p.stage.resume_task_id) for p in plans] == [("pretrained", None)] + [("task", k) for k in range(1, 4)]
     given = get_strategy(load_run_config(["profile=demo", "strategy=lora_per_task", "strategy.lr=0.003"])).plan(sizes)
     assert [p.lr for p in given] == [0.003] * 4 and given[0].lr_source == "strategy.lr of lora_per_task"
+
+
+
+def _base_with_an_adapter(demo_base, folder):
+    """A copy of the base with one (untrained) per-task adapter saved beside it, as lora_per_task saves."""
+    import shutil
+
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from kuavo_train.policy import adapters
+
+    shutil.copytree(demo_base, folder)
+    policy = SmolVLAPolicy.from_pretrained(folder)
+    adapters.add_adapter(policy, "task1", adapters.lora_config(policy, rank=4, alpha=8.0))
+    adapters.save(policy, folder)
+    return folder
+
+def test_a_model_with_adapters_is_refused_as_a_base_and_exported_only_where_asked(demo_base, demo_data, python_exe,
+                                                                                 tmp_path):
+    """Loading a lora_per_task checkpoint loads its adapters and leaves only them trainable: as a
+    base it would train the old adapters instead of what the strategy says. export-merged of a
+    checkpoint (not a run) needs --out: beside it, the next checkpoint of that name would replace
+    the export. Both are one line and write nothing."""
+    base = _base_with_an_adapter(demo_base, tmp_path / "with_adapters")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def one_line(*args):
+        r = subprocess.run([python_exe, "-m", "kuavo_train.cli.main", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+        return r.stderr.strip()
+
+    line = one_line("train", "profile=demo", f"policy.pretrained_path={base}", f"data_root={demo_data}",
+                    f"run_dir={tmp_path / 'run'}")
+    assert "a model with per-task adapters (strategy lora_per_task) cannot be a base" in line, line
+    line = one_line("export-merged", str(base))
+    assert "is a checkpoint, not a run directory: say where the merged models go (--out DIR)" in line, line
+    line = one_line("export-merged", str(base), "--out", str(tmp_path / "merged"))
+    assert "has no kuavo_tasks.json" in line, line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_instruction_no_task_has_runs_the_bare_base_and_says_so(full_run, tmp_path, caplog):
+    """With per-task adapters an unknown instruction (allowed) gets no task's adapter: the warning
+    says the shared base runs it, not just that it is used."""
+    from kuavo_train.wrapper.policy.smolvla import SmolVLAPolicyWrapper
+
+    base = _base_with_an_adapter(final_pretrained(full_run[1], TASK_NAMES[0]), tmp_path / "with_adapters")
+    w = SmolVLAPolicyWrapper.from_pretrained(base, allow_unknown_instructions=True)
+    with caplog.at_level("WARNING"):
+        w._instructions({"task": ["pick it up"]})
+    assert "used anyway (allow_unknown_instructions); the shared base runs it, without any task's adapter" in caplog.text

@@ -304,19 +304,27 @@ def cmd_export_merged(args) -> None:
     from kuavo_train.policy import adapters
     from kuavo_train.wrapper.policy.smolvla import export_merged, resolve_pretrained_dir
 
-    sizes = adapters.adapter_bytes(resolve_pretrained_dir(args.path))
     for name, path in export_merged(args.path, Path(args.out) if args.out else None).items():
         print(f"{name}: {path} (stock SmolVLA checkpoint: the base with this task's adapter merged)")
+    sizes = adapters.adapter_bytes(resolve_pretrained_dir(args.path))  # after the export checked the adapters
     print("adapter size per task: " + ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in sizes.items()))
 
 
 def cmd_register_vlm(args) -> None:
-    from kuavo_train.policy import factory
+    from huggingface_hub import try_to_load_from_cache
+
+    from kuavo_train.policy import factory, vlm_cache
     from kuavo_train.wrapper.policy.smolvla import resolve_pretrained_dir
 
     pretrained = resolve_pretrained_dir(args.path)
     cfg = factory.read_pretrained_config(pretrained)  # registers a bundled VLM in this machine's model cache
-    print(f"{pretrained}: VLM {cfg.vlm_model_name} is resolvable on this machine (stock LeRobot can load it now)")
+    if vlm_cache.is_embedded(cfg.vlm_model_name):
+        print(f"{pretrained}: VLM {cfg.vlm_model_name} is resolvable on this machine (stock LeRobot can load it now)")
+    else:  # a hub VLM is never bundled: nothing to register, and its files may or may not be here
+        cached = isinstance(try_to_load_from_cache(cfg.vlm_model_name, "config.json"), str)  # else None or a marker
+        where = ("in this machine's model cache" if cached
+                 else "not in this machine's model cache: stock LeRobot downloads it")
+        print(f"{pretrained}: VLM {cfg.vlm_model_name} is a hub model, not bundled (nothing to register); {where}")
 
 
 def cmd_evaluate(args) -> None:

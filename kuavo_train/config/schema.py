@@ -403,10 +403,16 @@ def validate(cfg: RunConfig) -> None:
     expected = list(range(1, len(ids) + 1))
     if sorted(ids) != expected:
         _fail("stages", f"task ids must be 1..{len(ids)} without gaps, got {sorted(ids)}")
+    said = {}
     for key, s in cfg.stages.items():
         sp = f"stages.{key}"
         if not s.instruction.strip():
             _fail(f"{sp}.instruction", f"must not be empty or blank, got {s.instruction!r} (the policy is conditioned on it)")
+        if s.instruction in said:
+            # the deployed model is switched between tasks by instruction alone
+            _fail(f"{sp}.instruction", f"the same as stage {said[s.instruction]!r}'s: one model cannot be told "
+                                       f"which of the two tasks to do")
+        said[s.instruction] = key
         if s.resume_from == "task":
             if s.resume_task_id is None or not 1 <= s.resume_task_id < s.task_id:
                 _fail(f"{sp}.resume_task_id", f"must name an earlier task (1..{s.task_id - 1}), got {s.resume_task_id}")

@@ -20,7 +20,7 @@ from kuavo_train.logs import LOG_FILE, attach_log_file, detach_log_file
 from kuavo_train.data.features import build_feature_space
 from kuavo_train.data.stats import STATS_FILE, read_stats_file, stats_to_json, training_stats
 from kuavo_train.data.task_data import TaskData, check_compatible, open_task_data
-from kuavo_train.policy import factory
+from kuavo_train.policy import adapters, factory
 from kuavo_train.strategies import StagePlan, get_strategy
 from kuavo_train.files import write_json_atomic, write_text_atomic
 from kuavo_train.run_state import RUN_FILE, RunState, check_resume_sources
@@ -109,6 +109,12 @@ class Pipeline:
             read_stats_file(self.run_dir / STATS_FILE)  # a resumed run's statistics: damaged ones stop it here
         self.check_steps()
         base = factory.read_pretrained_config(cfg.policy.pretrained_path)
+        if adapters.saved_names(Path(cfg.policy.pretrained_path)):
+            # loading it would load the adapters too, leave only them trainable, and the stages
+            # would continue the old tasks' adapters as their own
+            raise factory.PolicyLoadError(
+                f"policy.pretrained_path {cfg.policy.pretrained_path}: a model with per-task adapters (strategy "
+                f"lora_per_task) cannot be a base; start from one task's model (kuavo-train export-merged)")
         vlm = cfg.policy.vlm_model_name or base.vlm_model_name
         self.token_report = check_instructions(vlm, cfg.ordered_stages(), cfg.policy.tokenizer_max_length)
 

@@ -304,8 +304,10 @@ class SmolVLAPolicyWrapper:
                                               f" (known: {self._known()})")
             if t not in self._warned:
                 self._warned.add(t)
-                log.warning("%s; used anyway (allow_unknown_instructions)",
-                            unknown_instruction_message(t, self._named_instructions()).removeprefix("task: "))
+                # a model with per-task adapters has no task to run an unknown instruction with
+                runs = "; the shared base runs it, without any task's adapter" if adapters.names(self.policy) else ""
+                log.warning("%s; used anyway (allow_unknown_instructions)%s",
+                            unknown_instruction_message(t, self._named_instructions()).removeprefix("task: "), runs)
         return tasks
 
     def _named_instructions(self) -> dict[str, str]:
@@ -412,16 +414,23 @@ class SmolVLAPolicyWrapper:
 def export_merged(path, out: Path | None = None) -> dict[str, Path]:
     """One plain stock checkpoint per task of a model with per-task adapters (base and the task's
     adapter merged): `<out>/<task name>/pretrained_model`, each written whole or not at all.
-    `out` defaults to `merged/` beside the checkpoint folder (in the run directory for a run)."""
+    `out` defaults to `merged/` in the run directory when given a run; a checkpoint needs `out`
+    (beside it, a later checkpoint of the same name would replace it)."""
 
     pretrained = resolve_pretrained_dir(path)
+    if out is None and not (Path(path) / "run.json").is_file():
+        raise factory.PolicyLoadError(f"{path} is a checkpoint, not a run directory: say where the merged models go "
+                                      f"(--out DIR)")
     cfg = factory.read_pretrained_config(pretrained)
     policy = factory.load_policy(pretrained, cfg)
     if not adapters.names(policy):
         raise factory.PolicyLoadError(f"{pretrained} has no per-task adapters: it is already one stock model for "
                                       "all its tasks (strategy lora_per_task writes adapters)")
+    if not (pretrained / TASKS_FILE).is_file():
+        raise factory.PolicyLoadError(f"{pretrained} has no {TASKS_FILE} (kuavo-train writes it with every "
+                                      f"checkpoint): which adapter is which task is unknown")
     tasks = json.loads((pretrained / TASKS_FILE).read_text())["tasks"]
-    out = Path(out) if out is not None else (Path(path) if (Path(path) / "run.json").is_file() else pretrained.parent) / "merged"
+    out = Path(out) if out is not None else Path(path) / "merged"
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for t in tasks:
