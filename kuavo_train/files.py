@@ -4,6 +4,7 @@ disk leaves the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -145,3 +146,13 @@ def replace_dir(src: Path, dest: Path) -> None:
     _sync(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: processes
+    building the same thing at once wait for the first. Released when the file closes, so also
+    when its process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

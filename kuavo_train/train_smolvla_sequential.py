@@ -84,6 +84,7 @@ def check_config_files() -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs/policy", config_name="smolvla_sequential_base")
 def main(cfg: DictConfig) -> None:
+    import kuavo_train.processes as processes
     from kuavo_train.cli.errors import one_line_errors
     from kuavo_train.logs import quiet
     from kuavo_train.config.loading import check_run_dir, to_run_config
@@ -94,6 +95,7 @@ def main(cfg: DictConfig) -> None:
         run_cfg = to_run_config(cfg)
         check_run_dir(run_cfg.run_dir)
         Pipeline(run_cfg).run()
+    processes.finish()  # under accelerate launch, as kuavo-train does
 
 
 if __name__ == "__main__":

@@ -141,8 +141,24 @@ def test_v3_view_converts_once_and_reuses(v21_src, converted, tmp_path, caplog):
         again = v3_view(v21_src, cache)
     assert again == first and (first / MARKER).stat().st_mtime_ns == stamp
     assert not any("converting" in r.getMessage() for r in caplog.records)
-    assert sorted(p.name for p in cache.iterdir()) == [first.name]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [first.name]  # and its lock
     assert v3_view(converted[0], cache) == converted[0]  # v3.x: used as it is
+
+
+def test_processes_opening_one_v21_dataset_at_once_convert_it_once(v21_src, tmp_path):
+    """The processes of a launch open every dataset at the same moment: one converts, the others
+    wait and use its copy (each converting its own would cost the disk and cores N times)."""
+    import subprocess
+    import sys
+
+    script = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+              "from kuavo_train.data.v21 import v3_view; print(v3_view(sys.argv[1], sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(v21_src), str(tmp_path / "cache")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1
+    assert sum(e.count("converting the LeRobot v2.1 dataset") for _, e in outs) == 1, [e for _, e in outs]
 
 
 def test_fingerprint_follows_the_files(v21_src, tmp_path):

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from kuavo_train.errors import DataError, first_line
-from kuavo_train.files import staging_dir
+from kuavo_train.files import locked, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,14 @@ def v3_view(root: str | Path, cache_dir: str | Path, *, label: str | None = None
     if _is_converted(target):
         log.debug("using the v3.0 copy of %s in %s", root, target)
         return target
-    log.info("converting the LeRobot v2.1 dataset at %s to v3.0 in %s (the original is left unchanged)", root, target)
     try:
-        return convert_v21(root, target)
+        _check_v21(root)  # a dataset refused leaves no cache folder behind
+        with _converting(target):  # the processes of a launch open every dataset at once: one converts
+            if _is_converted(target):
+                return target
+            log.info("converting the LeRobot v2.1 dataset at %s to v3.0 in %s (the original is left unchanged)",
+                     root, target)
+            return convert_v21(root, target)
     except DataError as exc:
         if _is_converted(target):  # another process converted it at the same time
             return target
@@ -255,6 +260,19 @@ def v3_view(root: str | Path, cache_dir: str | Path, *, label: str | None = None
         if msg.startswith("cannot write next to"):
             msg += f" (set {CACHE_ENV} to a writable folder for converted copies)"
         raise DataError(prefix + msg) from None
+
+
+@contextlib.contextmanager
+def _converting(target: Path):
+    """A lock beside the converted copy, held while one process writes it."""
+    lock = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as exc:
+        raise DataError(f"data error: cannot write next to {target}: {first_line(exc)}") from None
+    with locked(lock):
+        yield
 
 
 def _is_converted(path: Path) -> bool:

@@ -45,7 +45,6 @@ and not stored (one warning), which costs time and never correctness.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -59,7 +58,7 @@ import torch
 
 from kuavo_train.data.frames import NOT_DECODED_KEY
 from kuavo_train.errors import KuavoError
-from kuavo_train.files import hash_file
+from kuavo_train.files import hash_file, locked
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +229,7 @@ class _Store:
 
     def create(self, shape_td: tuple[int, int], np_dtype) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self.folder / ".lock"):
             if not self.digest_path.is_file():
                 # Features first, digests (NaN = empty) last: a digests file means a complete pair.
                 tmps = [p.with_suffix(f".tmp{os.getpid()}.npy") for p in (self.feat_path, self.digest_path)]

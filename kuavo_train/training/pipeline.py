@@ -130,9 +130,14 @@ class Pipeline:
         """A stage whose epoch holds fewer samples than one batch per process would take no optimizer
         step at all (drop_last) and still be marked complete: refuse it before anything is written."""
         cfg = self.cfg
-        if not cfg.dataloader.drop_last:
-            return
         n = processes.count()  # before the Accelerator exists: the launcher's WORLD_SIZE
+        if not cfg.dataloader.drop_last:
+            if n > 1:
+                # accelerate would fill each process's last batch with samples from the epoch's start:
+                # more steps than planned (the schedule's end, the resume epoch) and samples twice
+                raise StageSizeError(f"config error: dataloader.drop_last: false needs one process ({n} launched): "
+                                     f"set it true (in {BASE_FILE} or its overrides)")
+            return
         for plan in self.plans:
             if plan.epoch_samples // cfg.dataloader.batch_size // n == 0:
                 raise StageSizeError(

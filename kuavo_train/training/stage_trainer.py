@@ -262,20 +262,26 @@ class StageTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 epoch_loss, epoch_steps = epoch_loss + float(loss.detach()), epoch_steps + 1
+                if step % cfg.logging.log_freq_steps == 0 or step == total_steps:
+                    # the loss of the whole effective batch, not the main process's share of it
+                    # (every process reaches this step: the collective is met)
+                    shown = float(self.acc.reduce(loss.detach(), "mean"))
                 if self.main and (step % cfg.logging.log_freq_steps == 0 or step == total_steps):
                     lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}")
                     if self.writer is not None:
                         gs = offset + step
-                        self.writer.add_scalar("train/loss", loss.item(), gs)
+                        self.writer.add_scalar("train/loss", shown, gs)
                         self.writer.add_scalar("train/lr", lr, gs)
                         self.writer.add_scalar("train/grad_norm", float(grad_norm), gs)
                         self.writer.add_scalar("train/stage", stage.task_id, gs)
             bar.close()
             done = epoch + 1
+            mean_loss = float(self.acc.reduce(torch.tensor(epoch_loss / max(epoch_steps, 1), device=self.acc.device),
+                                              "mean"))  # over every process's samples
             # one line per epoch: what a log file (or a terminal without bars) keeps of the progress
             log.info("%s epoch %d/%d: %d steps, mean loss %.4f, lr %.2e, %.2f steps/s", self.plan.title, done,
-                     stage.max_epoch, epoch_steps, epoch_loss / max(epoch_steps, 1), scheduler.get_last_lr()[0],
+                     stage.max_epoch, epoch_steps, mean_loss, scheduler.get_last_lr()[0],
                      epoch_steps / max(time.perf_counter() - t0, 1e-9))
             if skipped:
                 log.info("%s epoch %d: the fp16 loss scaler skipped %d of its updates (gradients overflowed)",
