@@ -118,6 +118,20 @@ def test_missing_pretrained_model(python_exe, tmp_path, demo_data, demo_base):
     assert "pretrained model" in msg and "does not exist" in msg
 
 
+
+def test_a_missing_relative_folder_that_looks_like_a_hub_id_is_named_as_both(tmp_path, monkeypatch):
+    """`models/smolvla_base` is a hub id and a relative folder alike: offline, the line says both."""
+    from kuavo_train.policy.factory import PolicyLoadError, read_pretrained_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PolicyLoadError) as e:
+        read_pretrained_config("models/smolvla_base")
+    msg = str(e.value)
+    assert "\n" not in msg and "if it is a hub id" in msg, msg
+    assert msg.endswith(f"if it is a folder: there is no {tmp_path.resolve() / 'models' / 'smolvla_base'})"), msg
+
+
 def _copy_with_info(demo_data, tmp_path, task, edit):
     root = tmp_path / "datasets"
     shutil.copytree(demo_data, root)

@@ -38,6 +38,24 @@ def test_union_order_is_first_task_then_new_names_in_task_order():
     assert build_feature_space([_task(1, ARM), _task(2, ARM)], max_state_dim=32, max_action_dim=32).is_uniform()
 
 
+
+def test_a_joint_named_after_its_link_is_the_same_dim_and_disjoint_names_are_warned(caplog):
+    """Leju's converter names the arm dims after their URDF links (zarm_l1_link), ours after the
+    joints (zarm_l1): datasets of both kinds share their dims. Same-size tasks sharing under half
+    of their names are said (a union twice as wide, most likely not meant)."""
+    links = [n if "claw" in n else f"{n}_link" for n in ARM]
+    space = build_feature_space([_task(1, ARM), _task(2, links + BASE, links)], max_state_dim=32, max_action_dim=32)
+    assert space.names[ACTION_KEY] == tuple(ARM + BASE) and space.names[STATE_KEY] == tuple(ARM)
+    assert space.index[2][ACTION_KEY] == tuple(range(20)) and space.index[2][STATE_KEY] == tuple(range(16))
+    assert space.task_names[2][ACTION_KEY] == tuple(links + BASE)  # each task keeps its own names
+    assert not caplog.records
+    other = [f"joint{i}" for i in range(16)]
+    with caplog.at_level("WARNING"):
+        space = build_feature_space([_task(1, ARM), _task(2, other, other)], max_state_dim=32, max_action_dim=32)
+    assert space.dim(ACTION_KEY) == 32
+    assert any("tasks task1 and task2: 16 dims each, only 0 with the same name (zarm_l1, zarm_l2... against "
+               "joint0, joint1...)" in r.getMessage() for r in caplog.records), caplog.text
+
 def test_unnamed_dims_of_different_sizes_are_refused():
     with pytest.raises(DataError, match=r"stages\.task2\.dataset\.root: action of /d/2 has no per-dim names"):
         build_feature_space([_task(1, ARM), _task(2, ARM + BASE, named=False)], max_state_dim=32, max_action_dim=32)
@@ -159,6 +177,12 @@ def test_cameras_per_task_default_rgb_optin_depth_and_refusal():
     stage.cameras = {"head": "head_cam_h", "depth_h": "observation.depth_h"}
     assert resolve_cameras(stage, have, Path("/d/4"), "t4.yaml") == {
         "observation.images.head": "observation.images.head_cam_h", "observation.images.depth_h": "observation.depth_h"}
+    # one order for every stage, whatever the dataset's or the config's: SmolVLA knows a camera by its place
+    assert list(resolve_cameras(stage, have[::-1], Path("/d/4"), "t4.yaml")) == [
+        "observation.images.depth_h", "observation.images.head"]
+    stage.cameras = None
+    assert list(resolve_cameras(stage, have[::-1], Path("/d/4"), "t4.yaml")) == [
+        "observation.images.head_cam_h", "observation.images.wrist_cam_l"]
     stage.cameras = {"wrist_cam_r": "wrist_cam_r"}
     with pytest.raises(DataError) as err:
         resolve_cameras(stage, have, Path("/d/4"), "t4.yaml")

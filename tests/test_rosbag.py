@@ -90,8 +90,9 @@ def test_synthetic_bag_is_deterministic(tmp_path):
 
 
 def test_depth_gap_fill_and_header_stamps(tmp_path):
-    """Opt-in depth (3-channel uint8), the reference's 999 arm fill while walking without a
-    _synced copy, and header-stamp alignment: straight from `read_episode`."""
+    """Opt-in depth (3-channel uint8), the arm action while walking without a _synced copy (the
+    nearest command, or the reference's 999 fill), and header-stamp alignment: straight from
+    `read_episode`."""
     bag = write_synthetic_bag(tmp_path / "walk.bag", task="task4_sorting", hand_kind="rq2f85", only_arm=False,
                               n_frames=140, seed=3, depth=True)
     tm = TopicMap(image_size=[32, 24], instruction="walk", only_arm=False, depth={"enabled": True})
@@ -106,7 +107,10 @@ def test_depth_gap_fill_and_header_stamps(tmp_path):
     assert np.abs(ep.action[:, :7]).max() < np.pi  # the _synced copy: no fill needed
 
     raw_only = tm.with_overrides(**{"arm.action_topics": ["/kuavo_arm_traj"]})
-    ep2 = read_episode(bag.path, raw_only)
+    ep2 = read_episode(bag.path, raw_only)  # the nearest command held: no 999 to skew the statistics
+    assert np.abs(ep2.action[:, :7]).max() < np.pi and np.abs(ep2.action[:, 8:15]).max() < np.pi
+    assert np.allclose(ep2.action[~walking], ep.action[~walking])
+    ep2 = read_episode(bag.path, raw_only.with_overrides(**{"base.gap_arm_fill": 999.0}))  # the reference's
     assert (ep2.action[walking][:, :7] == 999.0).all() and (ep2.action[walking][:, 8:15] == 999.0).all()
     assert np.allclose(ep2.action[~walking], ep.action[~walking])
 
@@ -146,7 +150,8 @@ def test_a_camera_at_another_rate_than_the_map_says_is_refused(tmp_path):
 
 def test_frames_before_a_late_sensor_are_cut_and_a_stalled_camera_is_noted(tmp_path):
     """Frames exist only where every sensor stream has begun (a hand state starting 1 s late would
-    give the first frames the hand's future values); a camera that stalls is named in a note."""
+    give the first frames the hand's future values); a camera that stalls is named in a note, and
+    so is a command that stops before the end (its last message held)."""
     from kuavo_train.data.rosbag.synthetic import LATE_S
 
     tm = TopicMap(hand={"kind": "leju_claw"}, instruction="x")
@@ -156,6 +161,12 @@ def test_frames_before_a_late_sensor_are_cut_and_a_stalled_camera_is_noted(tmp_p
     assert len(plain) - len(late) == pytest.approx(LATE_S * tm.fps - SAMPLE_DROP / JUMP, abs=1.5)
     assert np.array_equal(late.stamps, plain.stamps[len(plain) - len(late):])
     assert not plain.notes and not late.notes
+    # a command that stops early (a claw command sent on change) stays in force: held, not cut
+    stopped = read_episode(write_synthetic_bag(tmp_path / "stop.bag", **kw, defect="hand_command_stops").path, tm)
+    assert np.array_equal(stopped.stamps, plain.stamps)
+    [note] = stopped.notes
+    assert note.startswith("/leju_claw_command: its last message is ") and "frames hold it" in note, note
+    assert (stopped.action[-1, [7, 15]] == stopped.action[len(stopped) // 2, [7, 15]]).all()
     stalled = read_episode(write_synthetic_bag(tmp_path / "stall.bag", **kw, defect="camera_stall").path, tm)
     assert len(stalled) == len(plain)
     [note] = stalled.notes

@@ -9,19 +9,23 @@ are set to the union mean (0 after mean/std normalization) and masked out of
 the loss, of the statistics and of the action error, and the inference wrapper
 returns each task's own dims under its own names.
 
-Dims are matched by the `names` LeRobot stores in `meta/info.json`. Datasets
+Dims are matched by the `names` LeRobot stores in `meta/info.json` (a joint
+named after its URDF link, `zarm_l1_link`, is the joint `zarm_l1`). Datasets
 without names match by position, which is only safe when every task has the
 same size (checked).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from kuavo_train.data.frames import ChunkedFrameDataset, VectorLayout
 from kuavo_train.data.task_data import ACTION_KEY, STATE_KEY, DataError, TaskData
+
+log = logging.getLogger(__name__)
 
 
 def feature_names(feature: dict, key: str) -> list[str] | None:
@@ -65,6 +69,7 @@ def build_feature_space(tasks: list[TaskData], *, max_state_dim: int, max_action
     """The union of the tasks' state and action names; one-line DataError when it cannot be formed."""
     tasks = sorted(tasks, key=lambda t: t.task_id)
     union: dict[str, list[str]] = {}
+    index: dict[int, dict[str, tuple[int, ...]]] = {}
     own: dict[int, dict[str, tuple[str, ...]]] = {t.task_id: {} for t in tasks}
     for key, limit, limit_field in ((STATE_KEY, max_state_dim, "policy.max_state_dim"),
                                     (ACTION_KEY, max_action_dim, "policy.max_action_dim")):
@@ -85,9 +90,17 @@ def build_feature_space(tasks: list[TaskData], *, max_state_dim: int, max_action
             named = {t.task_id: list(named[t.task_id] or names) for t in tasks}
             if any(named[t.task_id] != named[ref.task_id] for t in tasks):
                 named = {t.task_id: names for t in tasks}
-        order: list[str] = []
+        same = {tid: [same_dim(n) for n in ns] for tid, ns in named.items()}
+        if any(len(set(v)) < len(v) for v in same.values()):
+            same = {tid: list(ns) for tid, ns in named.items()}
+        _warn_unshared(tasks, same, key)
+        order: list[str] = []  # the first spelling of each dim
+        seen: list[str] = []
         for t in tasks:
-            order += [n for n in named[t.task_id] if n not in order]
+            for n, m in zip(named[t.task_id], same[t.task_id]):
+                if m not in seen:
+                    seen.append(m)
+                    order.append(n)
             own[t.task_id][key] = tuple(named[t.task_id])
         if len(order) > limit:
             raise DataError(
@@ -96,8 +109,29 @@ def build_feature_space(tasks: list[TaskData], *, max_state_dim: int, max_action
                 "(it would be cut silently)"
             )
         union[key] = order
-    index = {tid: {k: tuple(union[k].index(n) for n in names) for k, names in d.items()} for tid, d in own.items()}
+        positions = {m: i for i, m in enumerate(seen)}
+        for t in tasks:
+            index.setdefault(t.task_id, {})[key] = tuple(positions[m] for m in same[t.task_id])
     return FeatureSpace(names={k: tuple(v) for k, v in union.items()}, index=index, task_names=own)
+
+
+def same_dim(name: str) -> str:
+    """The name dims are matched by. Leju's own converter names the arm dims after the arm's URDF
+    links (zarm_l1_link), the robot's messages and ours after its joints (zarm_l1): one joint."""
+    return name.removesuffix("_link")
+
+
+def _warn_unshared(tasks: list[TaskData], same: dict[int, list[str]], key: str) -> None:
+    """Tasks of one size that share under half of their dims by name are most likely the same
+    joints named two ways (datasets from different converters); said, since it may be meant
+    (one task on the left arm, one on the right)."""
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1:]:
+            x, y = same[a.task_id], same[b.task_id]
+            if len(x) == len(y) and len(set(x) & set(y)) < len(x) / 2:
+                log.warning("%s of tasks %s and %s: %d dims each, only %d with the same name (%s... against %s...): "
+                            "dims are matched by name (meta/info.json); if they are the same joints, name them alike",
+                            key, a.name, b.name, len(x), len(set(x) & set(y)), ", ".join(x[:2]), ", ".join(y[:2]))
 
 
 def union_features(space: FeatureSpace, task: TaskData, camera_map: dict[str, str]) -> dict:

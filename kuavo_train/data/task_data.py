@@ -173,11 +173,16 @@ def is_depth(key: str) -> bool:
 
 
 def resolve_cameras(stage, available: tuple[str, ...], root: Path, where: str) -> dict[str, str]:
-    """Policy camera key -> dataset key. Default: every RGB camera under its own name (depth is opt-in)."""
+    """Policy camera key -> dataset key, ordered by policy key. Default: every RGB camera under its
+    own name (depth is opt-in).
+
+    SmolVLA tells its cameras apart only by their place among the image inputs, so every stage
+    (and so the final model) must feed them in one order, whatever order a dataset lists them
+    in or a task config names them in: sorted by name."""
     field = f"stages.{stage.name}.cameras"
     chosen = getattr(stage, "cameras", None)
     if chosen is None:
-        rgb = {k: k for k in available if not is_depth(k)}
+        rgb = {k: k for k in sorted(available) if not is_depth(k)}
         if not rgb:
             raise DataError(f"data error: stages.{stage.name}.dataset.root: dataset {root} has no RGB camera "
                             f"(it has {list(available) or 'none'}; choose cameras in {where})")
@@ -193,7 +198,7 @@ def resolve_cameras(stage, available: tuple[str, ...], root: Path, where: str) -
         out[key] = data_key
     if not out:
         raise DataError(f"data error: {field}: no camera chosen for task {stage.name}")
-    return out
+    return dict(sorted(out.items()))
 
 
 def _episode_lengths(meta, n: int) -> tuple[int, ...]:

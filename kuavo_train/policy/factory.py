@@ -56,7 +56,8 @@ def read_pretrained_config(path: str | Path):
     try:
         cfg = PreTrainedConfig.from_pretrained(str(path))
     except (OSError, FileNotFoundError) as exc:
-        hint = "" if p.is_dir() else f" ({HUB_HINT})"
+        # owner/name is a hub id and a relative folder alike: say both
+        hint = "" if p.is_dir() else f" ({HUB_HINT}; if it is a folder: there is no {p.resolve()})"
         raise PolicyLoadError(f"cannot read the policy config of {str(path)!r}: {first_line(exc)}{hint}") from None
     except Exception as exc:  # a corrupt config.json: JSON or field errors from the config parser
         raise PolicyLoadError(f"cannot read the policy config {str(Path(path) / 'config.json')!r}: {first_line(exc)} "

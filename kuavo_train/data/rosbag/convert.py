@@ -363,7 +363,8 @@ def _sensors(times: dict) -> list[str]:
 
 def _stale(times: dict, idx: dict, frame_t: np.ndarray, streams: dict, topic_map: TopicMap) -> list[str]:
     """A note per sensor stream whose nearest message is more than two frame periods from a frame
-    (a camera that stalled, a state topic with a gap): those frames show old values."""
+    (a camera that stalled, a state topic with a gap): those frames show old values; and per
+    command stream that ended before the last frames, which hold its last message."""
     notes = []
     for role in _sensors(times):
         t = times[role]
@@ -372,6 +373,11 @@ def _stale(times: dict, idx: dict, frame_t: np.ndarray, streams: dict, topic_map
         if dist[worst] > 2.0 / topic_map.fps:
             notes.append(f"{streams[role].topic}: frame {worst} is {dist[worst]:.3f} s from its nearest message "
                          f"({int(np.sum(dist > 2.0 / topic_map.fps))} frames more than two frame periods away)")
+    for role in set(times) - set(_sensors(times)):
+        held = int(np.sum(frame_t > times[role][-1] + 2.0 / topic_map.fps))
+        if held:
+            notes.append(f"{streams[role].topic}: its last message is {frame_t[-1] - times[role][-1]:.3f} s before the "
+                         f"last frame: the last {held} frames hold it")
     return notes
 
 
@@ -473,9 +479,10 @@ def read_episode(bag: Path, topic_map: TopicMap, spill_dir: Path | None = None) 
         raise BagProblem(f"missing topic {empty[0]} (no messages)")
     main = times[f"camera {topic_map.main_camera}"]
     _check_camera_rate(main, topic_map)
-    end_role = min(times, key=lambda r: times[r][-1])
-    # frames only where every stream has begun and not yet ended: else their values come from
-    # the future (a topic that starts late) or the past (one that stops early)
+    # frames only where every sensor stream has begun and not yet ended: else their values come
+    # from the future (a topic that starts late) or the past (one that stops early); a command
+    # that stops early stays in force, so its last message is held (and noted)
+    end_role = min(_sensors(times), key=lambda r: times[r][-1])
     start_role = max(_sensors(times), key=lambda r: times[r][0])
     frame_t = main_timeline(main, topic_map, times[end_role][-1])
     frame_t = frame_t[frame_t >= times[start_role][0] - 0.5 / topic_map.fps]

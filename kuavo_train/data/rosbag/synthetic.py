@@ -25,9 +25,10 @@ import numpy as np
 from kuavo_train.data.rosbag.topic_map import HAND_DEFAULTS, TopicMap
 
 DEFECTS = ("truncated", "missing_topic", "too_short", "stamps_out_of_order", "late_hand_state", "camera_stall",
-           "raw_image")
+           "raw_image", "hand_command_stops")
 LATE_S = 1.0  # late_hand_state: the hand state starts this long after the first camera frame; camera_stall: the
-# left wrist camera sends nothing for this long from the middle of the recording
+# left wrist camera sends nothing for this long from the middle of the recording; hand_command_stops: the
+# hand command's last message is this long after the first camera frame (a command sent on change)
 CAMERA_RATE_HZ = 30.0
 SENSOR_RATE_HZ = 100.0
 COMMAND_RATE_HZ = 50.0
@@ -292,7 +293,7 @@ def _compressed_depth(depth_mm: np.ndarray) -> np.ndarray:
 
 
 def _hand_messages(out: _Out, kind: str, recv_t: float, t: float, grip_state: np.ndarray, grip_cmd: np.ndarray,
-                   skip_state: bool) -> None:
+                   skip_state: bool, skip_command: bool = False) -> None:
     T = out.T
     d = HAND_DEFAULTS[kind]
     names = ["left_claw", "right_claw"]
@@ -301,9 +302,11 @@ def _hand_messages(out: _Out, kind: str, recv_t: float, t: float, grip_state: np
             data = T["kuavo_msgs/msg/endEffectorData"](name=names, position=grip_state * 100.0, velocity=np.zeros(2), effort=np.zeros(2))
             out.put(d["state_topic"], "kuavo_msgs/msg/lejuClawState", recv_t, T["kuavo_msgs/msg/lejuClawState"](
                 header=out.header(d["state_topic"], t), state=np.array([2, 2], np.int8), data=data))
-        data = T["kuavo_msgs/msg/endEffectorData"](name=names, position=grip_cmd * 100.0, velocity=np.full(2, 50.0), effort=np.full(2, 1.0))
-        out.put(d["action_topic"], "kuavo_msgs/msg/lejuClawCommand", recv_t, T["kuavo_msgs/msg/lejuClawCommand"](
-            header=out.header(d["action_topic"], t), data=data))
+        if not skip_command:
+            data = T["kuavo_msgs/msg/endEffectorData"](name=names, position=grip_cmd * 100.0, velocity=np.full(2, 50.0),
+                                                       effort=np.full(2, 1.0))
+            out.put(d["action_topic"], "kuavo_msgs/msg/lejuClawCommand", recv_t, T["kuavo_msgs/msg/lejuClawCommand"](
+                header=out.header(d["action_topic"], t), data=data))
     elif kind == "rq2f85":
         js = T["sensor_msgs/msg/JointState"]
         gnames = ["left_gripper_joint", "right_gripper_joint"]
@@ -401,7 +404,9 @@ def write_synthetic_bag(path, *, task: str, hand_kind: str, only_arm: bool, n_fr
             out.put("/cmd_pose_world_synced", "geometry_msgs/msg/TwistStamped", recv_c[k], T["geometry_msgs/msg/TwistStamped"](
                 header=out.header("/cmd_pose_world_synced", t), twist=twist))
         late = defect == "late_hand_state" and t < t0 + MARGIN_S + LATE_S
-        _hand_messages(out, hand_kind, recv_c[k], t, grip_state[k], grip_cmd[k], skip_state=missing is not None or late)
+        stopped = defect == "hand_command_stops" and t > t0 + MARGIN_S + LATE_S
+        _hand_messages(out, hand_kind, recv_c[k], t, grip_state[k], grip_cmd[k], skip_state=missing is not None or late,
+                       skip_command=stopped)
 
     # cameras at ~30 Hz with jitter and transport latency; images follow the measured arm
     cam_ci = T["sensor_msgs/msg/CompressedImage"]

@@ -130,9 +130,11 @@ class BaseSpec(_Strict):
     gap_topic: str = "/kuavo_arm_traj"
     # A gap is a pause longer than this; null = the reference's 0.15 * 10 / fps seconds.
     gap_threshold_s: float | None = Field(default=None, gt=0)
-    # Arm action inside a gap when the arm action comes from gap_topic itself (no _synced copy):
-    # the reference writes the flag value 999 into the arm dims; null keeps the nearest command.
-    gap_arm_fill: float | None = 999.0
+    # Arm action inside a gap when the arm action comes from gap_topic itself (no _synced copy).
+    # null (default) keeps the nearest command; the reference writes the flag value 999 into the
+    # arm dims (set 999.0 for its datasets), which ctrl_change_cmd already carries here, and 999
+    # in the arm dims would swamp their normalization statistics (every task shares them).
+    gap_arm_fill: float | None = None
 
 
 class DepthSpec(_Strict):
