@@ -264,3 +264,39 @@ def test_evaluate_a_run_with_overrides_of_its_recorded_config(full_run, demo_dat
     # the run's log has the evaluation's lines, as it has the training's
     log = (copy / "train.log").read_text()
     assert log.count("was evaluated with") == len(rows) and f"report: {copy / 'report.md'}" in log
+
+
+def test_a_row_killed_midway_keeps_the_tasks_it_finished(full_run, tmp_path):
+    """Each task's cell of a row is saved when done: `evaluate` killed after the first task of a
+    row keeps that task, and the rerun reuses it and ends with the uninterrupted row."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, run = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    ev = json.loads((copy / "evaluation.json").read_text())
+    whole = ev["rows"].pop("4")
+    others = {k for r in ev["rows"].values() for k in r["cells"]}
+    ev["cells"] = {k: v for k, v in ev["cells"].items() if k not in set(whole["cells"]) - others}
+    (copy / "evaluation.json").write_text(json.dumps(ev))
+    cmd = [sys.executable, "-m", "kuavo_train.cli.main", "evaluate", "--run", str(copy)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("row 4, ") and " evaluated in " in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    kept = json.loads((copy / "evaluation.json").read_text())
+    assert "4" not in kept["rows"]
+    done = [k for k in whole["cells"] if k in kept["cells"]]
+    assert 1 <= len(done) < len(whole["cells"]), done
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("the same model as row 4's, which was evaluated: reused") == len(done), r.stdout
+    again = json.loads((copy / "evaluation.json").read_text())["rows"]["4"]
+    assert {m: again[m] for m in ("val_loss", "action_error")} == {m: whole[m] for m in ("val_loss", "action_error")}

@@ -143,10 +143,11 @@ def cell_key(policy, tid: int, settings: dict) -> str:
 
 
 def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, state: RunState, space,
-                 cells: dict) -> dict:
+                 cells: dict, on_cell=None) -> dict:
     """Row `row`'s values per task. `cells` ({cell_key: values}) holds the cells evaluated before in
-    this run (reused, and this row's added). Under `accelerate launch` the processes share the
-    row's new cells and all end with the whole row."""
+    this run (reused, and this row's added); `on_cell()` is called after each cell this process
+    adds. Under `accelerate launch` the processes share the row's new cells and all end with the
+    whole row."""
     policy, pre, post = load_model_row(cfg, row, state, tasks, stats, space)
     settings = row_settings(cfg, row, max(tasks))
     episodes = settings["closed_loop_episodes"]
@@ -163,6 +164,9 @@ def evaluate_row(cfg: RunConfig, row: int, tasks: dict[int, TaskData], stats, st
         t0 = time.perf_counter()
         with adapters.for_task(policy, tid):
             values = {"row": row, **_evaluate_task(cfg, tid, tasks[tid], policy, pre, post, stats, space, episodes)}
+        cells[keys[tid]] = values
+        if on_cell is not None:
+            on_cell()
         log.info("row %d, %s: evaluated in %.1f s%s", row, tasks[tid].name, time.perf_counter() - t0,
                  f" (process {processes.index() + 1} of {processes.count()})" if processes.launched() else "")
         return values
@@ -219,6 +223,13 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
     ev = load_evaluation(cfg.run_dir)
     labels = row_labels(max(rows, default=0) + 1, [tasks[t].name for t in sorted(tasks)], completed_rows(state))
     cells = dict(ev.get("cells", {}))  # rows evaluated before cells were kept have none
+
+    def save_cells() -> None:
+        # each cell as it is done: a row interrupted (a kill, a crash in a later task) keeps the
+        # tasks it finished, which a closed-loop benchmark row takes minutes to hours for
+        if processes.is_main():
+            write_json_atomic(Path(cfg.run_dir) / EVAL_FILE, {**ev, "cells": cells})
+
     for row in rows:
         if str(row) in ev["rows"]:
             other = _made_with_other_settings(ev["rows"][str(row)], row_settings(cfg, row, max(tasks)))
@@ -235,7 +246,7 @@ def evaluate_rows(cfg: RunConfig, rows: list[int], tasks, stats, state: RunState
             cells.update(stored.get("cells", {}))
         else:
             log.info("evaluating %s on all tasks", "the base model" if row == 0 else f"the model {labels[row]}")
-            ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space, cells)
+            ev["rows"][str(row)] = evaluate_row(cfg, row, tasks, stats, state, space, cells, save_cells)
             if shared is not None and processes.is_main():
                 write_json_atomic(shared, {"run_dir": str(cfg.run_dir), "row": ev["rows"]["0"],
                                            "cells": {k: cells[k] for k in ev["rows"]["0"]["cells"]}})
