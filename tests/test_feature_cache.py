@@ -128,6 +128,20 @@ def test_a_changed_image_is_recomputed_not_served(demo_base, demo_data, tmp_path
     check_recomputed(policy, pre, cache, one_pixel_changed(policy, raw), rows=1)
 
 
+
+def test_each_machine_keeps_its_own_entries_on_a_shared_disk(demo_base, demo_data, tmp_path, monkeypatch):
+    """Memory-mapped entries written by two machines into one NFS folder would reach it page by
+    page in any order: another host name is another namespace."""
+    import socket
+
+    policy = _policy(demo_base)
+    root, _, _ = _data(demo_data, policy)
+    here = _cache(policy, root, tmp_path)
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-machine")
+    there = _cache(policy, root, tmp_path)
+    assert there.namespace != here.namespace
+    assert json.loads((there.root / "key.json").read_text())["host"] == "another-machine"
+
 def test_other_weights_or_data_never_share_entries(demo_base, demo_data, tmp_path):
     policy = _policy(demo_base)
     root, pre, ds = _data(demo_data, policy)

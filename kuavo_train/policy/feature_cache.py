@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,8 +261,12 @@ class FrozenFeatureCache:
         self._vlm_expert = policy.model.vlm_with_expert
         frozen = self._frozen(level)
         self._frozen_modules = frozen
+        # host: entries are written through memory maps, whose pages reach a disk shared by several
+        # machines (NFS) in no set order, and a page holds parts of neighbouring entries; on one
+        # machine the page cache keeps them whole. So each machine keeps its own entries.
         key = {"format": FORMAT_VERSION, "level": level, "weights": _hash_modules(frozen),
-               "resize": list(resize) if resize is not None else None, **self._key_extra()}
+               "resize": list(resize) if resize is not None else None, "host": socket.gethostname(),
+               **self._key_extra()}
         self.namespace = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.root = Path(root) / self.namespace
         self.root.mkdir(parents=True, exist_ok=True)
