@@ -17,7 +17,11 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kuavo_train.errors import KuavoError
+from kuavo_train.errors import KuavoError, first_line
+
+
+class ElsewhereError(KuavoError):
+    """Another process of the launch stopped (this one had nothing wrong)."""
 
 
 class NotSharedError(KuavoError):
@@ -123,8 +127,34 @@ def on_main(fn: Callable):
         return fn()
     from accelerate.utils import broadcast_object_list
 
-    result = [fn() if _state().is_main_process else None]
-    return broadcast_object_list(result)[0]  # from the main process, once it is done
+    result, error = None, None
+    if _state().is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - raised again below, on every process
+            error = exc
+    raise_together(error)
+    return broadcast_object_list([result])[0]  # from the main process, once it is done
+
+
+def raise_together(error: BaseException | None) -> None:
+    """After a step each process did on its own: if one failed, every process stops (the one that
+    failed with its error, the others with its line). Without it the others would go on to the
+    next meeting point and wait there for the timeout, hours; a launcher stops them only on its
+    own machine."""
+    if not launched():
+        if error is not None:
+            raise error
+        return
+    from accelerate.utils import gather_object
+
+    _state()  # the process group, if nothing has joined it yet
+    said = gather_object([(index(), None if error is None else first_line(error))])
+    if error is not None:
+        raise error
+    failed = [(i, line) for i, line in said if line is not None]
+    if failed:
+        raise ElsewhereError(f"process {failed[0][0]} of {count()} stopped: {failed[0][1]}")
 
 
 def check_shared(path: Path, what: str) -> None:

@@ -312,6 +312,39 @@ def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base,
     assert not list((tmp_path / "machine0" / "run").glob("stage*"))
 
 
+
+@pytest.mark.slow
+def test_a_machine_that_cannot_start_stops_the_others_in_one_line(tmp_path, demo_base, demo_data):
+    """One machine of a launch lacks the datasets (played by a second process given another
+    data_root): it stops with its line, and the other, which was about to wait for it at the
+    process group's first meeting for hours (its launcher does not see the other machine), stops
+    within seconds with the same line naming the process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, data in ((0, demo_data), (1, tmp_path / "not_copied_here")):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0",
+               "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
+        overrides = tiny_overrides(tmp_path / "run", demo_base, data, "evaluation.after_each_stage=false")
+        procs.append(subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_tree(p)
+    missing = f"no LeRobot dataset at {tmp_path / 'not_copied_here' / 'task1_moving_grasp'}"
+    lines = [err.strip().splitlines()[-1] for _, err in results]
+    assert all(p.returncode == 2 for p in procs) and not any("Traceback" in err for _, err in results), results
+    assert lines[1].startswith("error: ") and missing in lines[1], lines
+    assert lines[0].startswith("error: process 1 of 2 stopped: ") and missing in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
 def test_data_workers_die_with_their_killed_parent(tmp_path):
     """`make-data` killed outright (SIGKILL, out of memory) runs no clean-up: its two generator
     processes must not go on writing and then wait forever beside the rerun."""

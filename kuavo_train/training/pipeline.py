@@ -178,9 +178,16 @@ class Pipeline:
 
         from kuavo_train.training.stage_trainer import StageTrainer, make_accelerator
 
-        self.prepare()
+        failed = None
+        try:  # each process checks on its own (its datasets, its base) before the processes meet
+            self.prepare()
+        except Exception as exc:
+            if not processes.launched():
+                raise
+            failed = exc  # raised once they have met, and its line on every other process
         cfg = self.cfg
         acc = make_accelerator(cfg)
+        processes.raise_together(failed)
         # Several processes (accelerate launch): the main one writes run.json, stats, logs and
         # checkpoints; the others wait at barriers and re-read what it wrote.
         log_file = None
