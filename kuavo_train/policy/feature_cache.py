@@ -533,6 +533,10 @@ class FrozenFeatureCache:
             if st.features.shape[1:] != arr.shape[1:] or st.features.dtype != np_dtype:
                 continue
             was_empty = bool(np.isnan(st.digests[i, 0]))
+            if not was_empty and np.array_equal(st.digests[i], digests[r].numpy()):
+                # another process stored this very entry meanwhile; invalidating it to write it again
+                # would fail a loader of that process that found it stored and skipped decoding
+                continue
             st.digests[i] = np.nan  # invalidate before overwriting, so no reader pairs old digest + new features
             st.features[i] = arr[j]
             st.digests[i] = digests[r].numpy()
