@@ -185,3 +185,17 @@ def test_lerobot_eval_runs_kuavo_metaworld_and_agrees(metaworld_checkpoint, tmp_
     assert ours["episodes"][0]["steps"] == 15
     stock = _lerobot_eval_result(proc, out)
     _same(_per_episode(ours), stock)
+
+
+def test_episode_seeds_from_1000_visit_the_held_out_scenes_from_the_first():
+    """Episode k of lerobot-eval (seed 1000 + k) plays held-out scene k for any number of scenes,
+    so n episodes are the dataset's first n scenes (those its expert success was measured on)."""
+    import numpy as np
+
+    from kuavo_train.envs.seeding import scene_for
+
+    rng = np.random.default_rng(0)
+    for n in (1, 20, 30, 7):
+        scenes = list(range(100, 100 + n))
+        assert [scene_for(scenes, 1000 + k, rng) for k in range(2 * n)] == scenes + scenes
+    assert scene_for(None, 1234, rng) == 1234  # no dataset: the seed is the scene
