@@ -51,7 +51,7 @@ class KuavoDemoEnvConfig(EnvConfig):
     task3_placement or task4_sorting. `dataset_root`: the task's demo-world dataset, whose
     `meta/demo_world.json` gives the scenes and the image size (default
     outputs/demo/datasets/<task>, relative to the working directory). `scenes`: heldout (the
-    dataset's held-out scenes, episode seed mod their number), train, or seed (the episode seed
+    dataset's held-out scenes, number (episode seed - 1000) mod their number), train, or seed (the episode seed
     is the scene seed). `image_size` / `episode_length`: default the dataset's / the world's."""
 
     task: str = "task1_moving_grasp"
@@ -97,7 +97,7 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
     `task`: a MetaWorld v3 task with a scripted expert (push-v3, ...). `dataset_root`: the task's
     benchmark dataset, whose `meta/metaworld.json` gives camera, image size, state layout,
     horizon, instruction and held-out seeds (default data/metaworld/<task>). `scenes`: heldout
-    (its `eval_seeds`, episode seed mod their number), train, or seed. `camera`, `image_size`,
+    (its `eval_seeds`, number (episode seed - 1000) mod their number), train, or seed. `camera`, `image_size`,
     `state_mode` (full | agent), `episode_length`: default the dataset's. A dataset recorded with
     the stock observation is evaluated in LeRobot's own `metaworld` env (its scene = the episode
     seed, its fixed camera and horizon, so none of these options applies), with our per-episode seeding."""

@@ -8,8 +8,8 @@ the 16 absolute joint targets of the datasets. The instruction is `task_descript
 
 Episode seed -> scene (`scenes`):
 - "heldout" (default): the dataset's held-out scenes (`meta/demo_world.json`,
-  `scene_seeds.val`), scene index = seed mod their number; seeds 0..n-1 (or lerobot-eval's
-  default 1000.. when n divides 1000) visit them in order;
+  `scene_seeds.val`), scene index = (seed - 1000) mod their number: lerobot-eval's default
+  seeds 1000, 1001, ... visit them in order from the first;
 - "train": the same over the training scenes;
 - "seed": the episode seed is the scene seed itself (any integer is a new scene; no
   dataset needed).

@@ -6,7 +6,7 @@ render settings come from the dataset's `meta/metaworld.json` (the same `SimSett
 and `MetaWorldSim` that recorded the demonstrations), and the instruction is ours.
 Observations: `pixels/<camera>` -> `observation.images.<camera>`, `agent_pos` ->
 `observation.state`. Episode seed -> scene (`scenes`): "heldout" (default) the
-dataset's held-out evaluation seeds (`eval_seeds`), index = seed mod their number;
+dataset's held-out evaluation seeds (`eval_seeds`), index = (seed - 1000) mod their number;
 "train" its training seeds; "seed" the episode seed is the MetaWorld scene seed.
 Ends on `info["success"]` (terminated) or at the horizon (truncated); the reward is
 MetaWorld's own dense reward.

@@ -3,7 +3,7 @@
 Episodes run through the same environments stock `lerobot-eval` uses
 (`--env.type=kuavo_demo` / `kuavo_metaworld`, kuavo_train/envs/) with the same seeding:
 episode seeds `start_seed`, `start_seed`+1, ... (default 1000, lerobot-eval's default
-`--seed`), episode seed s -> held-out scene s mod their number, and every RNG seeded with
+`--seed`), episode seed s -> held-out scene (s - 1000) mod their number, and every RNG seeded with
 the batch's first seed when its episodes start. So a success rate printed here equals what
 
     lerobot-eval --policy.path=<checkpoint>/pretrained_model --env.type=kuavo_demo --env.task=<task> \
