@@ -141,13 +141,14 @@ def test_batch_larger_than_an_epoch_is_refused(tmp_path, demo_base, demo_data):
 
 def test_keeping_the_last_small_batch_is_refused_with_several_processes(tmp_path, demo_base, demo_data, monkeypatch):
     """With several processes accelerate pads each one's last batch with samples from the epoch's
-    start: more steps than each stage plans (and resumes by), and samples seen twice. Refused
-    before the launch's processes meet (WORLD_SIZE is what the launcher sets)."""
+    start: more steps than each stage plans (and resumes by), and samples seen twice. Refused by
+    the checks every process makes before they meet (WORLD_SIZE is what the launcher sets; the
+    launch itself is not made here)."""
     run_dir = tmp_path / "run"
     cfg = load_run_config(tiny_overrides(run_dir, demo_base, demo_data, "dataloader.drop_last=false"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(KuavoError, match=r"dataloader\.drop_last: false needs one process \(2 launched\): set it true"):
-        Pipeline(cfg).run()
+        Pipeline(cfg).prepare()
     assert not run_dir.exists()
 
 def test_diverging_stage_stops_before_any_update(tmp_path, demo_base, demo_data):

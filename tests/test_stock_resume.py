@@ -54,6 +54,11 @@ def test_train_config_is_lerobots_own(full_run):
     assert tc.dataset.episodes == [0, 1, 2]  # the 3 training episodes; the 2 held-out ones are not trained on
     assert tc.steps == state["total_steps"] == meta["step"]
     assert tc.batch_size == cfg.dataloader.batch_size and tc.seed == cfg.seed
+    # the launch that wrote it, which stock compares with its own when it continues
+    from lerobot.common.train_utils import load_training_batch_size, load_training_num_processes
+
+    assert load_training_num_processes(pretrained.parent) == 1
+    assert load_training_batch_size(pretrained.parent) == cfg.dataloader.batch_size
     assert tc.optimizer.lr == pytest.approx(state["lr"]) and tc.scheduler.peak_lr == pytest.approx(state["lr"])
     assert not tc.wandb.enable and not tc.resume
     # stock re-points a `checkpoints/last` symlink inside output_dir: never our own stage folder

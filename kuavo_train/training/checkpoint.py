@@ -31,6 +31,7 @@ import os
 import shutil
 from pathlib import Path
 
+import kuavo_train.processes as processes
 from kuavo_train.errors import KuavoError
 from kuavo_train.files import atomic_path, replace_dir, staging_dir
 from kuavo_train.policy import vlm_cache
@@ -137,7 +138,9 @@ def write_checkpoint(ckpt_dir: Path, *, policy, preprocessor, postprocessor, opt
             if stock is not None:
                 meta = {**meta, "stock_resume": stock_resume.write_train_config(pretrained, policy.config, stock)}
             with stock_param_groups(optimizer):
-                save_training_state(tmp, step, optimizer, scheduler)
+                # the launch's size and batch: stock warns when it continues with others
+                save_training_state(tmp, step, optimizer, scheduler, num_processes=processes.count(),
+                                    batch_size=stock.batch_size if stock is not None else None)
             (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
             if strategy_state:
                 _save_tensors(strategy_state, tmp / STRATEGY_FILE)
