@@ -199,3 +199,22 @@ def test_episode_seeds_from_1000_visit_the_held_out_scenes_from_the_first():
         scenes = list(range(100, 100 + n))
         assert [scene_for(scenes, 1000 + k, rng) for k in range(2 * n)] == scenes + scenes
     assert scene_for(None, 1234, rng) == 1234  # no dataset: the seed is the scene
+
+
+def test_the_env_sends_the_instruction_the_run_trained_with(demo_data):
+    """A task config may change a task's instruction: our closed loop (and lerobot-eval with
+    --env.instruction) sends the one the model was trained with, not the world's own."""
+    from kuavo_train.data.demo_world.tasks import TASKS_BY_NAME
+    from kuavo_train.evaluation.closed_loop import env_config_for
+
+    root = demo_data / "task1_moving_grasp"
+    own = TASKS_BY_NAME["task1_moving_grasp"].instruction
+    assert env_config_for("task1_moving_grasp", root, instruction=own).instruction is None  # lerobot-eval's default
+    cfg = env_config_for("task1_moving_grasp", root, instruction="pick the red block up")
+    assert cfg.instruction == "pick the red block up"
+    envs = cfg.create_envs(n_envs=1)
+    (vec,) = [v for group in envs.values() for v in group.values()]
+    try:
+        assert vec.call("task_description") == ("pick the red block up",)
+    finally:
+        vec.close()

@@ -52,7 +52,9 @@ class KuavoDemoEnvConfig(EnvConfig):
     `meta/demo_world.json` gives the scenes and the image size (default
     outputs/demo/datasets/<task>, relative to the working directory). `scenes`: heldout (the
     dataset's held-out scenes, number (episode seed - 1000) mod their number), train, or seed (the episode seed
-    is the scene seed). `image_size` / `episode_length`: default the dataset's / the world's."""
+    is the scene seed). `image_size` / `episode_length`: default the dataset's / the world's.
+    `instruction`: the task string the env sends (default the world's own; a run whose task config
+    changed it is evaluated with its own)."""
 
     task: str = "task1_moving_grasp"
     fps: int = 10
@@ -60,6 +62,7 @@ class KuavoDemoEnvConfig(EnvConfig):
     scenes: str = "heldout"
     image_size: int | None = None
     episode_length: int | None = None
+    instruction: str | None = None
 
     def __post_init__(self):
         from kuavo_train.data.demo_world.tasks import CAMERAS
@@ -78,7 +81,7 @@ class KuavoDemoEnvConfig(EnvConfig):
     @property
     def gym_kwargs(self) -> dict:
         return {"task": self.task, "dataset_root": str(self.root), "scenes": self.scenes,
-                "image_size": self.image_size, "episode_length": self.episode_length}
+                "image_size": self.image_size, "episode_length": self.episode_length, "instruction": self.instruction}
 
     def create_envs(self, n_envs: int, use_async_envs: bool = False):
         from kuavo_train.envs.demo import KuavoDemoEnv
@@ -100,7 +103,8 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
     (its `eval_seeds`, number (episode seed - 1000) mod their number), train, or seed. `camera`, `image_size`,
     `state_mode` (full | agent), `episode_length`: default the dataset's. A dataset recorded with
     the stock observation is evaluated in LeRobot's own `metaworld` env (its scene = the episode
-    seed, its fixed camera and horizon, so none of these options applies), with our per-episode seeding."""
+    seed, its fixed camera and horizon, so none of these options applies), with our per-episode seeding.
+    `instruction`: the task string the env sends (default the dataset's)."""
 
     task: str = "push-v3"
     fps: int = 80
@@ -110,6 +114,7 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
     image_size: int | None = None
     state_mode: str | None = None
     episode_length: int | None = None
+    instruction: str | None = None
 
     def __post_init__(self):
         from kuavo_train.data.metaworld.env import state_names
@@ -133,7 +138,8 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
     @property
     def gym_kwargs(self) -> dict:
         return {"task": self.task, "dataset_root": str(self.root), "scenes": self.scenes, "camera": self.camera,
-                "image_size": self.image_size, "state_mode": self.state_mode, "episode_length": self.episode_length}
+                "image_size": self.image_size, "state_mode": self.state_mode, "episode_length": self.episode_length,
+                "instruction": self.instruction}
 
     def create_envs(self, n_envs: int, use_async_envs: bool = False):
         from kuavo_train.data.metaworld.env import MetaWorldError
@@ -141,11 +147,12 @@ class KuavoMetaWorldEnvConfig(EnvConfig):
 
         if is_stock(read_metaworld_meta(self.root)):
             fixed = {k: v for k, v in (("camera", self.camera), ("image_size", self.image_size),
-                                        ("state_mode", self.state_mode), ("episode_length", self.episode_length)) if v}
+                                        ("state_mode", self.state_mode), ("episode_length", self.episode_length),
+                                        ("instruction", self.instruction)) if v}
             if fixed or self.scenes == "train":
                 what = f"--env.{next(iter(fixed))}" if fixed else "--env.scenes=train"
                 raise MetaWorldError(f"kuavo_metaworld: {self.root} holds the stock observation: LeRobot's env fixes "
-                                     f"camera, image, state, horizon and scenes (drop {what})")
+                                     f"camera, image, state, horizon, instruction and scenes (drop {what})")
             return {self.type: {0: make_stock_env(str(self.task), n_envs, use_async_envs)}}
         return {self.type: {0: _vector_env(functools.partial(KuavoMetaWorldEnv, **self.gym_kwargs), n_envs,
                                            use_async_envs)}}

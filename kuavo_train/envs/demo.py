@@ -51,7 +51,8 @@ class KuavoDemoEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
 
     def __init__(self, task: str = "task1_moving_grasp", dataset_root: str | None = None, scenes: str = "heldout",
-                 image_size: int | None = None, episode_length: int | None = None, render_mode: str = "rgb_array"):
+                 image_size: int | None = None, episode_length: int | None = None, render_mode: str = "rgb_array",
+                 instruction: str | None = None):
         super().__init__()
         if task not in TASKS_BY_NAME:
             raise DemoWorldError(f"kuavo_demo: unknown task {task!r} (known: {', '.join(TASKS_BY_NAME)})")
@@ -76,7 +77,8 @@ class KuavoDemoEnv(gym.Env):
         if episode_length:
             self.world.max_steps = int(episode_length)
         self.task = task
-        self.task_description = TASKS_BY_NAME[task].instruction
+        # the instruction a run trained the task with, when its task config changed the world's own
+        self.task_description = instruction or TASKS_BY_NAME[task].instruction
         self._max_episode_steps = self.world.max_steps
         self.render_mode = render_mode
         self.image_size = size

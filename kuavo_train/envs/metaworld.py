@@ -126,7 +126,7 @@ class KuavoMetaWorldEnv(gym.Env):
 
     def __init__(self, task: str = "push-v3", dataset_root: str | None = None, scenes: str = "heldout",
                  camera: str | None = None, image_size: int | None = None, state_mode: str | None = None,
-                 episode_length: int | None = None, render_mode: str = "rgb_array"):
+                 episode_length: int | None = None, render_mode: str = "rgb_array", instruction: str | None = None):
         super().__init__()
         from kuavo_train.data.metaworld.env import MetaWorldSim, check_tasks, require_metaworld
 
@@ -152,7 +152,7 @@ class KuavoMetaWorldEnv(gym.Env):
                                          horizon=episode_length)
         self.sim = MetaWorldSim(self.settings)
         self.task = task
-        self.task_description = (meta or {}).get("instruction") or instruction_for(task)
+        self.task_description = instruction or (meta or {}).get("instruction") or instruction_for(task)
         self._max_episode_steps = self.settings.horizon
         self.render_mode = render_mode
         s = self.settings

@@ -39,16 +39,22 @@ def has_simulator(dataset_root: Path) -> bool:
     return (meta / DEMO_WORLD_META).is_file() or (meta / METAWORLD_META).is_file()
 
 
-def env_config_for(task_name: str, dataset_root: Path, **options):
+def env_config_for(task_name: str, dataset_root: Path, *, instruction: str | None = None, **options):
     """The lerobot-eval env config (`--env.type`, `--env.task`, `--env.dataset_root`, other `--env.*`
-    options) of a simulator dataset."""
+    options) of a simulator dataset. `instruction`: the one the model was trained with for the task;
+    an `--env.instruction` only when it is not the env's own."""
+    from kuavo_train.data.demo_world.tasks import TASKS_BY_NAME
     from kuavo_train.envs import KuavoDemoEnvConfig, KuavoMetaWorldEnvConfig
 
     meta = Path(dataset_root) / "meta"
     if (meta / METAWORLD_META).is_file():
-        task = json.loads((meta / METAWORLD_META).read_text())["task"]
-        return KuavoMetaWorldEnvConfig(task=task, dataset_root=str(dataset_root), **options)
+        recorded = json.loads((meta / METAWORLD_META).read_text())
+        if instruction is not None and instruction != recorded.get("instruction"):
+            options["instruction"] = instruction
+        return KuavoMetaWorldEnvConfig(task=recorded["task"], dataset_root=str(dataset_root), **options)
     task = json.loads((meta / DEMO_WORLD_META).read_text()).get("task", task_name)
+    if instruction is not None and task in TASKS_BY_NAME and instruction != TASKS_BY_NAME[task].instruction:
+        options["instruction"] = instruction
     return KuavoDemoEnvConfig(task=task, dataset_root=str(dataset_root), **options)
 
 
@@ -88,10 +94,11 @@ class WrapperPolicyFn:
 
 def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
                     start_seed: int = EVAL_START_SEED, batch_size: int = 1, workers: int | None = None,
-                    env_options: dict | None = None) -> dict:
+                    env_options: dict | None = None, instruction: str | None = None) -> dict:
     """Episodes with seeds start_seed .. start_seed+episodes-1, `batch_size` at a time in one vector
     env (lerobot-eval's --eval.batch_size); per-episode seed, scene, success, rewards, steps.
-    `env_options`: other env options (`--env.<name>`), e.g. {"episode_length": 20}.
+    `env_options`: other env options (`--env.<name>`), e.g. {"episode_length": 20}; `instruction`:
+    the task string the model was trained with (the env's own when None).
 
     MetaWorld batches run in `workers` forked processes (a process that rendered must not fork
     another renderer, and the training process never renders); each batch is seeded on its
@@ -99,7 +106,7 @@ def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int
     once this process has used CUDA (a forked child cannot), runs them in this process."""
     from kuavo_train.envs.rollout import run_episodes
 
-    cfg = env_config_for(task_name, dataset_root, **(env_options or {}))
+    cfg = env_config_for(task_name, dataset_root, instruction=instruction, **(env_options or {}))
     episodes, bs = int(episodes), max(1, min(int(batch_size), int(episodes) or 1))
     seeds = [int(start_seed) + i for i in range(episodes)]
     if cfg.type == "kuavo_metaworld" and workers != 0 and not torch.cuda.is_initialized():
@@ -116,12 +123,12 @@ def run_closed_loop(task_name: str, dataset_root: Path, policy_fn, episodes: int
 
 
 def success_rate(task_name: str, dataset_root: Path, policy_fn, episodes: int, *,
-                 start_seed: int = EVAL_START_SEED, batch_size: int = 1) -> float | None:
+                 start_seed: int = EVAL_START_SEED, batch_size: int = 1, instruction: str | None = None) -> float | None:
     """Success rate over `episodes` seeded episodes on held-out scenes (None without a simulator)."""
     if episodes <= 0 or not has_simulator(dataset_root):
         return None
     return float(run_closed_loop(task_name, dataset_root, policy_fn, episodes, start_seed=start_seed,
-                                 batch_size=batch_size)["success_rate"])
+                                 batch_size=batch_size, instruction=instruction)["success_rate"])
 
 
 def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batch_size: int = 1) -> dict[str, float | None]:
@@ -142,6 +149,7 @@ def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batc
     state = RunState.load_existing(run_dir)
     stages = sorted(state.data.get("config", {}).get("stages", {}).values(), key=lambda s: s["task_id"])
     roots = {s["name"]: state.recorded_path(s["dataset"]["root"]) for s in stages}
+    instructions = {s["name"]: s["instruction"] for s in stages}
     missing = [f"{name}: {root}" for name, root in roots.items() if not root.is_dir()]
     if missing:
         raise DataError(f"{run_dir}/run.json names datasets that are not here ({'; '.join(missing)}): run from the "
@@ -164,7 +172,8 @@ def infer_run(run_dir: Path, *, episodes: int, seed: int = EVAL_START_SEED, batc
     def run(item) -> list[bool]:
         name, part = item
         n = sum(k for _, k in part)
-        result = run_closed_loop(name, roots[name], fn, n, start_seed=part[0][0], batch_size=bs)
+        result = run_closed_loop(name, roots[name], fn, n, start_seed=part[0][0], batch_size=bs,
+                                 instruction=instructions[name])
         return [bool(e["success"]) for e in result["episodes"]]
 
     successes: dict[str, list[bool]] = {}

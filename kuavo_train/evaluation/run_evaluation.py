@@ -189,7 +189,7 @@ def _evaluate_task(cfg: RunConfig, tid: int, task: TaskData, policy, pre, post, 
         policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed, batch_size=cfg.validation.batch_size,
         action_std=stats[ACTION_KEY]["std"])
     out["success"] = success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
-                                  batch_size=cfg.evaluation.closed_loop_batch_size)
+                                  batch_size=cfg.evaluation.closed_loop_batch_size, instruction=task.instruction)
     return out
 
 
