@@ -59,15 +59,20 @@ def env_config_for(task_name: str, dataset_root: Path, *, instruction: str | Non
 
 
 class StockPolicyFn:
-    """A LeRobot batch -> (B, action_dim) actions, the way lerobot-eval's rollout calls a policy."""
+    """A LeRobot batch -> (B, action_dim) actions, the way lerobot-eval's rollout calls a policy.
+    `rename`: env observation key -> policy key, as lerobot-eval's --rename_map (a task config
+    that renamed its cameras)."""
 
-    def __init__(self, policy, pre, post):
+    def __init__(self, policy, pre, post, rename: dict[str, str] | None = None):
         self.policy, self.pre, self.post = policy, pre, post
+        self.rename = {k: v for k, v in (rename or {}).items() if k != v}
 
     def reset(self):
         self.policy.reset()
 
     def __call__(self, batch: dict) -> torch.Tensor:
+        if self.rename:
+            batch = {self.rename.get(k, k): v for k, v in batch.items()}
         batch = self.pre(batch)
         with torch.inference_mode():
             action = self.policy.select_action(batch)

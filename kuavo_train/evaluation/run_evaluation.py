@@ -188,7 +188,9 @@ def _evaluate_task(cfg: RunConfig, tid: int, task: TaskData, policy, pre, post, 
     out["action_error"], out["action_error_normalized"] = action_errors(
         policy, pre, post, ds, idx, task_id=tid, seed=cfg.validation.seed, batch_size=cfg.validation.batch_size,
         action_std=stats[ACTION_KEY]["std"])
-    out["success"] = success_rate(task.name, task.root, StockPolicyFn(policy, pre, post), episodes,
+    # the env sends the cameras under the names the dataset has, the policy takes them under the task's
+    rename = {data: name for name, data in (task.camera_map or {}).items()}
+    out["success"] = success_rate(task.name, task.root, StockPolicyFn(policy, pre, post, rename), episodes,
                                   batch_size=cfg.evaluation.closed_loop_batch_size, instruction=task.instruction)
     return out
 
