@@ -23,13 +23,18 @@ STATE = "observation.state"
 
 
 def _vector_env(make_one, n_envs: int, use_async_envs: bool):
-    """LeRobot's default layout: Sync (or Async when asked and n_envs > 1), same-step autoreset."""
+    """LeRobot's default layout: Sync (or Async when asked and n_envs > 1), same-step autoreset;
+    each env frozen once its episode ends (LeRobot's wrapper: a batch's finished episodes stop
+    simulating and rendering until the slowest one ends, and add no reward of a next episode)."""
+    from lerobot.envs.utils import freeze_after_episode_end
+
     kwargs = {}
     if use_async_envs and n_envs > 1:
         cls, kwargs["context"] = gym.vector.AsyncVectorEnv, "forkserver"
     else:
         cls = gym.vector.SyncVectorEnv
-    return cls([make_one for _ in range(n_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
+    return cls([freeze_after_episode_end(make_one) for _ in range(n_envs)],
+               autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
 
 
 def _features(cameras: list[str], image_size: int, state_dim: int, action_dim: int):
