@@ -84,6 +84,11 @@ def count() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def spans_machines() -> bool:
+    """The launch has processes on other machines too (the launcher sets LOCAL_WORLD_SIZE)."""
+    return count() > int(os.environ.get("LOCAL_WORLD_SIZE", str(count())))
+
+
 def local_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 

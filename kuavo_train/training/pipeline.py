@@ -182,7 +182,9 @@ class Pipeline:
         try:  # each process checks on its own (its datasets, its base) before the processes meet
             self.prepare()
         except Exception as exc:
-            if not processes.launched():
+            # On one machine the launcher stops the others when a process exits; on several, the
+            # others would wait for it at the process group's first meeting (hours): meet, then stop.
+            if not processes.spans_machines():
                 raise
             failed = exc  # raised once they have met, and its line on every other process
         cfg = self.cfg
