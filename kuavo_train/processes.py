@@ -84,6 +84,11 @@ def count() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_count() -> int:
+    """The launch's processes on this machine (the launcher sets LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
+
+
 def spans_machines() -> bool:
     """The launch has processes on other machines too (the launcher sets LOCAL_WORLD_SIZE)."""
     return count() > int(os.environ.get("LOCAL_WORLD_SIZE", str(count())))

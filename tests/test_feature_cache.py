@@ -176,6 +176,24 @@ def test_budget_limits_what_is_stored_not_what_is_right(demo_base, demo_data, tm
     check_nothing_stored_all_exact(policy, pre, _batch(ds, [0, 1, 2]), lambda: _cache(policy, root, tmp_path, max_bytes=0))
 
 
+
+def test_the_processes_of_a_machine_share_the_budget(demo_base, demo_data, tmp_path, monkeypatch):
+    """Each process counts the folder once, then only its own stores: with two processes of a
+    launch on this machine, each may store half of the room that was left."""
+    policy = _policy(demo_base)
+    root, pre, ds = _data(demo_data, policy)
+    raw = _batch(ds, [0, 1, 2])
+    alone = _cache(policy, root, tmp_path / "alone")
+    _loss_and_grads(policy, pre, raw, alone)
+    alone.detach()
+    entry = alone.stats.bytes_stored // alone.stats.stored
+    assert alone.stats.stored > 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    shared = _cache(policy, root, tmp_path / "shared", max_bytes=4 * entry)
+    _loss_and_grads(policy, pre, raw, shared)
+    assert shared.stats.stored == 2
+
 def test_trained_vision_encoder_turns_it_off_with_a_reason(demo_base, caplog):
     from kuavo_train.config.schema import FeatureCacheSettings
 

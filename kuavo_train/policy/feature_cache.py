@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kuavo_train.processes as processes
 from kuavo_train.data.frames import NOT_DECODED_KEY
 from kuavo_train.errors import KuavoError
 from kuavo_train.files import hash_file, locked
@@ -274,6 +275,7 @@ class FrozenFeatureCache:
         self._datasets: dict[int, tuple[str, int]] = {}  # task id -> (fingerprint, total frames)
         self._stores: dict[tuple, _Store] = {}
         self._bytes_used: int | None = None
+        self._counted = 0  # the folder's entries when _bytes_used was first counted
         self._rows: list[tuple[int, int]] | None = None
         self._trusted: list[bool] = []
         self._batch: dict | None = None
@@ -414,7 +416,7 @@ class FrozenFeatureCache:
     def _room(self, st: _Store, unallocated: int, entry: int, extra: int = 0) -> bool:
         """Whether the disk holds what this cache can still write into `unallocated` bytes of holes:
         at most the rest of the budget, each entry's pages rounded up at both ends."""
-        left = max(0, self.max_bytes - self._used_bytes())
+        left = max(0, self._limit() - self._used_bytes())
         page = max(4096, os.statvfs(_existing(st.folder)).f_bsize)
         need = min(unallocated, left + -(-left // max(entry, 1)) * 2 * page) + extra + _FREE_MARGIN
         free = free_bytes(st.folder)
@@ -431,14 +433,23 @@ class FrozenFeatureCache:
         self._warned = True
 
     def _used_bytes(self) -> int:
+        """The folder's entries when first counted, then plus this process's own stores."""
         if self._bytes_used is None:
             total = 0
             for f in self.root.rglob("*.digests.npy"):
                 d = np.load(f, mmap_mode="r")
                 feats = np.load(str(f).replace(".digests.npy", ".features.npy"), mmap_mode="r")
                 total += int((~np.isnan(d[:, 0])).sum()) * int(np.prod(feats.shape[1:])) * feats.itemsize
-            self._bytes_used = total
+            self._bytes_used = self._counted = total
         return self._bytes_used
+
+    def _limit(self) -> int:
+        """This process's share of `max_bytes`: the processes of a launch on one machine fill this
+        folder at once and each counts only its own stores after counting it, so each may take
+        its part of the room that was left (else together they would store that many times
+        the budget)."""
+        self._used_bytes()
+        return self._counted + max(0, self.max_bytes - self._counted) // processes.local_count()
 
     def _compute(self, images: torch.Tensor) -> torch.Tensor:
         if self.level == "connector":
@@ -502,7 +513,7 @@ class FrozenFeatureCache:
         arr = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy().view(np_dtype)
         entry = int(np.prod(arr.shape[1:])) * arr.itemsize
         writes = sum(stores[r].writable for r in miss)
-        if not writes or self._used_bytes() + entry > self.max_bytes:
+        if not writes or self._used_bytes() + entry > self._limit():
             return
         # The stores' space was there when they were opened; something else (checkpoints, other jobs)
         # may have taken it since. A write into a hole without space is a SIGBUS: check these entries.
@@ -514,7 +525,7 @@ class FrozenFeatureCache:
             self._warn(f"{_size(free)} free in {self.root}, {_size(need)} needed for a batch of entries")
             return
         for j, r in enumerate(miss):
-            if self._used_bytes() + entry > self.max_bytes:
+            if self._used_bytes() + entry > self._limit():
                 return
             st, i = stores[r], rows[r][1]
             if not st.writable:
