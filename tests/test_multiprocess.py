@@ -275,30 +275,38 @@ def test_infer_under_a_launch_splits_the_episodes(full_run, python_exe):
     assert two.stdout.count("process 1 of 2 runs 4 of 8 parts of the tasks' episodes") == 1, two.stdout[-3000:]
 
 
-def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base, demo_data):
-    """Two machines of one launch whose `run_dir` is a folder of each's own disk, played by two
-    processes started as a multi-machine launcher starts them (rank, world size and the main
-    process's address in the environment), each given its own folder: both stop with the same
-    line within seconds, where they trained apart and then waited at a meeting point for hours."""
+
+def _as_two_machines(overrides: list[list[str]]):
+    """`kuavo-train train` in two processes started as a two-machine launcher starts them (rank,
+    world size, one process per machine and the main process's address in the environment), each
+    with its own overrides; (processes, (stdout, stderr) of each) once both have ended."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank in (0, 1):
+    for rank, args in enumerate(overrides):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0",
+               "MASTER_PORT": str(port), "WORLD_SIZE": str(len(overrides)), "RANK": str(rank), "LOCAL_RANK": "0",
                "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
-        overrides = tiny_overrides(tmp_path / f"machine{rank}" / "run", demo_base, demo_data, "evaluation.after_each_stage=false")
-        procs.append(subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "train", *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
     try:
-        results = [p.communicate(timeout=300) for p in procs]
+        return procs, [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 _kill_tree(p)
+
+def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base, demo_data):
+    """Two machines of one launch whose `run_dir` is a folder of each's own disk, played by two
+    processes started as a multi-machine launcher starts them (rank, world size and the main
+    process's address in the environment), each given its own folder: both stop with the same
+    line within seconds, where they trained apart and then waited at a meeting point for hours."""
+    procs, results = _as_two_machines(
+        [tiny_overrides(tmp_path / f"machine{rank}" / "run", demo_base, demo_data, "evaluation.after_each_stage=false")
+         for rank in (0, 1)])
     for rank, (p, (out, err)) in enumerate(zip(procs, results)):
         lines = err.strip().splitlines()
         assert p.returncode == 2 and "Traceback" not in err, (rank, err[-3000:])
@@ -312,32 +320,15 @@ def test_machines_without_a_shared_run_dir_stop_in_one_line(tmp_path, demo_base,
     assert not list((tmp_path / "machine0" / "run").glob("stage*"))
 
 
-
 @pytest.mark.slow
 def test_a_machine_that_cannot_start_stops_the_others_in_one_line(tmp_path, demo_base, demo_data):
     """One machine of a launch lacks the datasets (played by a second process given another
     data_root): it stops with its line, and the other, which was about to wait for it at the
     process group's first meeting for hours (its launcher does not see the other machine), stops
     within seconds with the same line naming the process."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank, data in ((0, demo_data), (1, tmp_path / "not_copied_here")):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0",
-               "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
-        overrides = tiny_overrides(tmp_path / "run", demo_base, data, "evaluation.after_each_stage=false")
-        procs.append(subprocess.Popen([sys.executable, "-m", "kuavo_train.cli.main", "train", *overrides], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                _kill_tree(p)
+    procs, results = _as_two_machines(
+        [tiny_overrides(tmp_path / "run", demo_base, data, "evaluation.after_each_stage=false")
+         for data in (demo_data, tmp_path / "not_copied_here")])
     missing = f"no LeRobot dataset at {tmp_path / 'not_copied_here' / 'task1_moving_grasp'}"
     lines = [err.strip().splitlines()[-1] for _, err in results]
     assert all(p.returncode == 2 for p in procs) and not any("Traceback" in err for _, err in results), results
