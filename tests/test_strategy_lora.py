@@ -239,6 +239,7 @@ def _base_with_an_adapter(demo_base, folder):
     adapters.save(policy, folder)
     return folder
 
+@pytest.mark.slow  # three command-line processes, 30 s
 def test_a_model_with_adapters_is_refused_as_a_base_and_exported_only_where_asked(demo_base, demo_data, python_exe,
                                                                                  tmp_path):
     """Loading a lora_per_task checkpoint loads its adapters and leaves only them trainable: as a
