@@ -36,6 +36,7 @@ from kuavo_train.data.metaworld.env import (
     IMAGE_SIZE,
     OBSERVATIONS,
     STATE_MODES,
+    WORKERS_ENV,
     MetaWorldError,
     SimSettings,
     check_tasks,
@@ -290,14 +291,25 @@ def _begun(run_dir: Path) -> bool:
 
 
 def run_benchmark(spec: BenchmarkSpec) -> dict:
+    check_spec(spec)
+    # --workers for the closed-loop episodes too, which take their count from the environment
+    previous = os.environ.get(WORKERS_ENV)
+    os.environ[WORKERS_ENV] = str(spec.workers)
+    try:
+        return _run_benchmark(spec)
+    finally:
+        if previous is None:
+            os.environ.pop(WORKERS_ENV, None)
+        else:
+            os.environ[WORKERS_ENV] = previous
+
+
+def _run_benchmark(spec: BenchmarkSpec) -> dict:
     from kuavo_train.benchmark.compare import format_summary, summarize, train_and_evaluate
 
     import torch
 
-    check_spec(spec)
     torch.set_num_threads(spec.threads)
-    # --workers for the closed-loop episodes too, which take their count from the environment
-    os.environ["KUAVO_METAWORLD_WORKERS"] = str(spec.workers)
     t0 = time.time()
     # under `accelerate launch` the main process writes the datasets and the base, the others wait
     roots = processes.on_main(lambda: prepare_data(spec))

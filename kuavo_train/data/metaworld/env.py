@@ -402,11 +402,14 @@ def fork_map(fn, items: list, workers: int) -> list:
     return [r for part in parts for r in part]
 
 
+WORKERS_ENV = "KUAVO_METAWORLD_WORKERS"
+
+
 def default_workers() -> int:
-    env = os.environ.get("KUAVO_METAWORLD_WORKERS", "").strip()
+    env = os.environ.get(WORKERS_ENV, "").strip()
     if not env:
         return generator_processes()
     if not env.isdigit() or int(env) < 1:
-        raise MetaWorldError(f"metaworld error: KUAVO_METAWORLD_WORKERS={env!r}: expected a whole number of "
+        raise MetaWorldError(f"metaworld error: {WORKERS_ENV}={env!r}: expected a whole number of "
                              f"processes, 1 or more")
     return int(env)
