@@ -359,11 +359,13 @@ def test_sigterm_mid_conversion_leaves_nothing_and_says_so_in_one_line(tmp_path)
     proc = _cli(*bags, "--out", out, "--instruction", "x", "--images", cwd=tmp_path)
     deadline = time.time() + 120
     while not list((tmp_path / "new" / "deeper").glob(".tmp-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the conversion
+        time.sleep(0.02)
+    # the staging folder is made once the command has started converting, before the first bag is read
+    assert proc.poll() is None, f"the conversion ended (exit {proc.returncode}) before its staging folder was seen"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    # (a child inherits blocked signals: say so if this test process had SIGTERM blocked)
+    assert proc.returncode == 128 + signal.SIGTERM, (err[-3000:], signal.pthread_sigmask(signal.SIG_BLOCK, []))
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM: its temporary files removed"), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "new").exists()
