@@ -85,13 +85,13 @@ def count() -> int:
 
 
 def local_count() -> int:
-    """The launch's processes on this machine (the launcher sets LOCAL_WORLD_SIZE)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
+    """The launch's processes on this machine (the launcher sets LOCAL_WORLD_SIZE; without it, all)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(count())))
 
 
 def spans_machines() -> bool:
-    """The launch has processes on other machines too (the launcher sets LOCAL_WORLD_SIZE)."""
-    return count() > int(os.environ.get("LOCAL_WORLD_SIZE", str(count())))
+    """The launch has processes on other machines too."""
+    return count() > local_count()
 
 
 def local_index() -> int:

@@ -262,11 +262,12 @@ class StageTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 epoch_loss, epoch_steps = epoch_loss + float(loss.detach()), epoch_steps + 1
-                if step % cfg.logging.log_freq_steps == 0 or step == total_steps:
+                logged = step % cfg.logging.log_freq_steps == 0 or step == total_steps
+                if logged:
                     # the loss of the whole effective batch, not the main process's share of it
                     # (every process reaches this step: the collective is met)
                     shown = float(self.acc.reduce(loss.detach(), "mean"))
-                if self.main and (step % cfg.logging.log_freq_steps == 0 or step == total_steps):
+                if self.main and logged:
                     lr = scheduler.get_last_lr()[0]
                     bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}")
                     if self.writer is not None:
